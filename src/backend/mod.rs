@@ -1,0 +1,195 @@
+//! Where the key space comes from: a [`Backend`] lists a prefix and watches it from a revision.
+//!
+//! Two implementations ship with the crate: `EtcdBackend` talks to a real etcd cluster, and
+//! [`MemoryBackend`] is an in-process model of etcd (revisions, transactions, leases, compaction,
+//! and injectable faults) for tests, demos and property tests.
+//!
+//! The types here are the crate's own, not etcd-client's, so that the sync machine and the memory
+//! backend need no etcd connection and users never see etcd-client types in this API.
+
+pub mod memory;
+
+use std::fmt;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures_util::Stream;
+use futures_util::future::BoxFuture;
+
+pub use memory::MemoryBackend;
+
+/// The header etcd puts on every response: the store revision when it was answered, and the
+/// cluster it came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Header {
+    /// The store's revision when the response was made.
+    pub revision: i64,
+    /// The cluster's id; a change means etcd was restored from a backup or replaced.
+    pub cluster_id: u64,
+}
+
+/// One key and its value, as etcd stores them.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct KeyValue {
+    /// The key.
+    pub key: Vec<u8>,
+    /// The value (empty for a delete event).
+    pub value: Vec<u8>,
+    /// The revision of the key's creation.
+    pub create_revision: i64,
+    /// The revision of the key's last change (for a delete event: the revision of the delete).
+    pub mod_revision: i64,
+    /// The lease the key is attached to, or 0.
+    pub lease: i64,
+}
+
+/// What happened to a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    /// The key was created or changed.
+    Put,
+    /// The key was deleted (directly, or because its lease ended).
+    Delete,
+}
+
+/// One change to one key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// Put or delete.
+    pub kind: EventKind,
+    /// The key after the change; for a delete, only `key` and `mod_revision` are meaningful.
+    pub kv: KeyValue,
+}
+
+/// The answer to a list: every key under the prefix at one revision.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ListResponse {
+    /// The revision the list is consistent at, and the cluster id.
+    pub header: Header,
+    /// The keys, in key order.
+    pub kvs: Vec<KeyValue>,
+}
+
+/// One message of a watch stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchMessage {
+    /// Events, each with its own revision; all events of one revision are in the same message.
+    Events {
+        /// The response header.
+        header: Header,
+        /// The events, in revision order.
+        events: Vec<Event>,
+    },
+    /// A progress notification: every event up to `header.revision` has been delivered.
+    Progress {
+        /// The response header.
+        header: Header,
+    },
+    /// The watch was cancelled because its start revision was compacted away; the stream ends.
+    Compacted {
+        /// The oldest revision still available.
+        compact_revision: i64,
+    },
+}
+
+/// What kind of failure a backend reported; it decides how the cache reports being frozen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum BackendErrorKind {
+    /// No connection could be made, or the connection was lost.
+    Unavailable,
+    /// The cluster has no leader, so it cannot answer authoritatively.
+    NoLeader,
+    /// A request took longer than its timeout.
+    Timeout,
+    /// Credentials were refused or lack permission.
+    Auth,
+    /// The request itself was refused (bad argument, key or lease not found, conflict).
+    Rejected,
+    /// Anything else.
+    Other,
+}
+
+/// A failure reported by a [`Backend`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{kind:?}: {message}")]
+pub struct BackendError {
+    /// What kind of failure.
+    pub kind: BackendErrorKind,
+    /// Details for logs.
+    pub message: String,
+}
+
+impl BackendError {
+    /// A new error of `kind`.
+    pub fn new(kind: BackendErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// Shorthand for an [`Unavailable`](BackendErrorKind::Unavailable) error.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(BackendErrorKind::Unavailable, message)
+    }
+}
+
+/// A stream of watch messages; it ends (or yields an error) when the watch is over.
+pub type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchMessage, BackendError>> + Send>>;
+
+/// Asks a watch for a progress notification.
+pub trait ProgressRequester: Send + Sync {
+    /// Asks the server to send a [`WatchMessage::Progress`] on the stream soon. A healthy server
+    /// answers within a round trip; a hung one does not, which is how a stall is detected.
+    fn request_progress(&self) -> BoxFuture<'_, Result<(), BackendError>>;
+}
+
+/// An established watch: the server accepted it at `header`, and events follow on `stream`.
+pub struct Watch {
+    /// The header of the creation response. Its revision is the store's revision when the watch
+    /// was created; events from the requested start revision up to it may still be on the way.
+    pub header: Header,
+    /// The messages.
+    pub stream: WatchStream,
+    /// Requests progress notifications on this watch.
+    pub progress: Arc<dyn ProgressRequester>,
+}
+
+impl fmt::Debug for Watch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Watch")
+            .field("header", &self.header)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A source of key-value state that can be listed and watched, like etcd.
+///
+/// Implementations must keep etcd's guarantees: revisions only go up within one cluster id, all
+/// events of one revision are delivered in one [`WatchMessage::Events`], a watch started at
+/// revision `r` delivers every event from `r` on (or reports [`WatchMessage::Compacted`]), and a
+/// progress notification at revision `r` means every event up to `r` was delivered.
+pub trait Backend: Send + Sync + 'static {
+    /// Lists every key that starts with `prefix`.
+    fn list(&self, prefix: &[u8]) -> BoxFuture<'_, Result<ListResponse, BackendError>>;
+
+    /// Watches every key that starts with `prefix`, from `from_revision` on. The future resolves
+    /// once the server accepted the watch.
+    fn watch(&self, prefix: &[u8], from_revision: i64)
+    -> BoxFuture<'_, Result<Watch, BackendError>>;
+}
+
+impl<B: Backend + ?Sized> Backend for Arc<B> {
+    fn list(&self, prefix: &[u8]) -> BoxFuture<'_, Result<ListResponse, BackendError>> {
+        (**self).list(prefix)
+    }
+
+    fn watch(
+        &self,
+        prefix: &[u8],
+        from_revision: i64,
+    ) -> BoxFuture<'_, Result<Watch, BackendError>> {
+        (**self).watch(prefix, from_revision)
+    }
+}

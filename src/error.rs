@@ -1,0 +1,44 @@
+//! The crate's error type.
+
+use std::time::Duration;
+
+use crate::backend::BackendError;
+use crate::codec::DecodeError;
+use crate::instance::InstanceError;
+
+/// Everything that can go wrong in this crate, with what to do about it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An instance failed validation.
+    #[error("invalid instance: {0}")]
+    Instance(#[from] InstanceError),
+    /// A key or value read from etcd could not be decoded.
+    #[error("undecodable entry: {0}")]
+    Decode(#[from] DecodeError),
+    /// The backend (etcd, or the in-memory model) failed.
+    #[error("backend: {0}")]
+    Backend(#[from] BackendError),
+    /// The first list of a service did not succeed in time; etcd may be unreachable.
+    #[error(
+        "no answer listing service {service:?} within {after:?} (last error: {last_error}); \
+         check that etcd is reachable, or raise DiscoveryBuilder::first_list_timeout"
+    )]
+    FirstListTimeout {
+        /// The service being listed.
+        service: String,
+        /// How long it waited.
+        after: Duration,
+        /// The last failure seen while trying, if any.
+        last_error: String,
+    },
+    /// A configuration value was out of range.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The discovery or cache was shut down.
+    #[error("shut down")]
+    Shutdown,
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
