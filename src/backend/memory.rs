@@ -4,6 +4,8 @@
 //! See [`MemoryBackend`].
 
 mod store;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
