@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::tools::{Need, Tools, ensure_tools};
-use crate::util::{Result, cargo, run};
+use crate::util::{Result, cargo, run, say};
 
 /// Per-target fuzzing budget in `ci`, unless `FUZZ_SECONDS` says otherwise.
 const CI_FUZZ_SECONDS: u64 = 20;
@@ -23,7 +23,7 @@ struct Timings {
 impl Timings {
     fn step<T>(&mut self, name: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
         self.start.get_or_insert_with(Instant::now);
-        println!("\n==> {name}");
+        say!("\n==> {name}");
         let began = Instant::now();
         let result = f();
         self.steps
@@ -34,13 +34,13 @@ impl Timings {
     fn print(&self) {
         let width = self.steps.iter().map(|(n, ..)| n.len()).max().unwrap_or(0);
         let width = width.max("total".len());
-        println!("\n==> timings");
+        say!("\n==> timings");
         for (name, took, ok) in &self.steps {
             let mark = if *ok { "ok" } else { "FAILED" };
-            println!("    {name:<width$}  {:>8.1}s  {mark}", took.as_secs_f64());
+            say!("    {name:<width$}  {:>8.1}s  {mark}", took.as_secs_f64());
         }
         let total = self.start.map(|s| s.elapsed()).unwrap_or_default();
-        println!("    {:<width$}  {:>8.1}s", "total", total.as_secs_f64());
+        say!("    {:<width$}  {:>8.1}s", "total", total.as_secs_f64());
     }
 }
 
@@ -50,8 +50,8 @@ pub fn ci() -> Result<()> {
     let result = ci_steps(&mut timings);
     timings.print();
     match &result {
-        Ok(()) => println!("\nci: all steps passed"),
-        Err(_) => println!("\nci: FAILED"),
+        Ok(()) => say!("\nci: all steps passed"),
+        Err(_) => say!("\nci: FAILED"),
     }
     result
 }
@@ -81,7 +81,7 @@ fn ci_steps(t: &mut Timings) -> Result<()> {
 
     let benches = bench_names()?;
     if benches.is_empty() {
-        println!("\nbench: no benches/*.rs, skipped");
+        say!("\nbench: no benches/*.rs, skipped");
     }
     for bench in &benches {
         t.step(&format!("bench {bench}"), || {
@@ -91,7 +91,7 @@ fn ci_steps(t: &mut Timings) -> Result<()> {
     }
 
     let Some(targets) = fuzz_targets()? else {
-        println!("\nfuzz: no fuzz/ directory, skipped");
+        say!("\nfuzz: no fuzz/ directory, skipped");
         return Ok(());
     };
     let seconds = fuzz_seconds_from_env()?;
@@ -215,7 +215,7 @@ pub fn parse_seconds(s: &str) -> Result<u64> {
 
 fn fuzz_all(t: &mut Timings, targets: &[String], seconds: u64) -> Result<()> {
     if targets.is_empty() {
-        println!("\nfuzz: fuzz/Cargo.toml lists no [[bin]] targets, skipped");
+        say!("\nfuzz: fuzz/Cargo.toml lists no [[bin]] targets, skipped");
         return Ok(());
     }
     t.step("cargo-fuzz", ensure_cargo_fuzz)?;
@@ -239,10 +239,10 @@ fn ensure_cargo_fuzz() -> Result<()> {
         .status()
         .is_ok_and(|s| s.success());
     if installed {
-        println!("cargo-fuzz: already installed");
+        say!("cargo-fuzz: already installed");
         return Ok(());
     }
-    println!("cargo-fuzz: not installed, installing it with cargo install");
+    say!("cargo-fuzz: not installed, installing it with cargo install");
     run(&mut cargo(["install", "cargo-fuzz", "--locked"]))
 }
 

@@ -10,7 +10,7 @@ mod util;
 use std::process::ExitCode;
 
 use tools::{Need, ensure_tools};
-use util::{Result, cargo, exit_description, spawn_and_wait};
+use util::{Result, cargo, exit_description, say, spawn_and_wait};
 
 const USAGE: &str = "\
 Usage: cargo xtask <command>
@@ -50,7 +50,7 @@ fn dispatch(args: &[String]) -> Result<ExitCode> {
         .map_err(|e| format!("cannot enter the repository root {}: {e}", root.display()))?;
 
     let Some((command, rest)) = args.split_first() else {
-        print!("{USAGE}");
+        say!("{}", USAGE.trim_end());
         return Ok(ExitCode::SUCCESS);
     };
     match command.as_str() {
@@ -70,7 +70,7 @@ fn dispatch(args: &[String]) -> Result<ExitCode> {
         }
         "demo" => demo(rest),
         "help" | "-h" | "--help" => {
-            print!("{USAGE}");
+            say!("{}", USAGE.trim_end());
             Ok(ExitCode::SUCCESS)
         }
         other => Err(format!("unknown command `{other}`\n\n{USAGE}")),
@@ -100,7 +100,7 @@ fn demo(args: &[String]) -> Result<ExitCode> {
             cmd.arg("--etcd").arg(etcd);
         }
         (None, false) => {
-            println!("demo: no etcd binary found, the drill uses its in-memory backend")
+            say!("demo: no etcd binary found, the drill uses its in-memory backend")
         }
         (_, true) => {}
     }

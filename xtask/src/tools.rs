@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::util::{Result, run, tool_from_env, which};
+use crate::util::{Result, run, say, tool_from_env, which};
 
 /// Which tools a command needs.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -92,7 +92,7 @@ pub fn ensure_tools(need: Need) -> Result<Tools> {
     if !lacking.is_empty() {
         let tools: Vec<&str> = lacking.iter().map(|(t, _)| *t).collect();
         let packages: Vec<&str> = lacking.iter().map(|(_, p)| *p).collect();
-        println!("ensure_tools: missing {}", tools.join(", "));
+        say!("ensure_tools: missing {}", tools.join(", "));
         if !is_debian() {
             return Err(manual_instructions(&tools));
         }
@@ -103,7 +103,7 @@ pub fn ensure_tools(need: Need) -> Result<Tools> {
                 packages.join(" ")
             ));
         }
-        println!(
+        say!(
             "ensure_tools: running as root on Debian/Ubuntu, installing {} with apt-get",
             packages.join(" ")
         );
@@ -121,11 +121,11 @@ pub fn ensure_tools(need: Need) -> Result<Tools> {
     let Some(protoc) = &found.protoc else {
         return Err("protoc not found".to_string());
     };
-    println!("ensure_tools: protoc  {}", protoc.display());
+    say!("ensure_tools: protoc  {}", protoc.display());
     for (name, path) in [("etcd   ", &found.etcd), ("etcdctl", &found.etcdctl)] {
         match path {
-            Some(p) => println!("ensure_tools: {name} {}", p.display()),
-            None => println!("ensure_tools: {name} not found (optional here)"),
+            Some(p) => say!("ensure_tools: {name} {}", p.display()),
+            None => say!("ensure_tools: {name} not found (optional here)"),
         }
     }
     Ok(Tools { etcd: found.etcd })

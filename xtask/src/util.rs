@@ -7,6 +7,20 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
 
+/// `println!` that ignores write errors: `cargo xtask ci | head` must not
+/// panic when the reader goes away (println! panics on a closed pipe).
+macro_rules! say {
+    () => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout());
+    }};
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+pub(crate) use say;
+
 /// Every fallible operation in xtask reports a human-readable message.
 pub type Result<T, E = String> = std::result::Result<T, E>;
 
@@ -168,7 +182,7 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 
 /// Runs `cmd` with inherited stdio, echoing it first, and returns its status.
 pub fn spawn_and_wait(cmd: &mut Command) -> Result<ExitStatus> {
-    println!("$ {}", describe(cmd));
+    say!("$ {}", describe(cmd));
     cmd.status()
         .map_err(|e| format!("could not start `{}`: {e}", describe(cmd)))
 }
