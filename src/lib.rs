@@ -1,13 +1,54 @@
 //! A service registry on etcd that keeps serving when etcd falls over.
+//!
+//! Providers register themselves in etcd under a lease they keep alive; callers embed this crate
+//! and get a lock-free, always-readable [`Snapshot`] of the instances of the services they call,
+//! fed by a list plus an incremental watch that resumes from the last revision it applied. When
+//! etcd is unreachable the snapshot is **frozen, never cleared**: callers keep routing to the last
+//! known instances while the cache reconnects with exponential backoff and jitter.
+//!
+//! ```
+//! use etcd_discovery::{Discovery, Instance, MemoryBackend, Codec, KeyLayout};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), etcd_discovery::Error> {
+//! // An in-process etcd model; production code uses a real etcd connection.
+//! let etcd = MemoryBackend::new();
+//! let codec = Codec::new(KeyLayout::Native, "/services");
+//! let instance = Instance::builder("user", "10.0.0.7:8080").id("user-7").build()?;
+//! etcd.put(codec.key(&instance, 0), codec.encode_value(&instance));
+//!
+//! let discovery = Discovery::memory(etcd).namespace("/services").build()?;
+//! let users = discovery.service("user").await?;   // first list, bounded by a timeout
+//! let target = users.pick().expect("one instance is up"); // lock-free round-robin
+//! assert_eq!(target.addr(), "10.0.0.7:8080");
+//! assert!(users.freshness().is_live());
+//! # Ok(()) }
+//! ```
+//!
+//! The parts, one module each: [`instance`] (what is registered), [`codec`] (how it is laid out
+//! in etcd: native JSON, go-zero, or etcd's naming package), [`snapshot`] (an immutable view),
+//! [`cache`] (the always-readable handle), [`balance`](crate::cache::ServiceCache::pick) (picks),
+//! [`sync`] (the sans-IO list/watch machine and the task that drives it), [`backend`] (etcd or
+//! the in-memory model), and [`metrics`] (metric names).
 #![deny(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod backend;
+mod balance;
+pub mod cache;
 pub mod codec;
+mod discovery;
 mod error;
 pub mod instance;
+pub mod metrics;
+pub mod snapshot;
+pub mod sync;
 
 pub use backend::{Backend, MemoryBackend};
+pub use cache::{Picked, ServiceCache, SyncStats};
 pub use codec::{Codec, DecodeError, Decoded, KeyLayout};
+pub use discovery::{Discovery, DiscoveryBuilder};
 pub use error::{Error, Result};
 pub use instance::{Instance, InstanceBuilder, InstanceError, State};
+pub use snapshot::{FreezeCause, Freshness, Snapshot};
+pub use sync::BackoffConfig;

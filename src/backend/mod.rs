@@ -176,8 +176,11 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Watches every key that starts with `prefix`, from `from_revision` on. The future resolves
     /// once the server accepted the watch.
-    fn watch(&self, prefix: &[u8], from_revision: i64)
-    -> BoxFuture<'_, Result<Watch, BackendError>>;
+    fn watch(
+        &self,
+        prefix: &[u8],
+        from_revision: i64,
+    ) -> BoxFuture<'_, Result<Watch, BackendError>>;
 }
 
 impl<B: Backend + ?Sized> Backend for Arc<B> {

@@ -1,0 +1,249 @@
+//! [`ServiceCache`]: the always-readable view of one service.
+
+use std::fmt;
+use std::ops::Deref;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use arc_swap::{ArcSwap, Guard};
+use tokio::sync::{oneshot, watch};
+
+use crate::balance;
+use crate::instance::Instance;
+use crate::snapshot::{Freshness, Snapshot};
+use crate::sync::machine::Stats;
+
+/// Counters of what a cache's sync loop did; see [`ServiceCache::stats`].
+pub type SyncStats = Stats;
+
+/// What the sync driver and every handle of one cache share.
+pub(crate) struct Shared {
+    pub(crate) service: Arc<str>,
+    pub(crate) current: ArcSwap<Snapshot>,
+    pub(crate) changes: watch::Sender<Arc<Snapshot>>,
+    pub(crate) stats: Mutex<Stats>,
+    pub(crate) last_error: Mutex<Option<String>>,
+}
+
+impl Shared {
+    pub(crate) fn new(initial: Arc<Snapshot>) -> Self {
+        Self {
+            service: initial.service().into(),
+            current: ArcSwap::new(initial.clone()),
+            changes: watch::Sender::new(initial),
+            stats: Mutex::new(Stats::default()),
+            last_error: Mutex::new(None),
+        }
+    }
+
+    /// Makes `snapshot` the one readers see, then tells subscribers.
+    pub(crate) fn publish(&self, snapshot: Arc<Snapshot>) {
+        self.current.store(snapshot.clone());
+        self.changes.send_replace(snapshot);
+    }
+
+    pub(crate) fn set_stats(&self, stats: Stats) {
+        *self.stats.lock().unwrap_or_else(PoisonError::into_inner) = stats;
+    }
+
+    pub(crate) fn set_last_error(&self, error: Option<String>) {
+        *self
+            .last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = error;
+    }
+
+    pub(crate) fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// Keeps the sync task alive; dropping the last handle of a cache stops it.
+pub(crate) struct Handle {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) _stop: oneshot::Sender<()>,
+}
+
+/// The endpoints of one service, kept in step with etcd by a background task.
+///
+/// Reading is lock-free and never waits: [`load`](Self::load), [`snapshot`](Self::snapshot) and
+/// the picks read the current [`Snapshot`] through an [`ArcSwap`], while the task publishes new
+/// snapshots as etcd changes. When etcd is unreachable the snapshot is frozen, never cleared:
+/// picks keep returning the last known instances, and [`freshness`](Self::freshness) says
+/// [`Frozen`](Freshness::Frozen).
+///
+/// Cloning is cheap and clones share the same task; the task stops when the last clone is
+/// dropped.
+///
+/// ```
+/// # use etcd_discovery::{Discovery, Instance, MemoryBackend, Codec, KeyLayout};
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), etcd_discovery::Error> {
+/// # let etcd = MemoryBackend::new();
+/// # let codec = Codec::new(KeyLayout::Native, "/services");
+/// # for n in 1..=2 {
+/// #     let i = Instance::builder("user", format!("10.0.0.{n}:8080")).id(format!("u{n}")).build()?;
+/// #     etcd.put(codec.key(&i, 0), codec.encode_value(&i));
+/// # }
+/// let discovery = Discovery::memory(etcd).namespace("/services").build()?;
+/// let users = discovery.service("user").await?;
+///
+/// // Round-robin: two picks in a row on one thread give both instances.
+/// let a = users.pick().expect("an instance is up");
+/// let b = users.pick().expect("an instance is up");
+/// assert_ne!(a.addr(), b.addr());
+///
+/// // Hold an instance across an `.await` as an `Arc`.
+/// let target = a.to_arc();
+/// # let _ = target;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct ServiceCache {
+    handle: Arc<Handle>,
+}
+
+impl ServiceCache {
+    pub(crate) fn new(handle: Arc<Handle>) -> Self {
+        Self { handle }
+    }
+
+    pub(crate) fn handle(&self) -> &Arc<Handle> {
+        &self.handle
+    }
+
+    fn shared(&self) -> &Shared {
+        &self.handle.shared
+    }
+
+    /// The service this cache follows.
+    pub fn service(&self) -> &str {
+        &self.shared().service
+    }
+
+    /// The current snapshot, without touching its reference count: the cheapest read.
+    ///
+    /// The guard is meant to be short-lived (within one request, not across an `.await`); use
+    /// [`snapshot`](Self::snapshot) to keep one.
+    #[inline]
+    pub fn load(&self) -> Guard<Arc<Snapshot>> {
+        self.shared().current.load()
+    }
+
+    /// The current snapshot, as an `Arc` that can be kept and sent across tasks.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.shared().current.load_full()
+    }
+
+    /// The next instance in round-robin order, or `None` when no instance is up.
+    ///
+    /// Each thread keeps its own cursor, so picks from many threads never contend, and each
+    /// thread cycles through every up instance. Draining instances are never picked.
+    #[inline]
+    pub fn pick(&self) -> Option<Picked> {
+        self.pick_at(balance::next_cursor())
+    }
+
+    /// A uniformly random up instance, or `None` when no instance is up.
+    #[inline]
+    pub fn pick_random(&self) -> Option<Picked> {
+        self.pick_at(balance::next_random())
+    }
+
+    #[inline]
+    fn pick_at(&self, n: u32) -> Option<Picked> {
+        let snapshot = self.load();
+        let index = snapshot.pick_nth(n)?;
+        Some(Picked { snapshot, index })
+    }
+
+    /// A receiver that sees every snapshot published from now on (the current one is marked as
+    /// seen... call `borrow_and_update` to read it).
+    ///
+    /// ```
+    /// # use etcd_discovery::{Discovery, MemoryBackend};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), etcd_discovery::Error> {
+    /// # let etcd = MemoryBackend::new();
+    /// let users = Discovery::memory(etcd.clone()).build()?.service("user").await?;
+    /// let mut changes = users.changes();
+    /// etcd.put("user/u1", r#"{"addr":"10.0.0.1:80"}"#);
+    /// changes.changed().await.expect("the cache is alive");
+    /// assert_eq!(changes.borrow_and_update().len(), 1);
+    /// # Ok(()) }
+    /// ```
+    pub fn changes(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.shared().changes.subscribe()
+    }
+
+    /// Whether the cache follows etcd right now, or is frozen at the last known state.
+    pub fn freshness(&self) -> Freshness {
+        self.load().freshness()
+    }
+
+    /// Counters of the sync loop: relists, resets, watch restarts, events, decode errors.
+    pub fn stats(&self) -> SyncStats {
+        *self
+            .shared()
+            .stats
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl fmt::Debug for ServiceCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let snapshot = self.load();
+        f.debug_struct("ServiceCache")
+            .field("service", &self.service())
+            .field("revision", &snapshot.revision())
+            .field("instances", &snapshot.len())
+            .field("freshness", &snapshot.freshness())
+            .finish()
+    }
+}
+
+/// An instance picked from a snapshot; dereferences to [`Instance`].
+///
+/// It borrows the snapshot it came from without touching any reference count, which is what
+/// makes a pick cost nanoseconds. Keep it for the length of a request; to hold the instance
+/// across an `.await` or send it to another task, call [`to_arc`](Self::to_arc).
+pub struct Picked {
+    snapshot: Guard<Arc<Snapshot>>,
+    index: u32,
+}
+
+impl Picked {
+    /// The instance as an `Arc`, to keep beyond this pick.
+    pub fn to_arc(&self) -> Arc<Instance> {
+        Arc::clone(self.as_arc())
+    }
+
+    fn as_arc(&self) -> &Arc<Instance> {
+        // `index` came from this very snapshot's pick table, which only holds positions of its
+        // own instance list: the lookup cannot miss.
+        &self.snapshot.instances()[self.index as usize]
+    }
+
+    /// The snapshot the instance was picked from.
+    pub fn snapshot(&self) -> &Snapshot {
+        &self.snapshot
+    }
+}
+
+impl Deref for Picked {
+    type Target = Instance;
+
+    #[inline]
+    fn deref(&self) -> &Instance {
+        self.as_arc()
+    }
+}
+
+impl fmt::Debug for Picked {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&**self, f)
+    }
+}

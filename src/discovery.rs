@@ -1,0 +1,297 @@
+//! [`Discovery`]: the caller side's entry point, one per backend connection.
+
+use std::collections::HashMap;
+use std::collections::hash_map::RandomState;
+use std::fmt;
+use std::hash::BuildHasher;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+
+use crate::backend::{Backend, MemoryBackend};
+use crate::cache::{Handle, ServiceCache, Shared};
+use crate::codec::{Codec, KeyLayout};
+use crate::error::{Error, Result};
+use crate::sync::driver::{self, DriverConfig};
+use crate::sync::machine::{BackoffConfig, Machine};
+
+/// Finds services: hands out one [`ServiceCache`] per service, all fed by one backend connection.
+///
+/// ```
+/// use etcd_discovery::{Discovery, MemoryBackend};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), etcd_discovery::Error> {
+/// let etcd = MemoryBackend::new();
+/// etcd.put("/services/user/u1", r#"{"addr":"10.0.0.7:8080"}"#);
+///
+/// let discovery = Discovery::memory(etcd).namespace("/services").build()?;
+/// let users = discovery.service("user").await?; // waits for the first list
+/// assert_eq!(users.pick().map(|i| i.addr().to_owned()).as_deref(), Some("10.0.0.7:8080"));
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Discovery {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    backend: Arc<dyn Backend>,
+    config: Config,
+    caches: Mutex<HashMap<String, Weak<Handle>>>,
+}
+
+#[derive(Debug, Clone)]
+struct Config {
+    namespace: String,
+    layout: KeyLayout,
+    max_value_size: usize,
+    first_list_timeout: Duration,
+    request_timeout: Duration,
+    stall_timeout: Duration,
+    backoff: BackoffConfig,
+    jitter_seed: Option<u64>,
+}
+
+impl Discovery {
+    /// Starts building a discovery over any [`Backend`].
+    pub fn with_backend(backend: impl Backend) -> DiscoveryBuilder {
+        DiscoveryBuilder {
+            backend: Arc::new(backend),
+            config: Config {
+                namespace: String::new(),
+                layout: KeyLayout::Native,
+                max_value_size: crate::codec::DEFAULT_MAX_VALUE_SIZE,
+                first_list_timeout: Duration::from_secs(10),
+                request_timeout: Duration::from_secs(5),
+                stall_timeout: Duration::from_secs(10),
+                backoff: BackoffConfig::default(),
+                jitter_seed: None,
+            },
+        }
+    }
+
+    /// Starts building a discovery over the in-process [`MemoryBackend`] (tests, demos).
+    pub fn memory(backend: MemoryBackend) -> DiscoveryBuilder {
+        Self::with_backend(backend)
+    }
+
+    /// The cache of `service`, after its first list.
+    ///
+    /// Calls for the same service share one cache (and one watch) while any handle of it lives.
+    ///
+    /// # Errors
+    /// [`Error::FirstListTimeout`] when no list succeeded within the first-list timeout (etcd
+    /// unreachable: the error carries the last failure); [`Error::Config`] when `service` cannot
+    /// be a key segment.
+    pub async fn service(&self, service: &str) -> Result<ServiceCache> {
+        let cache = self.cache(service)?;
+        let mut changes = cache.changes();
+        let config = &self.inner.config;
+        let listed = tokio::time::timeout(
+            config.first_list_timeout,
+            changes.wait_for(|snapshot| snapshot.freshness().is_live() || snapshot.revision() > 0),
+        )
+        .await;
+        match listed {
+            Ok(Ok(_)) => Ok(cache),
+            Ok(Err(_)) => Err(Error::Shutdown),
+            Err(_) => Err(Error::FirstListTimeout {
+                service: service.to_owned(),
+                after: config.first_list_timeout,
+                last_error: cache
+                    .handle()
+                    .shared
+                    .last_error()
+                    .unwrap_or_else(|| "no answer".to_owned()),
+            }),
+        }
+    }
+
+    /// The cache of `service` right away, before its first list: it starts empty and
+    /// [`Frozen`](crate::Freshness::Frozen) with cause
+    /// [`NotListed`](crate::FreezeCause::NotListed), and fills in when etcd answers.
+    ///
+    /// # Errors
+    /// [`Error::Config`] when `service` cannot be a key segment.
+    pub fn service_now(&self, service: &str) -> Result<ServiceCache> {
+        self.cache(service)
+    }
+
+    fn cache(&self, service: &str) -> Result<ServiceCache> {
+        crate::instance::Instance::builder(service, "validate.invalid:1")
+            .build()
+            .map_err(|e| Error::Config(format!("service name {service:?}: {e}")))?;
+        let mut caches = self
+            .inner
+            .caches
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(handle) = caches.get(service).and_then(Weak::upgrade) {
+            return Ok(ServiceCache::new(handle));
+        }
+        caches.retain(|_, weak| weak.strong_count() > 0);
+        let handle = self.spawn(service);
+        caches.insert(service.to_owned(), Arc::downgrade(&handle));
+        Ok(ServiceCache::new(handle))
+    }
+
+    fn spawn(&self, service: &str) -> Arc<Handle> {
+        let config = &self.inner.config;
+        let codec = Codec::new(config.layout, config.namespace.clone())
+            .with_max_value_size(config.max_value_size);
+        let prefix = codec.prefix(service).into_bytes();
+        let seed = config
+            .jitter_seed
+            .unwrap_or_else(|| RandomState::new().hash_one(service));
+        let machine = Machine::new(
+            service,
+            codec,
+            config.backoff,
+            seed,
+            tokio::time::Instant::now().into_std(),
+        );
+        let shared = Arc::new(Shared::new(machine.published().clone()));
+        let (stop_tx, stop_rx) = oneshot::channel();
+        driver::spawn(
+            self.inner.backend.clone(),
+            machine,
+            prefix,
+            DriverConfig {
+                request_timeout: config.request_timeout,
+                stall_timeout: config.stall_timeout,
+            },
+            shared.clone(),
+            stop_rx,
+        );
+        Arc::new(Handle {
+            shared,
+            _stop: stop_tx,
+        })
+    }
+}
+
+impl fmt::Debug for Discovery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Discovery")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Configures a [`Discovery`]; every setting has a default that suits production.
+#[must_use = "a builder does nothing until .build() is called"]
+pub struct DiscoveryBuilder {
+    backend: Arc<dyn Backend>,
+    config: Config,
+}
+
+impl DiscoveryBuilder {
+    /// The key namespace services live under, like `/services` (default: none, so service `s`
+    /// is watched at `s/`).
+    pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.config.namespace = namespace.into();
+        self
+    }
+
+    /// The key layout (default [`KeyLayout::Native`]); use [`KeyLayout::GoZero`] or
+    /// [`KeyLayout::EtcdNaming`] to discover services registered by those Go libraries.
+    pub fn layout(mut self, layout: KeyLayout) -> Self {
+        self.config.layout = layout;
+        self
+    }
+
+    /// Values larger than this are skipped as undecodable before being parsed (default 64 KiB).
+    pub fn max_value_size(mut self, bytes: usize) -> Self {
+        self.config.max_value_size = bytes;
+        self
+    }
+
+    /// How long [`Discovery::service`] waits for the first list (default 10 s).
+    pub fn first_list_timeout(mut self, timeout: Duration) -> Self {
+        self.config.first_list_timeout = timeout;
+        self
+    }
+
+    /// Bound on one list or one watch creation (default 5 s).
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.config.request_timeout = timeout;
+        self
+    }
+
+    /// How long a watch may stay silent before the cache freezes with cause
+    /// [`Stalled`](crate::FreezeCause::Stalled) (default 10 s). After half of it without a
+    /// message, the cache asks etcd for a progress notification; a healthy etcd answers at once,
+    /// a hung one does not. This is the bound on detecting a hung etcd.
+    pub fn stall_timeout(mut self, timeout: Duration) -> Self {
+        self.config.stall_timeout = timeout;
+        self
+    }
+
+    /// Reconnection backoff: exponential from `initial` up to `max`, with full jitter, reset
+    /// after a watch stayed healthy for `reset_after` (defaults 100 ms, 10 s, 30 s).
+    pub fn backoff(mut self, backoff: BackoffConfig) -> Self {
+        self.config.backoff = backoff;
+        self
+    }
+
+    /// Seeds the backoff jitter (default: random per process and service). Only for
+    /// reproducible tests: processes that share a seed retry in lockstep after an outage.
+    pub fn jitter_seed(mut self, seed: u64) -> Self {
+        self.config.jitter_seed = Some(seed);
+        self
+    }
+
+    /// Checks the settings and builds the discovery.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the setting that is out of range.
+    pub fn build(self) -> Result<Discovery> {
+        let c = &self.config;
+        let positive = [
+            ("first_list_timeout", c.first_list_timeout),
+            ("request_timeout", c.request_timeout),
+            ("stall_timeout", c.stall_timeout),
+            ("backoff.initial", c.backoff.initial),
+            ("backoff.max", c.backoff.max),
+        ];
+        for (name, value) in positive {
+            if value.is_zero() {
+                return Err(Error::Config(format!("{name} must be greater than zero")));
+            }
+        }
+        if c.backoff.max < c.backoff.initial {
+            return Err(Error::Config(format!(
+                "backoff.max ({:?}) must be at least backoff.initial ({:?})",
+                c.backoff.max, c.backoff.initial
+            )));
+        }
+        if c.max_value_size == 0 {
+            return Err(Error::Config(
+                "max_value_size must be greater than zero".into(),
+            ));
+        }
+        if c.namespace.chars().any(char::is_control) {
+            return Err(Error::Config(format!(
+                "namespace {:?} contains a control character",
+                c.namespace
+            )));
+        }
+        Ok(Discovery {
+            inner: Arc::new(Inner {
+                backend: self.backend,
+                config: self.config,
+                caches: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+}
+
+impl fmt::Debug for DiscoveryBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DiscoveryBuilder")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,50 @@
+//! Metric names, in one place.
+//!
+//! The crate records through the [`metrics`](https://docs.rs/metrics) facade, so the metrics go
+//! wherever the application installed a recorder (Prometheus, StatsD, …) and cost nothing when
+//! none is installed. Every metric carries a `service` label.
+
+/// Gauge: instances in the current snapshot.
+pub const INSTANCES: &str = "etcd_discovery_instances";
+/// Gauge: 1 while the snapshot is frozen (etcd unreachable), 0 while live.
+pub const FROZEN: &str = "etcd_discovery_frozen";
+/// Counter: relists after the first list (compaction, reset, regression).
+pub const RELISTS: &str = "etcd_discovery_relists_total";
+/// Counter: times etcd was found to have gone back in time or changed cluster.
+pub const RESETS: &str = "etcd_discovery_resets_total";
+/// Counter: watches re-established after the first.
+pub const WATCH_RESTARTS: &str = "etcd_discovery_watch_restarts_total";
+/// Counter: watch events applied.
+pub const EVENTS_APPLIED: &str = "etcd_discovery_events_applied_total";
+/// Counter: entries that could not be decoded and were skipped.
+pub const DECODE_ERRORS: &str = "etcd_discovery_decode_errors_total";
+/// Counter: list or watch failures.
+pub const FAILURES: &str = "etcd_discovery_failures_total";
+/// Counter: snapshots published.
+pub const PUBLISHES: &str = "etcd_discovery_publishes_total";
+
+use crate::sync::machine::Stats;
+
+/// Records what changed between two stats readings of `service`.
+pub(crate) fn record_stats(service: &str, before: &Stats, after: &Stats) {
+    let pairs = [
+        (RELISTS, before.relists, after.relists),
+        (RESETS, before.resets, after.resets),
+        (WATCH_RESTARTS, before.watch_restarts, after.watch_restarts),
+        (EVENTS_APPLIED, before.events_applied, after.events_applied),
+        (DECODE_ERRORS, before.decode_errors, after.decode_errors),
+        (FAILURES, before.failures, after.failures),
+    ];
+    for (name, was, is) in pairs {
+        if is > was {
+            metrics::counter!(name, "service" => service.to_owned()).increment(is - was);
+        }
+    }
+}
+
+/// Records a published snapshot of `service`.
+pub(crate) fn record_publish(service: &str, instances: usize, frozen: bool) {
+    metrics::gauge!(INSTANCES, "service" => service.to_owned()).set(instances as f64);
+    metrics::gauge!(FROZEN, "service" => service.to_owned()).set(if frozen { 1.0 } else { 0.0 });
+    metrics::counter!(PUBLISHES, "service" => service.to_owned()).increment(1);
+}

@@ -1,0 +1,198 @@
+//! An immutable view of one service's instances at one etcd revision.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::backend::BackendErrorKind;
+use crate::balance::PickTable;
+use crate::instance::Instance;
+
+/// Why a snapshot is frozen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum FreezeCause {
+    /// The service has not been listed yet.
+    NotListed,
+    /// etcd could not be reached, or the connection broke.
+    Unavailable,
+    /// The etcd member has no leader, so its answers are not authoritative.
+    NoLeader,
+    /// A request to etcd timed out.
+    Timeout,
+    /// The watch went silent: no event and no answer to a progress request within the stall
+    /// bound (a hung or partitioned etcd).
+    Stalled,
+    /// etcd refused the credentials.
+    Auth,
+    /// Any other failure.
+    Other,
+}
+
+impl From<BackendErrorKind> for FreezeCause {
+    fn from(kind: BackendErrorKind) -> Self {
+        match kind {
+            BackendErrorKind::Unavailable => FreezeCause::Unavailable,
+            BackendErrorKind::NoLeader => FreezeCause::NoLeader,
+            BackendErrorKind::Timeout => FreezeCause::Timeout,
+            BackendErrorKind::Auth => FreezeCause::Auth,
+            _ => FreezeCause::Other,
+        }
+    }
+}
+
+impl fmt::Display for FreezeCause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            FreezeCause::NotListed => "not listed yet",
+            FreezeCause::Unavailable => "etcd unavailable",
+            FreezeCause::NoLeader => "etcd has no leader",
+            FreezeCause::Timeout => "request timed out",
+            FreezeCause::Stalled => "watch stalled",
+            FreezeCause::Auth => "authentication failed",
+            FreezeCause::Other => "backend error",
+        })
+    }
+}
+
+/// Whether a snapshot follows etcd right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freshness {
+    /// The watch is connected: the snapshot is etcd's state, give or take a round trip.
+    Live,
+    /// etcd is unreachable: the snapshot is the last known state, kept as it was (never cleared)
+    /// until etcd answers again.
+    Frozen {
+        /// When the snapshot froze.
+        since: Instant,
+        /// Why it froze.
+        cause: FreezeCause,
+    },
+}
+
+impl Freshness {
+    /// Whether the snapshot is live.
+    pub fn is_live(&self) -> bool {
+        matches!(self, Freshness::Live)
+    }
+}
+
+/// One service's instances at one etcd revision; immutable, shared as `Arc<Snapshot>`.
+///
+/// Instances are sorted by their etcd key. A snapshot also carries the tables that picks use,
+/// built once when the snapshot is made, so reading and picking never compute anything that
+/// depends on the instance count.
+///
+/// ```
+/// # use etcd_discovery::{Discovery, Instance, MemoryBackend, Codec, KeyLayout};
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), etcd_discovery::Error> {
+/// let etcd = MemoryBackend::new();
+/// let codec = Codec::new(KeyLayout::Native, "/services");
+/// let instance = Instance::builder("user", "10.0.0.7:8080").id("u7").build()?;
+/// etcd.put(codec.key(&instance, 0), codec.encode_value(&instance));
+///
+/// let users = Discovery::memory(etcd).namespace("/services").build()?.service("user").await?;
+/// let snapshot = users.snapshot();
+/// assert!(snapshot.freshness().is_live());
+/// assert_eq!(snapshot.instances()[0].addr(), "10.0.0.7:8080");
+/// assert_eq!(snapshot.get("u7").map(|i| i.addr()), Some("10.0.0.7:8080"));
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Snapshot {
+    service: Arc<str>,
+    revision: i64,
+    freshness: Freshness,
+    instances: Arc<[Arc<Instance>]>,
+    picks: Arc<PickTable>,
+}
+
+impl Snapshot {
+    /// A snapshot of `instances` (already sorted by key) at `revision`.
+    pub(crate) fn new(
+        service: Arc<str>,
+        revision: i64,
+        freshness: Freshness,
+        instances: Vec<Arc<Instance>>,
+    ) -> Self {
+        let picks = Arc::new(PickTable::new(&instances));
+        Self {
+            service,
+            revision,
+            freshness,
+            instances: instances.into(),
+            picks,
+        }
+    }
+
+    /// The same instances with another revision and freshness; shares the instance list.
+    pub(crate) fn with(&self, revision: i64, freshness: Freshness) -> Self {
+        Self {
+            revision,
+            freshness,
+            ..self.clone()
+        }
+    }
+
+    /// The service these instances belong to.
+    pub fn service(&self) -> &str {
+        &self.service
+    }
+
+    /// The etcd revision this snapshot reflects: every change up to it is included.
+    ///
+    /// It never goes down, except when etcd itself went back in time (restored from a backup, or
+    /// replaced by another cluster); the cache detects that, relists, logs it and counts it in
+    /// [`SyncStats::resets`](crate::SyncStats::resets).
+    pub fn revision(&self) -> i64 {
+        self.revision
+    }
+
+    /// Whether the snapshot follows etcd right now, or is frozen at the last known state.
+    pub fn freshness(&self) -> Freshness {
+        self.freshness
+    }
+
+    /// Every instance, up or draining, sorted by etcd key.
+    pub fn instances(&self) -> &[Arc<Instance>] {
+        &self.instances
+    }
+
+    /// The instances that may be picked (state up), in key order.
+    pub fn up(&self) -> impl Iterator<Item = &Arc<Instance>> + '_ {
+        self.instances.iter().filter(|i| i.is_up())
+    }
+
+    /// The instance with `id`, if any.
+    pub fn get(&self, id: &str) -> Option<&Arc<Instance>> {
+        self.instances.iter().find(|i| i.id() == id)
+    }
+
+    /// How many instances the snapshot holds.
+    pub fn len(&self) -> usize {
+        self.instances.len()
+    }
+
+    /// Whether the snapshot holds no instance.
+    pub fn is_empty(&self) -> bool {
+        self.instances.is_empty()
+    }
+
+    /// The instance at position `n` of the pick table (modulo its length).
+    #[inline]
+    pub(crate) fn pick_nth(&self, n: u32) -> Option<u32> {
+        self.picks.nth(n)
+    }
+}
+
+impl fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Snapshot")
+            .field("service", &&*self.service)
+            .field("revision", &self.revision)
+            .field("freshness", &self.freshness)
+            .field("instances", &self.instances)
+            .finish()
+    }
+}

@@ -1,0 +1,301 @@
+//! The tokio task that runs a [`Machine`] against a [`Backend`].
+//!
+//! It carries out the machine's actions (list, watch, sleep, publish), turns what the backend
+//! says into the machine's inputs, and detects a hung etcd: a watch that is idle for half the
+//! stall bound gets a progress request, and a watch that then stays silent until the bound runs
+//! out is reported as [`FreezeCause::Stalled`]. It is the only part of the sync loop that awaits.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use futures_util::{FutureExt, StreamExt};
+use tokio::sync::oneshot;
+use tokio::time::{Instant, Sleep, sleep, sleep_until, timeout};
+use tracing::Instrument;
+
+use crate::backend::{Backend, BackendError, ListResponse, Watch};
+use crate::cache::Shared;
+use crate::metrics;
+use crate::snapshot::FreezeCause;
+use crate::sync::machine::{Action, Input, Machine};
+
+/// Most watch messages applied together before one publish.
+const MAX_BATCH: usize = 1024;
+
+/// Timing of the driver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct DriverConfig {
+    /// Bound on one list or one watch creation.
+    pub(crate) request_timeout: Duration,
+    /// Bound on a silent watch: idle for half of it → progress request; silent for all of it →
+    /// stalled.
+    pub(crate) stall_timeout: Duration,
+}
+
+/// What the driver is waiting for.
+enum Op {
+    Idle,
+    List(
+        BoxFuture<'static, Result<ListResponse, BackendError>>,
+        Pin<Box<Sleep>>,
+    ),
+    Connect(
+        BoxFuture<'static, Result<Watch, BackendError>>,
+        Pin<Box<Sleep>>,
+    ),
+    Stream(Box<Streaming>),
+    Sleep(Pin<Box<Sleep>>),
+}
+
+struct Streaming {
+    watch: Watch,
+    last_heard: Instant,
+    progress_requested: bool,
+}
+
+/// What one wait produced.
+enum Outcome {
+    Inputs(Vec<Input>),
+    Established(Watch),
+}
+
+/// Runs the sync loop of one service until `stop` fires or its sender is dropped.
+pub(crate) fn spawn(
+    backend: Arc<dyn Backend>,
+    machine: Machine,
+    prefix: Vec<u8>,
+    config: DriverConfig,
+    shared: Arc<Shared>,
+    stop: oneshot::Receiver<()>,
+) {
+    let span = tracing::info_span!("etcd_discovery::cache", service = %shared.service);
+    tokio::spawn(
+        Driver {
+            backend,
+            machine,
+            prefix: prefix.into(),
+            config,
+            shared,
+        }
+        .run(stop)
+        .instrument(span),
+    );
+}
+
+struct Driver {
+    backend: Arc<dyn Backend>,
+    machine: Machine,
+    prefix: Arc<[u8]>,
+    config: DriverConfig,
+    shared: Arc<Shared>,
+}
+
+impl Driver {
+    async fn run(mut self, mut stop: oneshot::Receiver<()>) {
+        tracing::debug!("sync loop started");
+        let mut op = Op::Idle;
+        let mut error = None;
+        let mut actions = self.machine.start();
+        loop {
+            for action in actions.drain(..) {
+                self.act(action, &mut op);
+            }
+            let outcome = tokio::select! {
+                biased;
+                _ = &mut stop => break,
+                outcome = wait(&mut op, &self.config, &mut error) => outcome,
+            };
+            if let Some(error) = error.take() {
+                self.shared.set_last_error(Some(error));
+            }
+            let before = self.machine.stats();
+            let now = Instant::now().into_std();
+            actions = match outcome {
+                Outcome::Inputs(inputs) => self.machine.handle_all(now, inputs),
+                Outcome::Established(watch) => {
+                    let header = watch.header;
+                    op = Op::Stream(Box::new(Streaming {
+                        watch,
+                        last_heard: Instant::now(),
+                        progress_requested: false,
+                    }));
+                    self.shared.set_last_error(None);
+                    self.machine.handle(now, Input::WatchStarted(header))
+                }
+            };
+            let after = self.machine.stats();
+            if after != before {
+                metrics::record_stats(&self.shared.service, &before, &after);
+                self.shared.set_stats(after);
+            }
+        }
+        tracing::debug!("sync loop stopped: the last cache handle was dropped");
+    }
+
+    fn act(&mut self, action: Action, op: &mut Op) {
+        let deadline = || Box::pin(sleep(self.config.request_timeout));
+        match action {
+            Action::Publish(snapshot) => {
+                metrics::record_publish(
+                    &self.shared.service,
+                    snapshot.len(),
+                    !snapshot.freshness().is_live(),
+                );
+                tracing::debug!(
+                    revision = snapshot.revision(),
+                    instances = snapshot.len(),
+                    freshness = ?snapshot.freshness(),
+                    "publishing a snapshot"
+                );
+                self.shared.publish(snapshot);
+            }
+            Action::List => {
+                let backend = self.backend.clone();
+                let prefix = self.prefix.clone();
+                *op = Op::List(
+                    async move { backend.list(&prefix).await }.boxed(),
+                    deadline(),
+                );
+            }
+            Action::Watch { from_revision } => {
+                let backend = self.backend.clone();
+                let prefix = self.prefix.clone();
+                *op = Op::Connect(
+                    async move { backend.watch(&prefix, from_revision).await }.boxed(),
+                    deadline(),
+                );
+            }
+            Action::Sleep(delay) => *op = Op::Sleep(Box::pin(sleep(delay))),
+        }
+    }
+}
+
+/// Waits for the current operation to produce something for the machine.
+async fn wait(op: &mut Op, config: &DriverConfig, error: &mut Option<String>) -> Outcome {
+    match op {
+        Op::Idle => std::future::pending().await,
+        Op::Sleep(sleep) => {
+            sleep.await;
+            *op = Op::Idle;
+            Outcome::Inputs(vec![Input::TimerFired])
+        }
+        Op::List(list, deadline) => {
+            let outcome = tokio::select! {
+                result = list => match result {
+                    Ok(response) => Outcome::Inputs(vec![Input::Listed(response)]),
+                    Err(e) => failed(e, error),
+                },
+                _ = deadline => timed_out("list", error),
+            };
+            *op = Op::Idle;
+            outcome
+        }
+        Op::Connect(connect, deadline) => {
+            let outcome = tokio::select! {
+                result = connect => match result {
+                    Ok(watch) => Outcome::Established(watch),
+                    Err(e) => failed(e, error),
+                },
+                _ = deadline => timed_out("watch", error),
+            };
+            *op = Op::Idle;
+            outcome
+        }
+        Op::Stream(streaming) => {
+            let outcome = follow(streaming, config).await;
+            if let Outcome::Inputs(inputs) = &outcome {
+                if matches!(
+                    inputs.last(),
+                    Some(Input::Failed(_) | Input::Compacted { .. })
+                ) {
+                    *op = Op::Idle;
+                }
+            }
+            outcome
+        }
+    }
+}
+
+/// Reads the next messages of a watch, requesting progress when it is idle and reporting a
+/// stall when it stays silent.
+async fn follow(streaming: &mut Streaming, config: &DriverConfig) -> Outcome {
+    let half = config.stall_timeout / 2;
+    loop {
+        let deadline = if streaming.progress_requested {
+            streaming.last_heard + config.stall_timeout
+        } else {
+            streaming.last_heard + half
+        };
+        tokio::select! {
+            message = streaming.watch.stream.next() => {
+                streaming.last_heard = Instant::now();
+                streaming.progress_requested = false;
+                let mut inputs = Vec::new();
+                let mut next = message;
+                loop {
+                    match next {
+                        Some(Ok(message)) => inputs.push(Input::from(message)),
+                        Some(Err(error)) => {
+                            tracing::info!(%error, "watch failed");
+                            inputs.push(Input::Failed(error.kind.into()));
+                            break;
+                        }
+                        None => {
+                            tracing::info!("watch stream ended");
+                            inputs.push(Input::Failed(FreezeCause::Unavailable));
+                            break;
+                        }
+                    }
+                    if inputs.len() >= MAX_BATCH {
+                        break;
+                    }
+                    // Take whatever else is already there, so a burst becomes one publish.
+                    match streaming.watch.stream.next().now_or_never() {
+                        Some(more) => next = more,
+                        None => break,
+                    }
+                }
+                return Outcome::Inputs(inputs);
+            }
+            _ = sleep_until(deadline) => {
+                if streaming.progress_requested {
+                    tracing::warn!(
+                        bound = ?config.stall_timeout,
+                        "watch silent past the stall bound, progress request unanswered"
+                    );
+                    return Outcome::Inputs(vec![Input::Failed(FreezeCause::Stalled)]);
+                }
+                streaming.progress_requested = true;
+                let request = streaming.watch.progress.request_progress();
+                // A hung server may not even take the request: bound it by the stall deadline.
+                let left = (streaming.last_heard + config.stall_timeout)
+                    .saturating_duration_since(Instant::now());
+                match timeout(left, request).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => {
+                        tracing::info!(%error, "progress request failed");
+                        return Outcome::Inputs(vec![Input::Failed(error.kind.into())]);
+                    }
+                    Err(_) => {
+                        return Outcome::Inputs(vec![Input::Failed(FreezeCause::Stalled)]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn failed(e: BackendError, error: &mut Option<String>) -> Outcome {
+    tracing::info!(error = %e, "request failed");
+    let cause = e.kind.into();
+    *error = Some(e.to_string());
+    Outcome::Inputs(vec![Input::Failed(cause)])
+}
+
+fn timed_out(what: &str, error: &mut Option<String>) -> Outcome {
+    tracing::info!("{what} timed out");
+    *error = Some(format!("{what} timed out"));
+    Outcome::Inputs(vec![Input::Failed(FreezeCause::Timeout)])
+}

@@ -1,0 +1,544 @@
+//! The list / watch / resume / freeze state machine, free of IO.
+//!
+//! The machine never awaits, never reads a clock and never touches the network: the driver feeds
+//! it [`Input`]s together with the current time, and carries out the [`Action`]s it returns. That
+//! makes every transition testable without a runtime, and lets property tests and fuzzers drive it
+//! with arbitrary sequences.
+//!
+//! ```text
+//!            ┌──────── Failed ─────────┐ (freeze, back off)
+//!            ▼                         │
+//!  start ─▶ Listing ──Listed──▶ WatchStarting ──WatchStarted──▶ Watching ◀─┐
+//!            ▲  ▲                      │                         │   │     │ WatchBatch /
+//!            │  └── Compacted / history went back / cluster changed ┘   └─────┘ Progress
+//!            └──── TimerFired ── Sleeping ◀── Failed (from any phase)
+//! ```
+//!
+//! What it guarantees (the numbers are DESIGN.md's invariants):
+//! 1. A failure freezes the snapshot: the instance set changes only on an answer from etcd.
+//! 2. A watch resumes at `revision + 1`; events at or below the applied revision are ignored.
+//! 3. All events of one watch message are applied before anything is published.
+//! 4. The revision never goes down, except when a list proves etcd went back in time (a reset,
+//!    counted in [`Stats::resets`]).
+//! 5. A compacted watch leads to one relist, applied as one new snapshot.
+//! 6. A header revision below the applied one, or a new cluster id, leads to a relist.
+//! 7. An undecodable entry is skipped and counted; the rest of the batch applies.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+
+use crate::backend::{Event, EventKind, Header, KeyValue, ListResponse, WatchMessage};
+use crate::balance::splitmix64;
+use crate::codec::{Codec, Decoded};
+use crate::instance::Instance;
+use crate::snapshot::{FreezeCause, Freshness, Snapshot};
+
+/// How long quarantined keys are remembered for "log once" before the set is cleared.
+const MAX_QUARANTINED: usize = 4096;
+
+/// Backoff between reconnection attempts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackoffConfig {
+    /// The first delay's upper bound (default 100 ms).
+    pub initial: Duration,
+    /// The largest delay (default 10 s).
+    pub max: Duration,
+    /// A watch that stayed healthy this long resets the backoff to `initial` (default 30 s).
+    pub reset_after: Duration,
+}
+
+impl Default for BackoffConfig {
+    fn default() -> Self {
+        Self {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(10),
+            reset_after: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Something that happened, fed to [`Machine::handle`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    /// A list answered.
+    Listed(ListResponse),
+    /// A watch was accepted by the server; the header is from its creation response.
+    WatchStarted(Header),
+    /// One watch response: its events (all of one or more whole revisions).
+    WatchBatch {
+        /// The response header.
+        header: Header,
+        /// The events.
+        events: Vec<Event>,
+    },
+    /// A progress notification: every event up to `header.revision` was delivered.
+    Progress(Header),
+    /// The watch was cancelled because its start revision was compacted.
+    Compacted {
+        /// The oldest revision still available.
+        compact_revision: i64,
+    },
+    /// The current list or watch failed (error, broken stream, stall, timeout).
+    Failed(FreezeCause),
+    /// The sleep asked for by [`Action::Sleep`] is over.
+    TimerFired,
+}
+
+impl From<WatchMessage> for Input {
+    fn from(msg: WatchMessage) -> Self {
+        match msg {
+            WatchMessage::Events { header, events } => Input::WatchBatch { header, events },
+            WatchMessage::Progress { header } => Input::Progress(header),
+            WatchMessage::Compacted { compact_revision } => Input::Compacted { compact_revision },
+        }
+    }
+}
+
+/// What the driver must do next.
+#[derive(Debug, Clone)]
+pub enum Action {
+    /// List the prefix (dropping any current watch).
+    List,
+    /// Watch the prefix from this revision (dropping any current watch).
+    Watch {
+        /// The first revision to deliver.
+        from_revision: i64,
+    },
+    /// Wait this long, then feed [`Input::TimerFired`].
+    Sleep(Duration),
+    /// Make this snapshot visible to readers.
+    Publish(Arc<Snapshot>),
+}
+
+/// Counters of what the machine did; all only go up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Stats {
+    /// Successful lists after the first (compaction, reset or detected regression).
+    pub relists: u64,
+    /// Lists that showed etcd went back in time or changed cluster: the snapshot's revision went
+    /// down with them.
+    pub resets: u64,
+    /// Watches established after the first one.
+    pub watch_restarts: u64,
+    /// Watch events applied (duplicates at or below the applied revision are not counted).
+    pub events_applied: u64,
+    /// Events ignored because they were at or below the applied revision.
+    pub events_skipped: u64,
+    /// Entries that could not be decoded.
+    pub decode_errors: u64,
+    /// Failures that froze or kept the snapshot frozen.
+    pub failures: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for a list.
+    Listing,
+    /// Waiting for a watch to be accepted.
+    WatchStarting,
+    /// Following a watch that was accepted at `since`.
+    Watching { since: Instant },
+    /// Waiting out a backoff; then list again, or watch again.
+    Sleeping { relist: bool },
+}
+
+/// The sans-IO list/watch machine for one service.
+#[derive(Debug)]
+pub struct Machine {
+    service: Arc<str>,
+    codec: Codec,
+    backoff_config: BackoffConfig,
+    backoff: ExponentialBackoff,
+    rng: u64,
+    phase: Phase,
+    /// The decoded instances, by etcd key.
+    instances: BTreeMap<Box<[u8]>, Arc<Instance>>,
+    /// The last revision applied; 0 before the first list.
+    revision: i64,
+    cluster_id: Option<u64>,
+    freshness: Freshness,
+    published: Arc<Snapshot>,
+    /// The instance set changed since the last publish.
+    changed: bool,
+    /// Regressions seen since the last healthy watch; the second one in a row backs off first.
+    regressions: u32,
+    listed: bool,
+    watched: bool,
+    quarantined: HashSet<Box<[u8]>>,
+    stats: Stats,
+}
+
+impl Machine {
+    /// A machine for `service`, decoding with `codec`. `seed` seeds the backoff jitter: give each
+    /// process a different one, or their retries line up after an outage.
+    pub fn new(
+        service: impl Into<Arc<str>>,
+        codec: Codec,
+        backoff: BackoffConfig,
+        seed: u64,
+        now: Instant,
+    ) -> Self {
+        let service = service.into();
+        let freshness = Freshness::Frozen {
+            since: now,
+            cause: FreezeCause::NotListed,
+        };
+        Self {
+            published: Arc::new(Snapshot::new(service.clone(), 0, freshness, Vec::new())),
+            service,
+            codec,
+            backoff: build_backoff(&backoff),
+            backoff_config: backoff,
+            rng: splitmix64(seed),
+            phase: Phase::Listing,
+            instances: BTreeMap::new(),
+            revision: 0,
+            cluster_id: None,
+            freshness,
+            changed: false,
+            regressions: 0,
+            listed: false,
+            watched: false,
+            quarantined: HashSet::new(),
+            stats: Stats::default(),
+        }
+    }
+
+    /// The first action: list.
+    pub fn start(&mut self) -> Vec<Action> {
+        self.phase = Phase::Listing;
+        vec![Action::List]
+    }
+
+    /// The last applied revision (0 before the first list).
+    pub fn revision(&self) -> i64 {
+        self.revision
+    }
+
+    /// The last published snapshot (an empty frozen one before the first list).
+    pub fn published(&self) -> &Arc<Snapshot> {
+        &self.published
+    }
+
+    /// What the machine did so far.
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    /// Whether the first list succeeded.
+    pub fn has_listed(&self) -> bool {
+        self.listed
+    }
+
+    /// Feeds one input at time `now`.
+    pub fn handle(&mut self, now: Instant, input: Input) -> Vec<Action> {
+        self.handle_all(now, std::iter::once(input))
+    }
+
+    /// Feeds several inputs that arrived together, publishing at most one snapshot at the end.
+    ///
+    /// Inputs that no longer apply (events from a watch the machine already left, say) are
+    /// ignored, so the driver may pass whatever it read in one go.
+    pub fn handle_all(
+        &mut self,
+        now: Instant,
+        inputs: impl IntoIterator<Item = Input>,
+    ) -> Vec<Action> {
+        let mut next = None;
+        for input in inputs {
+            if let Some(action) = self.step(now, input) {
+                next = Some(action);
+            }
+        }
+        let mut actions = Vec::with_capacity(2);
+        if let Some(snapshot) = self.publish() {
+            actions.push(Action::Publish(snapshot));
+        }
+        actions.extend(next);
+        actions
+    }
+
+    fn step(&mut self, now: Instant, input: Input) -> Option<Action> {
+        match (self.phase, input) {
+            (Phase::Listing, Input::Listed(list)) => Some(self.on_listed(list)),
+            (Phase::WatchStarting, Input::WatchStarted(header)) => {
+                if self.went_back(header) {
+                    return Some(self.on_regression(now, header));
+                }
+                if self.watched {
+                    self.stats.watch_restarts += 1;
+                }
+                self.watched = true;
+                self.regressions = 0;
+                self.phase = Phase::Watching { since: now };
+                self.set_live();
+                None
+            }
+            (Phase::Watching { .. }, Input::WatchBatch { header, events }) => {
+                if self.went_back(header) {
+                    return Some(self.on_regression(now, header));
+                }
+                self.apply_events(events);
+                self.set_live();
+                None
+            }
+            (Phase::Watching { .. }, Input::Progress(header)) => {
+                if self.went_back(header) {
+                    return Some(self.on_regression(now, header));
+                }
+                // etcd sends a progress notification only once every event up to its revision
+                // was delivered, so nothing is skipped by moving up to it; a later resume then
+                // starts past revisions that hold nothing for this prefix, and survives a
+                // compaction of them.
+                self.revision = self.revision.max(header.revision);
+                self.set_live();
+                None
+            }
+            (
+                Phase::WatchStarting | Phase::Watching { .. },
+                Input::Compacted { compact_revision },
+            ) => {
+                tracing::info!(
+                    service = %self.service,
+                    revision = self.revision,
+                    compact_revision,
+                    "watch history compacted past the applied revision; relisting"
+                );
+                self.phase = Phase::Listing;
+                Some(Action::List)
+            }
+            (
+                Phase::Listing | Phase::WatchStarting | Phase::Watching { .. },
+                Input::Failed(cause),
+            ) => Some(self.on_failed(now, cause)),
+            (Phase::Sleeping { relist }, Input::TimerFired) => Some(if relist || !self.listed {
+                self.phase = Phase::Listing;
+                Action::List
+            } else {
+                self.phase = Phase::WatchStarting;
+                Action::Watch {
+                    from_revision: self.revision.saturating_add(1),
+                }
+            }),
+            (phase, input) => {
+                tracing::trace!(service = %self.service, ?phase, ?input, "input ignored in this phase");
+                None
+            }
+        }
+    }
+
+    /// Whether a response says etcd's history is not the one we applied.
+    fn went_back(&self, header: Header) -> bool {
+        self.cluster_id.is_some_and(|id| id != header.cluster_id) || header.revision < self.revision
+    }
+
+    fn on_regression(&mut self, now: Instant, header: Header) -> Action {
+        tracing::warn!(
+            service = %self.service,
+            applied = self.revision,
+            header_revision = header.revision,
+            cluster_id = ?self.cluster_id,
+            header_cluster_id = header.cluster_id,
+            "etcd's history does not follow the applied revision (restored, replaced, or a lagging member); relisting"
+        );
+        self.regressions += 1;
+        if self.regressions == 1 {
+            self.phase = Phase::Listing;
+            Action::List
+        } else {
+            // The list just before said history was fine, yet the watch disagrees again: a member
+            // that lags behind. Relisting at once would spin, so back off first.
+            let delay = self.next_delay(now);
+            self.phase = Phase::Sleeping { relist: true };
+            Action::Sleep(delay)
+        }
+    }
+
+    fn on_listed(&mut self, list: ListResponse) -> Action {
+        let header = list.header;
+        if self.listed {
+            self.stats.relists += 1;
+            if self.went_back(header) {
+                self.stats.resets += 1;
+                tracing::warn!(
+                    service = %self.service,
+                    from_revision = self.revision,
+                    to_revision = header.revision,
+                    cluster_id = header.cluster_id,
+                    "etcd went back in time (restored from a backup or replaced); the snapshot resets to its state"
+                );
+                // A real reset, not a lagging member: the next regression is news again.
+                self.regressions = 0;
+            }
+        }
+        let mut fresh = BTreeMap::new();
+        for kv in list.kvs {
+            match self.decode(&kv) {
+                Some(Decoded::Put(instance)) => {
+                    let instance = match self.instances.get(&*kv.key) {
+                        Some(old) if **old == instance => old.clone(),
+                        _ => Arc::new(instance),
+                    };
+                    fresh.insert(kv.key.into_boxed_slice(), instance);
+                }
+                Some(Decoded::Delete) | None => {}
+            }
+        }
+        if fresh != self.instances || header.revision != self.revision {
+            self.changed = true;
+            self.instances = fresh;
+        }
+        // The first list always publishes, even an empty one: its freshness turns live below.
+        self.revision = header.revision;
+        self.cluster_id = Some(header.cluster_id);
+        self.listed = true;
+        self.set_live();
+        self.phase = Phase::WatchStarting;
+        Action::Watch {
+            from_revision: self.revision.saturating_add(1),
+        }
+    }
+
+    fn apply_events(&mut self, events: Vec<Event>) {
+        let mut top = self.revision;
+        for event in events {
+            let rev = event.kv.mod_revision;
+            if rev <= self.revision {
+                self.stats.events_skipped += 1;
+                continue;
+            }
+            top = top.max(rev);
+            self.stats.events_applied += 1;
+            // Even an event that leaves the instances as they were moves the revision, and the
+            // published revision promises every change up to it is included: publish.
+            self.changed = true;
+            let decoded = match event.kind {
+                EventKind::Put => self.decode(&event.kv),
+                EventKind::Delete => {
+                    self.quarantined.remove(&*event.kv.key);
+                    Some(Decoded::Delete)
+                }
+            };
+            match decoded {
+                Some(Decoded::Put(instance)) => match self.instances.get(&*event.kv.key) {
+                    Some(old) if **old == instance => {}
+                    _ => {
+                        self.instances
+                            .insert(event.kv.key.into_boxed_slice(), Arc::new(instance));
+                        self.changed = true;
+                    }
+                },
+                // An entry that no longer decodes no longer describes a reachable instance: it
+                // goes, exactly as a relist would drop it, so watch and list agree.
+                Some(Decoded::Delete) | None => {
+                    if self.instances.remove(&*event.kv.key).is_some() {
+                        self.changed = true;
+                    }
+                }
+            }
+        }
+        self.revision = top;
+    }
+
+    fn decode(&mut self, kv: &KeyValue) -> Option<Decoded> {
+        match self.codec.decode(&self.service, &kv.key, &kv.value) {
+            Ok(decoded) => {
+                if !self.quarantined.is_empty() {
+                    self.quarantined.remove(&*kv.key);
+                }
+                Some(decoded)
+            }
+            Err(error) => {
+                self.stats.decode_errors += 1;
+                if self.quarantined.len() >= MAX_QUARANTINED {
+                    self.quarantined.clear();
+                }
+                if self.quarantined.insert(kv.key.clone().into_boxed_slice()) {
+                    tracing::warn!(
+                        service = %self.service,
+                        key = %String::from_utf8_lossy(&kv.key),
+                        revision = kv.mod_revision,
+                        %error,
+                        "skipping an entry that does not decode"
+                    );
+                }
+                None
+            }
+        }
+    }
+
+    fn on_failed(&mut self, now: Instant, cause: FreezeCause) -> Action {
+        self.stats.failures += 1;
+        if let Phase::Watching { since } = self.phase {
+            if now.saturating_duration_since(since) >= self.backoff_config.reset_after {
+                self.backoff = build_backoff(&self.backoff_config);
+            }
+        }
+        if self.freshness.is_live() {
+            tracing::info!(service = %self.service, %cause, revision = self.revision, "frozen: keeping the last known instances");
+            self.freshness = Freshness::Frozen { since: now, cause };
+        }
+        let relist = matches!(self.phase, Phase::Listing);
+        let delay = self.next_delay(now);
+        tracing::debug!(service = %self.service, %cause, ?delay, relist, "backing off");
+        self.phase = Phase::Sleeping { relist };
+        Action::Sleep(delay)
+    }
+
+    /// The next delay: exponential envelope from backon, full jitter (uniform in
+    /// `[0, envelope]`) from a seeded generator, so the machine stays deterministic.
+    fn next_delay(&mut self, _now: Instant) -> Duration {
+        let envelope = match self.backoff.next() {
+            Some(d) => d,
+            None => self.backoff_config.max,
+        };
+        self.rng = splitmix64(self.rng);
+        let fraction = (self.rng >> 11) as f64 / (1u64 << 53) as f64;
+        envelope.mul_f64(fraction).max(Duration::from_millis(1))
+    }
+
+    fn set_live(&mut self) {
+        if !self.freshness.is_live() && self.listed {
+            tracing::info!(service = %self.service, revision = self.revision, "live: following etcd again");
+            self.freshness = Freshness::Live;
+        }
+    }
+
+    /// A new snapshot if the instances, the revision of the last applied change, or the
+    /// freshness changed since the last one. (A progress notification alone moves the resume
+    /// point but publishes nothing, so idle caches do not wake their subscribers.)
+    fn publish(&mut self) -> Option<Arc<Snapshot>> {
+        let snapshot = if self.changed {
+            let instances = self.instances.values().cloned().collect();
+            Snapshot::new(
+                self.service.clone(),
+                self.revision,
+                self.freshness,
+                instances,
+            )
+        } else if self.freshness != self.published.freshness() {
+            self.published.with(self.revision, self.freshness)
+        } else {
+            return None;
+        };
+        self.changed = false;
+        self.published = Arc::new(snapshot);
+        Some(self.published.clone())
+    }
+}
+
+fn build_backoff(config: &BackoffConfig) -> ExponentialBackoff {
+    ExponentialBuilder::default()
+        .with_min_delay(config.initial)
+        .with_max_delay(config.max)
+        .with_factor(2.0)
+        .without_max_times()
+        .build()
+}
+
+#[cfg(test)]
+#[path = "machine_tests.rs"]
+mod tests;

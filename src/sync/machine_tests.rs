@@ -1,0 +1,648 @@
+//! Transition tests of the sync machine: plain function calls, no runtime, time passed in.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::backend::{Event, EventKind, Header, KeyValue, ListResponse};
+use crate::codec::{Codec, KeyLayout};
+use crate::snapshot::{FreezeCause, Freshness, Snapshot};
+
+const CLUSTER: u64 = 7;
+
+fn key(id: &str) -> Vec<u8> {
+    format!("/svc/user/{id}").into_bytes()
+}
+
+fn kv(id: &str, port: u16, rev: i64) -> KeyValue {
+    KeyValue {
+        key: key(id),
+        value: format!(r#"{{"addr":"10.0.0.1:{port}"}}"#).into_bytes(),
+        create_revision: rev,
+        mod_revision: rev,
+        lease: 0,
+    }
+}
+
+fn garbage(id: &str, rev: i64) -> KeyValue {
+    KeyValue {
+        key: key(id),
+        value: b"\xff not json".to_vec(),
+        create_revision: rev,
+        mod_revision: rev,
+        lease: 0,
+    }
+}
+
+fn put(id: &str, port: u16, rev: i64) -> Event {
+    Event {
+        kind: EventKind::Put,
+        kv: kv(id, port, rev),
+    }
+}
+
+fn del(id: &str, rev: i64) -> Event {
+    Event {
+        kind: EventKind::Delete,
+        kv: KeyValue {
+            key: key(id),
+            mod_revision: rev,
+            ..KeyValue::default()
+        },
+    }
+}
+
+fn hdr(rev: i64) -> Header {
+    Header {
+        revision: rev,
+        cluster_id: CLUSTER,
+    }
+}
+
+fn listed(rev: i64, kvs: Vec<KeyValue>) -> Input {
+    Input::Listed(ListResponse {
+        header: hdr(rev),
+        kvs,
+    })
+}
+
+fn batch(rev: i64, events: Vec<Event>) -> Input {
+    Input::WatchBatch {
+        header: hdr(rev),
+        events,
+    }
+}
+
+/// What a step is expected to ask the driver for (publishes are checked separately).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Next {
+    Nothing,
+    List,
+    Watch(i64),
+    /// A sleep no longer than this.
+    SleepAtMost(Duration),
+}
+
+struct Harness {
+    machine: Machine,
+    now: Instant,
+    published: Vec<Arc<Snapshot>>,
+}
+
+impl Harness {
+    fn new() -> Self {
+        Self::with_backoff(BackoffConfig::default())
+    }
+
+    fn with_backoff(backoff: BackoffConfig) -> Self {
+        let now = Instant::now();
+        let mut machine = Machine::new(
+            "user",
+            Codec::new(KeyLayout::Native, "/svc"),
+            backoff,
+            42,
+            now,
+        );
+        let first = machine.start();
+        assert!(matches!(first.as_slice(), [Action::List]), "{first:?}");
+        Self {
+            machine,
+            now,
+            published: Vec::new(),
+        }
+    }
+
+    /// A machine that listed `ids` at revision 10 and is watching.
+    fn watching(ids: &[&str]) -> Self {
+        let mut h = Self::new();
+        let kvs = ids.iter().map(|id| kv(id, 80, 10)).collect();
+        h.expect(listed(10, kvs), Next::Watch(11));
+        h.expect(Input::WatchStarted(hdr(10)), Next::Nothing);
+        h
+    }
+
+    fn advance(&mut self, d: Duration) {
+        self.now += d;
+    }
+
+    fn feed(&mut self, input: Input) -> Next {
+        let actions = self.machine.handle(self.now, input);
+        let mut next = Next::Nothing;
+        let mut publishes = 0;
+        for action in actions {
+            match action {
+                Action::Publish(s) => {
+                    publishes += 1;
+                    self.published.push(s);
+                }
+                Action::List => next = Next::List,
+                Action::Watch { from_revision } => next = Next::Watch(from_revision),
+                Action::Sleep(d) => next = Next::SleepAtMost(d),
+            }
+        }
+        assert!(publishes <= 1, "one input published {publishes} snapshots");
+        next
+    }
+
+    #[track_caller]
+    fn expect(&mut self, input: Input, want: Next) {
+        let got = self.feed(input);
+        match (got, want) {
+            (Next::SleepAtMost(d), Next::SleepAtMost(max)) => {
+                assert!(d <= max && !d.is_zero(), "slept {d:?}, at most {max:?}")
+            }
+            _ => assert_eq!(got, want),
+        }
+    }
+
+    fn last(&self) -> &Snapshot {
+        self.published.last().expect("something was published")
+    }
+
+    fn ids(&self) -> Vec<String> {
+        self.last()
+            .instances()
+            .iter()
+            .map(|i| format!("{}@{}", i.id(), i.addr()))
+            .collect()
+    }
+}
+
+fn ids(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+#[test]
+fn first_list_publishes_and_watches_from_the_next_revision() {
+    let mut h = Harness::new();
+    h.expect(
+        listed(5, vec![kv("a", 1, 3), kv("b", 2, 5)]),
+        Next::Watch(6),
+    );
+    assert_eq!(h.published.len(), 1);
+    assert_eq!(h.ids(), ids(&["a@10.0.0.1:1", "b@10.0.0.1:2"]));
+    assert_eq!(h.last().revision(), 5);
+    assert_eq!(h.last().freshness(), Freshness::Live);
+    assert!(h.machine.has_listed());
+}
+
+#[test]
+fn an_empty_first_list_is_still_published_live() {
+    let mut h = Harness::new();
+    h.expect(listed(1, vec![]), Next::Watch(2));
+    assert!(h.last().is_empty());
+    assert!(h.last().freshness().is_live());
+}
+
+/// Each row: inputs after a machine listed {a, b} at revision 10 and started watching; then the
+/// instance set and revision it must end with.
+#[test]
+fn watch_transitions_table() {
+    type Row = (&'static str, Vec<Input>, &'static [&'static str], i64);
+    let table: Vec<Row> = vec![
+        (
+            "put adds",
+            vec![batch(11, vec![put("c", 3, 11)])],
+            &["a@10.0.0.1:80", "b@10.0.0.1:80", "c@10.0.0.1:3"],
+            11,
+        ),
+        (
+            "put changes",
+            vec![batch(11, vec![put("a", 9, 11)])],
+            &["a@10.0.0.1:9", "b@10.0.0.1:80"],
+            11,
+        ),
+        (
+            "delete removes",
+            vec![batch(11, vec![del("a", 11)])],
+            &["b@10.0.0.1:80"],
+            11,
+        ),
+        (
+            "events at or below the applied revision are ignored",
+            vec![batch(12, vec![del("a", 10), put("z", 1, 9)])],
+            &["a@10.0.0.1:80", "b@10.0.0.1:80"],
+            10,
+        ),
+        (
+            "a batch straddling the applied revision applies only the new part",
+            vec![
+                batch(11, vec![put("c", 3, 11)]),
+                batch(12, vec![del("c", 11), put("d", 4, 12)]),
+            ],
+            &[
+                "a@10.0.0.1:80",
+                "b@10.0.0.1:80",
+                "c@10.0.0.1:3",
+                "d@10.0.0.1:4",
+            ],
+            12,
+        ),
+        (
+            "a move in one transaction",
+            vec![batch(11, vec![del("a", 11), put("a2", 80, 11)])],
+            &["a2@10.0.0.1:80", "b@10.0.0.1:80"],
+            11,
+        ),
+        (
+            "garbage over a valid entry removes it, neighbours stay",
+            vec![batch(
+                11,
+                vec![
+                    Event {
+                        kind: EventKind::Put,
+                        kv: garbage("a", 11),
+                    },
+                    put("c", 3, 11),
+                ],
+            )],
+            &["b@10.0.0.1:80", "c@10.0.0.1:3"],
+            11,
+        ),
+        (
+            "progress moves the revision, not the instances",
+            vec![Input::Progress(hdr(40))],
+            &["a@10.0.0.1:80", "b@10.0.0.1:80"],
+            40,
+        ),
+        (
+            "a batch from another cluster is not applied",
+            vec![Input::WatchBatch {
+                header: Header {
+                    revision: 11,
+                    cluster_id: CLUSTER + 1,
+                },
+                events: vec![del("a", 11)],
+            }],
+            &["a@10.0.0.1:80", "b@10.0.0.1:80"],
+            10,
+        ),
+    ];
+    for (name, inputs, want, revision) in table {
+        let mut h = Harness::watching(&["a", "b"]);
+        for input in inputs {
+            h.feed(input);
+        }
+        assert_eq!(h.ids(), ids(want), "{name}");
+        assert_eq!(h.machine.revision(), revision, "{name}");
+    }
+}
+
+#[test]
+fn each_batch_is_one_publish_with_all_its_events() {
+    let mut h = Harness::watching(&["a", "b"]);
+    let before = h.published.len();
+    h.expect(
+        batch(11, vec![del("a", 11), put("a2", 80, 11), del("b", 11)]),
+        Next::Nothing,
+    );
+    assert_eq!(h.published.len(), before + 1);
+    assert_eq!(h.ids(), ids(&["a2@10.0.0.1:80"]));
+    assert_eq!(h.last().revision(), 11);
+}
+
+#[test]
+fn several_inputs_at_once_publish_once() {
+    let mut h = Harness::watching(&["a"]);
+    let before = h.published.len();
+    let actions = h.machine.handle_all(
+        h.now,
+        vec![
+            batch(11, vec![put("b", 1, 11)]),
+            batch(12, vec![put("c", 1, 12)]),
+            batch(13, vec![del("a", 13)]),
+        ],
+    );
+    let publishes: Vec<_> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Publish(s) => Some(s.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(publishes.len(), 1);
+    assert_eq!(publishes[0].len(), 2);
+    assert_eq!(publishes[0].revision(), 13);
+    assert_eq!(h.published.len(), before);
+}
+
+#[test]
+fn failure_freezes_without_clearing_and_resumes_after_the_applied_revision() {
+    let mut h = Harness::watching(&["a", "b"]);
+    h.expect(batch(11, vec![put("c", 3, 11)]), Next::Nothing);
+    let live = h.ids();
+    h.advance(Duration::from_secs(1));
+    let frozen_at = h.now;
+    h.expect(
+        Input::Failed(FreezeCause::Unavailable),
+        Next::SleepAtMost(Duration::from_millis(100)),
+    );
+    assert_eq!(
+        h.last().freshness(),
+        Freshness::Frozen {
+            since: frozen_at,
+            cause: FreezeCause::Unavailable
+        }
+    );
+    assert_eq!(h.ids(), live, "a failure must not change the instances");
+    // More failures while frozen: nothing new is published, `since` stays.
+    let published = h.published.len();
+    for _ in 0..5 {
+        h.expect(Input::TimerFired, Next::Watch(12));
+        h.advance(Duration::from_secs(1));
+        h.feed(Input::Failed(FreezeCause::Timeout));
+    }
+    assert_eq!(h.published.len(), published);
+    assert!(matches!(h.last().freshness(), Freshness::Frozen { since, .. } if since == frozen_at));
+    // Back: the watch resumes at revision 12, no relist, and the snapshot turns live.
+    h.expect(Input::TimerFired, Next::Watch(12));
+    h.expect(Input::WatchStarted(hdr(30)), Next::Nothing);
+    assert!(h.last().freshness().is_live());
+    assert_eq!(h.ids(), live);
+    assert_eq!(h.machine.stats().relists, 0);
+    assert_eq!(h.machine.stats().watch_restarts, 1);
+}
+
+#[test]
+fn failure_before_the_first_list_lists_again() {
+    let mut h = Harness::new();
+    h.expect(
+        Input::Failed(FreezeCause::Unavailable),
+        Next::SleepAtMost(Duration::from_millis(100)),
+    );
+    assert!(h.published.is_empty(), "nothing to publish before a list");
+    h.expect(Input::TimerFired, Next::List);
+    h.expect(listed(3, vec![kv("a", 1, 3)]), Next::Watch(4));
+    assert!(h.last().freshness().is_live());
+}
+
+#[test]
+fn failure_while_relisting_relists_again() {
+    let mut h = Harness::watching(&["a"]);
+    h.expect(
+        Input::Compacted {
+            compact_revision: 50,
+        },
+        Next::List,
+    );
+    h.expect(
+        Input::Failed(FreezeCause::Unavailable),
+        Next::SleepAtMost(Duration::from_millis(100)),
+    );
+    h.expect(Input::TimerFired, Next::List);
+}
+
+#[test]
+fn compaction_relists_once_and_applies_the_difference_in_one_snapshot() {
+    let mut h = Harness::watching(&["a", "b"]);
+    h.expect(
+        Input::Compacted {
+            compact_revision: 50,
+        },
+        Next::List,
+    );
+    let before = h.published.len();
+    h.expect(
+        listed(60, vec![kv("b", 80, 10), kv("c", 3, 55)]),
+        Next::Watch(61),
+    );
+    assert_eq!(h.published.len(), before + 1);
+    assert_eq!(h.ids(), ids(&["b@10.0.0.1:80", "c@10.0.0.1:3"]));
+    assert_eq!(h.last().revision(), 60);
+    let stats = h.machine.stats();
+    assert_eq!((stats.relists, stats.resets), (1, 0));
+}
+
+#[test]
+fn unchanged_instances_keep_their_allocation_across_a_relist() {
+    let mut h = Harness::watching(&["a", "b"]);
+    let a = h.last().instances()[0].clone();
+    h.expect(
+        Input::Compacted {
+            compact_revision: 50,
+        },
+        Next::List,
+    );
+    h.expect(listed(60, vec![kv("a", 80, 10)]), Next::Watch(61));
+    assert!(Arc::ptr_eq(&a, &h.last().instances()[0]));
+}
+
+#[test]
+fn history_going_back_relists_and_the_reset_is_counted() {
+    let mut h = Harness::watching(&["a", "b"]);
+    h.expect(batch(20, vec![put("c", 3, 20)]), Next::Nothing);
+    // etcd restored from an older backup: the watch is accepted at revision 12 < 20.
+    h.expect(Input::WatchStarted(hdr(12)), Next::Nothing); // ignored: already watching
+    h.expect(
+        Input::Failed(FreezeCause::Unavailable),
+        Next::SleepAtMost(Duration::from_millis(100)),
+    );
+    h.expect(Input::TimerFired, Next::Watch(21));
+    h.expect(Input::WatchStarted(hdr(12)), Next::List);
+    h.expect(listed(12, vec![kv("a", 80, 10)]), Next::Watch(13));
+    assert_eq!(h.ids(), ids(&["a@10.0.0.1:80"]));
+    assert_eq!(
+        h.last().revision(),
+        12,
+        "an explicit reset lowers the revision"
+    );
+    assert_eq!(h.machine.stats().resets, 1);
+}
+
+#[test]
+fn a_new_cluster_id_relists_even_at_a_higher_revision() {
+    let mut h = Harness::watching(&["a"]);
+    let other = Header {
+        revision: 99,
+        cluster_id: CLUSTER + 1,
+    };
+    h.expect(Input::Progress(other), Next::List);
+    h.expect(
+        Input::Listed(ListResponse {
+            header: other,
+            kvs: vec![kv("z", 1, 90)],
+        }),
+        Next::Watch(100),
+    );
+    assert_eq!(h.ids(), ids(&["z@10.0.0.1:1"]));
+    assert_eq!(h.machine.stats().resets, 1);
+}
+
+#[test]
+fn a_lagging_member_backs_off_instead_of_spinning() {
+    let mut h = Harness::watching(&["a"]);
+    h.expect(batch(20, vec![put("b", 1, 20)]), Next::Nothing);
+    // The watch member lags: its header is behind.
+    h.expect(Input::Progress(hdr(15)), Next::List);
+    // The list (linearizable) says nothing went back.
+    h.expect(
+        listed(21, vec![kv("a", 80, 10), kv("b", 1, 20)]),
+        Next::Watch(22),
+    );
+    assert_eq!(h.machine.stats().resets, 0);
+    h.expect(
+        Input::WatchStarted(hdr(16)),
+        Next::SleepAtMost(Duration::from_millis(100)),
+    );
+    h.expect(Input::TimerFired, Next::List);
+}
+
+#[test]
+fn undecodable_entries_are_skipped_and_counted() {
+    let mut h = Harness::new();
+    h.expect(
+        listed(5, vec![kv("a", 1, 2), garbage("bad", 3), kv("b", 2, 4)]),
+        Next::Watch(6),
+    );
+    assert_eq!(h.ids(), ids(&["a@10.0.0.1:1", "b@10.0.0.1:2"]));
+    assert_eq!(h.machine.stats().decode_errors, 1);
+    let foreign = Event {
+        kind: EventKind::Put,
+        kv: KeyValue {
+            key: b"/svc/user/nested/key".to_vec(),
+            value: br#"{"addr":"10.0.0.1:1"}"#.to_vec(),
+            mod_revision: 7,
+            ..KeyValue::default()
+        },
+    };
+    h.expect(Input::WatchStarted(hdr(5)), Next::Nothing);
+    h.expect(batch(7, vec![foreign, put("c", 3, 7)]), Next::Nothing);
+    assert_eq!(h.ids().len(), 3);
+    assert_eq!(h.machine.stats().decode_errors, 2);
+}
+
+#[test]
+fn inputs_that_do_not_apply_are_ignored() {
+    let mut h = Harness::new();
+    // Before the list: watch traffic and timers mean nothing.
+    for input in [
+        batch(3, vec![put("a", 1, 3)]),
+        Input::Progress(hdr(3)),
+        Input::TimerFired,
+        Input::WatchStarted(hdr(3)),
+        Input::Compacted {
+            compact_revision: 2,
+        },
+    ] {
+        h.expect(input, Next::Nothing);
+    }
+    assert!(h.published.is_empty());
+    // While sleeping: a late failure or batch from the old watch changes nothing.
+    let mut h = Harness::watching(&["a"]);
+    h.expect(
+        Input::Failed(FreezeCause::Unavailable),
+        Next::SleepAtMost(Duration::from_millis(100)),
+    );
+    let published = h.published.len();
+    h.expect(batch(11, vec![del("a", 11)]), Next::Nothing);
+    h.expect(Input::Failed(FreezeCause::Stalled), Next::Nothing);
+    h.expect(listed(11, vec![]), Next::Nothing);
+    assert_eq!(h.published.len(), published);
+    assert_eq!(h.ids(), ids(&["a@10.0.0.1:80"]));
+}
+
+#[test]
+fn backoff_grows_exponentially_with_full_jitter_up_to_the_cap() {
+    let backoff = BackoffConfig {
+        initial: Duration::from_millis(100),
+        max: Duration::from_secs(2),
+        reset_after: Duration::from_secs(30),
+    };
+    let mut h = Harness::with_backoff(backoff);
+    let mut sleeps = Vec::new();
+    for _ in 0..12 {
+        match h.feed(Input::Failed(FreezeCause::Unavailable)) {
+            Next::SleepAtMost(d) => sleeps.push(d),
+            other => panic!("expected a sleep, got {other:?}"),
+        }
+        h.expect(Input::TimerFired, Next::List);
+    }
+    for (n, d) in sleeps.iter().enumerate() {
+        let envelope = (backoff.initial * 2u32.pow(n as u32)).min(backoff.max);
+        assert!(*d <= envelope, "attempt {n}: {d:?} above {envelope:?}");
+    }
+    // Full jitter: the later sleeps are spread, not pinned to the cap.
+    let capped = &sleeps[6..];
+    assert!(capped.iter().any(|d| *d < backoff.max / 2), "{sleeps:?}");
+    assert!(
+        capped.iter().any(|d| *d > backoff.initial * 4),
+        "{sleeps:?}"
+    );
+}
+
+#[test]
+fn a_long_healthy_watch_resets_the_backoff() {
+    let backoff = BackoffConfig {
+        initial: Duration::from_millis(100),
+        max: Duration::from_secs(10),
+        reset_after: Duration::from_secs(30),
+    };
+    let mut h = Harness::with_backoff(backoff);
+    h.expect(listed(10, vec![]), Next::Watch(11));
+    // Eight failures in a row push the envelope to the cap.
+    for _ in 0..8 {
+        h.feed(Input::Failed(FreezeCause::Unavailable));
+        h.expect(Input::TimerFired, Next::Watch(11));
+    }
+    h.expect(Input::WatchStarted(hdr(10)), Next::Nothing);
+    // A short healthy spell keeps the envelope high: over many seeds some sleep would exceed
+    // 100 ms. After 30 s healthy, the next sleep is within the initial envelope again.
+    h.advance(Duration::from_secs(31));
+    h.expect(
+        Input::Failed(FreezeCause::Unavailable),
+        Next::SleepAtMost(backoff.initial),
+    );
+}
+
+#[test]
+fn jitter_is_reproducible_from_the_seed() {
+    let run = |seed| {
+        let now = Instant::now();
+        let mut m = Machine::new(
+            "user",
+            Codec::new(KeyLayout::Native, "/svc"),
+            BackoffConfig::default(),
+            seed,
+            now,
+        );
+        m.start();
+        (0..6)
+            .flat_map(|_| {
+                let a = m.handle(now, Input::Failed(FreezeCause::Unavailable));
+                m.handle(now, Input::TimerFired);
+                a
+            })
+            .filter_map(|a| match a {
+                Action::Sleep(d) => Some(d),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(run(1), run(1));
+    assert_ne!(run(1), run(2));
+}
+
+#[test]
+fn revision_never_goes_down_without_a_counted_reset() {
+    let mut h = Harness::watching(&["a"]);
+    let steps = vec![
+        batch(12, vec![put("b", 1, 12)]),
+        batch(12, vec![put("b", 2, 11)]),
+        Input::Progress(hdr(20)),
+        batch(21, vec![put("c", 1, 21)]),
+        Input::Failed(FreezeCause::Unavailable),
+        Input::TimerFired,
+        Input::WatchStarted(hdr(25)),
+        batch(25, vec![del("c", 19)]),
+    ];
+    for step in steps {
+        h.feed(step);
+    }
+    let revisions: Vec<i64> = h.published.iter().map(|s| s.revision()).collect();
+    assert!(revisions.windows(2).all(|w| w[0] <= w[1]), "{revisions:?}");
+    assert_eq!(h.machine.stats().resets, 0);
+    assert_eq!(
+        h.ids(),
+        ids(&["a@10.0.0.1:80", "b@10.0.0.1:1", "c@10.0.0.1:1"])
+    );
+}
