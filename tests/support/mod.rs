@@ -1,0 +1,105 @@
+//! Shared test helpers: writing instances, awaiting conditions with a bound, recording every
+//! published snapshot.
+#![allow(dead_code)]
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use etcd_discovery::{Codec, Instance, KeyLayout, MemoryBackend, ServiceCache, Snapshot};
+
+pub const NS: &str = "/svc";
+
+pub fn codec() -> Codec {
+    Codec::new(KeyLayout::Native, NS)
+}
+
+pub fn instance(service: &str, id: &str, port: u16) -> Instance {
+    Instance::builder(service, format!("10.0.0.1:{port}"))
+        .id(id)
+        .build()
+        .expect("valid instance")
+}
+
+/// Puts instance `id` of service `user` at `port`; returns the revision.
+pub fn register(etcd: &MemoryBackend, id: &str, port: u16) -> i64 {
+    let codec = codec();
+    let i = instance("user", id, port);
+    etcd.put(codec.key(&i, 0), codec.encode_value(&i))
+}
+
+pub fn user_key(id: &str) -> String {
+    format!("{NS}/user/{id}")
+}
+
+/// `id@port` of every instance in the snapshot, sorted.
+pub fn ids(snapshot: &Snapshot) -> Vec<String> {
+    let mut v: Vec<String> = snapshot
+        .instances()
+        .iter()
+        .map(|i| format!("{}@{}", i.id(), i.addr().rsplit(':').next().unwrap_or("")))
+        .collect();
+    v.sort();
+    v
+}
+
+pub fn list(items: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = items.iter().map(|s| s.to_string()).collect();
+    v.sort();
+    v
+}
+
+/// Waits until the cache's snapshot satisfies `pred`, at most `within`; panics with the last
+/// snapshot otherwise.
+#[track_caller]
+pub fn wait_for(
+    cache: &ServiceCache,
+    within: Duration,
+    what: &str,
+    pred: impl Fn(&Snapshot) -> bool,
+) -> impl std::future::Future<Output = Arc<Snapshot>> {
+    let mut changes = cache.changes();
+    let what = what.to_owned();
+    let cache = cache.clone();
+    async move {
+        let found = tokio::time::timeout(within, changes.wait_for(|s| pred(s))).await;
+        match found {
+            Ok(Ok(s)) => s.clone(),
+            Ok(Err(_)) => panic!("cache closed while waiting for: {what}"),
+            Err(_) => panic!(
+                "not within {within:?}: {what}; last snapshot {:?}",
+                cache.snapshot()
+            ),
+        }
+    }
+}
+
+/// Records every snapshot the cache publishes from now on.
+pub struct Recorder {
+    seen: Arc<Mutex<Vec<Arc<Snapshot>>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Recorder {
+    pub fn start(cache: &ServiceCache) -> Self {
+        let mut changes = cache.changes();
+        let seen = Arc::new(Mutex::new(vec![changes.borrow_and_update().clone()]));
+        let sink = seen.clone();
+        let task = tokio::spawn(async move {
+            while changes.changed().await.is_ok() {
+                let s = changes.borrow_and_update().clone();
+                sink.lock().unwrap().push(s);
+            }
+        });
+        Self { seen, task }
+    }
+
+    pub fn snapshots(&self) -> Vec<Arc<Snapshot>> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
