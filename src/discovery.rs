@@ -9,12 +9,13 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
-use crate::backend::{Backend, MemoryBackend};
+use crate::backend::{Backend, EtcdBackend, MemoryBackend};
+use crate::backoff::BackoffConfig;
 use crate::cache::{Handle, ServiceCache, Shared};
 use crate::codec::{Codec, KeyLayout};
 use crate::error::{Error, Result};
 use crate::sync::driver::{self, DriverConfig};
-use crate::sync::machine::{BackoffConfig, Machine};
+use crate::sync::machine::Machine;
 
 /// Finds services: hands out one [`ServiceCache`] per service, all fed by one backend connection.
 ///
@@ -70,6 +71,19 @@ impl Discovery {
                 jitter_seed: None,
             },
         }
+    }
+
+    /// Starts building a discovery over an etcd client the application already has.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let client = etcd_client::Client::connect(["http://127.0.0.1:2379"], None).await?;
+    /// let discovery = etcd_discovery::Discovery::builder(client).namespace("/services").build()?;
+    /// let users = discovery.service("user").await?;
+    /// # let _ = users; Ok(()) }
+    /// ```
+    pub fn builder(client: etcd_client::Client) -> DiscoveryBuilder {
+        Self::with_backend(EtcdBackend::from_client(client))
     }
 
     /// Starts building a discovery over the in-process [`MemoryBackend`] (tests, demos).
@@ -253,20 +267,13 @@ impl DiscoveryBuilder {
             ("first_list_timeout", c.first_list_timeout),
             ("request_timeout", c.request_timeout),
             ("stall_timeout", c.stall_timeout),
-            ("backoff.initial", c.backoff.initial),
-            ("backoff.max", c.backoff.max),
         ];
         for (name, value) in positive {
             if value.is_zero() {
                 return Err(Error::Config(format!("{name} must be greater than zero")));
             }
         }
-        if c.backoff.max < c.backoff.initial {
-            return Err(Error::Config(format!(
-                "backoff.max ({:?}) must be at least backoff.initial ({:?})",
-                c.backoff.max, c.backoff.initial
-            )));
-        }
+        c.backoff.validate().map_err(Error::Config)?;
         if c.max_value_size == 0 {
             return Err(Error::Config(
                 "max_value_size must be greater than zero".into(),

@@ -32,6 +32,19 @@ pub enum Error {
         /// The last failure seen while trying, if any.
         last_error: String,
     },
+    /// The instance's key is held by another live registration (another lease). Pick another
+    /// instance id, stop the other instance, or register with
+    /// [`RegistrationBuilder::replace`](crate::RegistrationBuilder::replace) to take the key over.
+    #[error(
+        "key {key:?} is already registered under lease {holder_lease} (not ours); use another id, \
+         stop the other instance, or set RegistrationBuilder::replace(true)"
+    )]
+    Conflict {
+        /// The contested key.
+        key: String,
+        /// The lease holding it (0: a key with no lease).
+        holder_lease: i64,
+    },
     /// A configuration value was out of range.
     #[error("invalid configuration: {0}")]
     Config(String),

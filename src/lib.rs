@@ -34,6 +34,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod backend;
+mod backoff;
 mod balance;
 pub mod cache;
 pub mod codec;
@@ -41,14 +42,16 @@ mod discovery;
 mod error;
 pub mod instance;
 pub mod metrics;
+mod register;
 pub mod snapshot;
 pub mod sync;
 
-pub use backend::{Backend, MemoryBackend};
+pub use backend::{Backend, EtcdBackend, EtcdOptions, MemoryBackend};
+pub use backoff::BackoffConfig;
 pub use cache::{Picked, ServiceCache, SyncStats};
 pub use codec::{Codec, DecodeError, Decoded, KeyLayout};
 pub use discovery::{Discovery, DiscoveryBuilder};
 pub use error::{Error, Result};
 pub use instance::{Instance, InstanceBuilder, InstanceError, State};
+pub use register::{Registration, RegistrationBuilder, RegistrationStatus};
 pub use snapshot::{FreezeCause, Freshness, Snapshot};
-pub use sync::BackoffConfig;

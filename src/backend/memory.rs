@@ -21,7 +21,10 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::time::Instant;
 
 use self::store::{Item, State, Stored};
-use super::{Backend, BackendError, KeyValue, ListResponse, ProgressRequester, Watch};
+use super::{
+    Backend, BackendError, BackendErrorKind, KeyValue, ListResponse, ProgressRequester,
+    PutCondition, PutOutcome, Watch,
+};
 
 /// An in-process model of etcd v3, for tests, demos and fault injection.
 ///
@@ -605,6 +608,87 @@ impl Backend for MemoryBackend {
                 progress: Arc::new(MemoryProgress { shared, id }),
             })
         })
+    }
+
+    fn grant(&self, ttl: Duration) -> BoxFuture<'_, Result<i64, BackendError>> {
+        Box::pin(async move {
+            self.serve(|state| {
+                let id = state.grant(ttl, Instant::now());
+                self.ensure_reaper(state);
+                Ok(id)
+            })
+            .await
+        })
+    }
+
+    fn keep_alive(&self, lease: i64) -> BoxFuture<'_, Result<Duration, BackendError>> {
+        Box::pin(async move {
+            let ttl = self
+                .serve(|state| match state.keep_alive(lease, Instant::now()) {
+                    Ok(ttl) => Ok(ttl),
+                    // etcd answers a keep-alive of an unknown lease with TTL 0.
+                    Err(e) if e.kind == BackendErrorKind::Rejected => Ok(Duration::ZERO),
+                    Err(e) => Err(e),
+                })
+                .await?;
+            self.shared.reaper_wake.notify_one();
+            Ok(ttl)
+        })
+    }
+
+    fn put(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        lease: i64,
+        condition: PutCondition,
+    ) -> BoxFuture<'_, Result<PutOutcome, BackendError>> {
+        let (key, value) = (key.to_vec(), value.to_vec());
+        Box::pin(async move {
+            self.serve(|state| self.answer_put(state, key, value, lease, condition))
+                .await
+        })
+    }
+
+    fn revoke(&self, lease: i64) -> BoxFuture<'_, Result<(), BackendError>> {
+        Box::pin(async move {
+            self.serve(|state| match state.revoke(lease) {
+                Ok(_) => Ok(()),
+                Err(e) if e.kind == BackendErrorKind::Rejected => Ok(()),
+                Err(e) => Err(e),
+            })
+            .await
+        })
+    }
+}
+
+/// The lease and write half of the contract, as this client sees it: every call goes through the
+/// injected faults (latency, stall, outage), unlike the inherent methods of the same names, which
+/// model other clients and always work.
+impl MemoryBackend {
+    fn answer_put(
+        &self,
+        state: &mut State,
+        key: Vec<u8>,
+        value: Vec<u8>,
+        lease: i64,
+        condition: PutCondition,
+    ) -> Result<PutOutcome, BackendError> {
+        let current = state.kvs.get(&key).map(|stored| stored.to_key_value(&key));
+        let holds = match condition {
+            PutCondition::Absent => current.is_none(),
+            PutCondition::ModRevision(revision) => current
+                .as_ref()
+                .is_some_and(|kv| kv.mod_revision == revision),
+            PutCondition::Always => true,
+        };
+        if !holds {
+            return Ok(PutOutcome::Refused { current });
+        }
+        let ops = vec![TxnOp::put_with_lease(key, value, lease)];
+        state.validate(&ops)?;
+        let revision = state.apply(ops).unwrap_or(state.revision);
+        Ok(PutOutcome::Written { revision })
     }
 }
 

@@ -7,15 +7,18 @@
 //! The types here are the crate's own, not etcd-client's, so that the sync machine and the memory
 //! backend need no etcd connection and users never see etcd-client types in this API.
 
+pub mod etcd;
 pub mod memory;
 
 use std::fmt;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::Stream;
 use futures_util::future::BoxFuture;
 
+pub use etcd::{EtcdBackend, EtcdOptions};
 pub use memory::MemoryBackend;
 
 /// The header etcd puts on every response: the store revision when it was answered, and the
@@ -164,6 +167,32 @@ impl fmt::Debug for Watch {
     }
 }
 
+/// What a conditional put requires of the key's current state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutCondition {
+    /// The key must not exist.
+    Absent,
+    /// The key must exist with exactly this modification revision (compare-and-swap).
+    ModRevision(i64),
+    /// Write whatever is there.
+    Always,
+}
+
+/// The result of a conditional put.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PutOutcome {
+    /// The value was written at this revision.
+    Written {
+        /// The revision of the write.
+        revision: i64,
+    },
+    /// The condition did not hold; nothing was written.
+    Refused {
+        /// The key as it is now (`None` if it does not exist).
+        current: Option<KeyValue>,
+    },
+}
+
 /// A source of key-value state that can be listed and watched, like etcd.
 ///
 /// Implementations must keep etcd's guarantees: revisions only go up within one cluster id, all
@@ -181,6 +210,26 @@ pub trait Backend: Send + Sync + 'static {
         prefix: &[u8],
         from_revision: i64,
     ) -> BoxFuture<'_, Result<Watch, BackendError>>;
+
+    /// Grants a lease of `ttl` and returns its id. etcd counts TTLs in whole seconds: a real
+    /// backend rounds up, to at least one second.
+    fn grant(&self, ttl: Duration) -> BoxFuture<'_, Result<i64, BackendError>>;
+
+    /// Renews `lease` once; returns the TTL it now has, or zero when the lease no longer exists.
+    fn keep_alive(&self, lease: i64) -> BoxFuture<'_, Result<Duration, BackendError>>;
+
+    /// Writes `value` at `key`, attached to `lease` (0 for none), if `condition` holds.
+    fn put(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        lease: i64,
+        condition: PutCondition,
+    ) -> BoxFuture<'_, Result<PutOutcome, BackendError>>;
+
+    /// Revokes `lease`, deleting every key attached to it. Revoking a lease that no longer
+    /// exists is not an error.
+    fn revoke(&self, lease: i64) -> BoxFuture<'_, Result<(), BackendError>>;
 }
 
 impl<B: Backend + ?Sized> Backend for Arc<B> {
@@ -194,5 +243,27 @@ impl<B: Backend + ?Sized> Backend for Arc<B> {
         from_revision: i64,
     ) -> BoxFuture<'_, Result<Watch, BackendError>> {
         (**self).watch(prefix, from_revision)
+    }
+
+    fn grant(&self, ttl: Duration) -> BoxFuture<'_, Result<i64, BackendError>> {
+        (**self).grant(ttl)
+    }
+
+    fn keep_alive(&self, lease: i64) -> BoxFuture<'_, Result<Duration, BackendError>> {
+        (**self).keep_alive(lease)
+    }
+
+    fn put(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        lease: i64,
+        condition: PutCondition,
+    ) -> BoxFuture<'_, Result<PutOutcome, BackendError>> {
+        (**self).put(key, value, lease, condition)
+    }
+
+    fn revoke(&self, lease: i64) -> BoxFuture<'_, Result<(), BackendError>> {
+        (**self).revoke(lease)
     }
 }

@@ -28,37 +28,14 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
-
 use crate::backend::{Event, EventKind, Header, KeyValue, ListResponse, WatchMessage};
-use crate::balance::splitmix64;
+use crate::backoff::{Backoff, BackoffConfig};
 use crate::codec::{Codec, Decoded};
 use crate::instance::Instance;
 use crate::snapshot::{FreezeCause, Freshness, Snapshot};
 
 /// How long quarantined keys are remembered for "log once" before the set is cleared.
 const MAX_QUARANTINED: usize = 4096;
-
-/// Backoff between reconnection attempts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BackoffConfig {
-    /// The first delay's upper bound (default 100 ms).
-    pub initial: Duration,
-    /// The largest delay (default 10 s).
-    pub max: Duration,
-    /// A watch that stayed healthy this long resets the backoff to `initial` (default 30 s).
-    pub reset_after: Duration,
-}
-
-impl Default for BackoffConfig {
-    fn default() -> Self {
-        Self {
-            initial: Duration::from_millis(100),
-            max: Duration::from_secs(10),
-            reset_after: Duration::from_secs(30),
-        }
-    }
-}
 
 /// Something that happened, fed to [`Machine::handle`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -150,9 +127,7 @@ enum Phase {
 pub struct Machine {
     service: Arc<str>,
     codec: Codec,
-    backoff_config: BackoffConfig,
-    backoff: ExponentialBackoff,
-    rng: u64,
+    backoff: Backoff,
     phase: Phase,
     /// The decoded instances, by etcd key.
     instances: BTreeMap<Box<[u8]>, Arc<Instance>>,
@@ -190,9 +165,7 @@ impl Machine {
             published: Arc::new(Snapshot::new(service.clone(), 0, freshness, Vec::new())),
             service,
             codec,
-            backoff: build_backoff(&backoff),
-            backoff_config: backoff,
-            rng: splitmix64(seed),
+            backoff: Backoff::new(backoff, seed),
             phase: Phase::Listing,
             instances: BTreeMap::new(),
             revision: 0,
@@ -473,8 +446,8 @@ impl Machine {
     fn on_failed(&mut self, now: Instant, cause: FreezeCause) -> Action {
         self.stats.failures += 1;
         if let Phase::Watching { since } = self.phase {
-            if now.saturating_duration_since(since) >= self.backoff_config.reset_after {
-                self.backoff = build_backoff(&self.backoff_config);
+            if now.saturating_duration_since(since) >= self.backoff.config().reset_after {
+                self.backoff.reset();
             }
         }
         if self.freshness.is_live() {
@@ -488,16 +461,8 @@ impl Machine {
         Action::Sleep(delay)
     }
 
-    /// The next delay: exponential envelope from backon, full jitter (uniform in
-    /// `[0, envelope]`) from a seeded generator, so the machine stays deterministic.
     fn next_delay(&mut self, _now: Instant) -> Duration {
-        let envelope = match self.backoff.next() {
-            Some(d) => d,
-            None => self.backoff_config.max,
-        };
-        self.rng = splitmix64(self.rng);
-        let fraction = (self.rng >> 11) as f64 / (1u64 << 53) as f64;
-        envelope.mul_f64(fraction).max(Duration::from_millis(1))
+        self.backoff.next_delay()
     }
 
     fn set_live(&mut self) {
@@ -528,15 +493,6 @@ impl Machine {
         self.published = Arc::new(snapshot);
         Some(self.published.clone())
     }
-}
-
-fn build_backoff(config: &BackoffConfig) -> ExponentialBackoff {
-    ExponentialBuilder::default()
-        .with_min_delay(config.initial)
-        .with_max_delay(config.max)
-        .with_factor(2.0)
-        .without_max_times()
-        .build()
 }
 
 #[cfg(test)]

@@ -3,4 +3,5 @@
 pub(crate) mod driver;
 pub mod machine;
 
-pub use machine::{Action, BackoffConfig, Input, Machine, Stats};
+pub use crate::backoff::BackoffConfig;
+pub use machine::{Action, Input, Machine, Stats};

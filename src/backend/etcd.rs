@@ -1,0 +1,493 @@
+//! [`EtcdBackend`]: the [`Backend`] contract on a real etcd cluster, through `etcd-client`.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn,
+    TxnOp as EtcdTxnOp, TxnOpResponse, WatchOptions, WatchResponse,
+};
+use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
+use tokio::sync::Mutex as AsyncMutex;
+
+use super::{
+    Backend, BackendError, BackendErrorKind, Event, EventKind, Header, KeyValue, ListResponse,
+    ProgressRequester, PutCondition, PutOutcome, Watch, WatchMessage,
+};
+
+/// How to connect to etcd. Every setting has a default suited to production.
+///
+/// ```
+/// use std::time::Duration;
+/// use etcd_discovery::backend::EtcdOptions;
+///
+/// let options = EtcdOptions::new()
+///     .connect_timeout(Duration::from_secs(2))
+///     .keep_alive(Duration::from_secs(2), Duration::from_secs(2))
+///     .user("discovery", "secret");
+/// # let _ = options;
+/// ```
+#[derive(Clone)]
+pub struct EtcdOptions {
+    connect_timeout: Duration,
+    request_timeout: Duration,
+    keep_alive_interval: Duration,
+    keep_alive_timeout: Duration,
+    require_leader: bool,
+    user: Option<(String, String)>,
+}
+
+impl Default for EtcdOptions {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(5),
+            keep_alive_interval: Duration::from_secs(3),
+            keep_alive_timeout: Duration::from_secs(3),
+            require_leader: true,
+            user: None,
+        }
+    }
+}
+
+impl fmt::Debug for EtcdOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EtcdOptions")
+            .field("connect_timeout", &self.connect_timeout)
+            .field("request_timeout", &self.request_timeout)
+            .field("keep_alive_interval", &self.keep_alive_interval)
+            .field("keep_alive_timeout", &self.keep_alive_timeout)
+            .field("require_leader", &self.require_leader)
+            .field("user", &self.user.as_ref().map(|(name, _)| name))
+            .finish()
+    }
+}
+
+impl EtcdOptions {
+    /// The defaults: connect and request timeouts 5 s, HTTP/2 keep-alive every 3 s with a 3 s
+    /// timeout, leader required, no authentication.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Bound on establishing a connection to one endpoint (default 5 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Bound on every unary request and on the creation of a watch (default 5 s). Watch streams
+    /// themselves are not bounded by it: they live as long as etcd answers.
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// HTTP/2 keep-alive: a ping every `interval`, the connection dropped when one is not
+    /// answered within `timeout` (defaults 3 s and 3 s). This is what notices a hung or
+    /// partitioned member even while nothing else is sent.
+    pub fn keep_alive(mut self, interval: Duration, timeout: Duration) -> Self {
+        self.keep_alive_interval = interval;
+        self.keep_alive_timeout = timeout;
+        self
+    }
+
+    /// Whether requests and watches are refused by a member that has no leader (default true):
+    /// such a member cannot answer authoritatively, so the cache freezes with
+    /// [`NoLeader`](crate::FreezeCause::NoLeader) and tries another member.
+    pub fn require_leader(mut self, require: bool) -> Self {
+        self.require_leader = require;
+        self
+    }
+
+    /// Authenticates as `name` with `password`.
+    pub fn user(mut self, name: impl Into<String>, password: impl Into<String>) -> Self {
+        self.user = Some((name.into(), password.into()));
+        self
+    }
+
+    fn connect_options(&self) -> ConnectOptions {
+        let mut options = ConnectOptions::new()
+            .with_connect_timeout(self.connect_timeout)
+            .with_keep_alive(self.keep_alive_interval, self.keep_alive_timeout)
+            .with_keep_alive_while_idle(true)
+            .with_require_leader(self.require_leader);
+        if let Some((name, password)) = &self.user {
+            options = options
+                .with_user(name.clone(), password.clone())
+                .with_auto_token_refresh(true);
+        }
+        options
+    }
+}
+
+/// A [`Backend`] on a real etcd cluster.
+///
+/// One `EtcdBackend` (one connection, balanced over the endpoints) serves every cache and
+/// registration made from it; cloning it is cheap.
+///
+/// ```no_run
+/// use etcd_discovery::{Discovery, backend::{EtcdBackend, EtcdOptions}};
+///
+/// # async fn run() -> Result<(), etcd_discovery::Error> {
+/// let etcd = EtcdBackend::connect(["http://127.0.0.1:2379"], EtcdOptions::new()).await?;
+/// let users = Discovery::with_backend(etcd).namespace("/services").build()?
+///     .service("user").await?;
+/// # let _ = users;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct EtcdBackend {
+    client: Client,
+    request_timeout: Duration,
+}
+
+impl fmt::Debug for EtcdBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EtcdBackend")
+            .field("request_timeout", &self.request_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EtcdBackend {
+    /// Connects to the cluster at `endpoints` (like `http://10.0.0.1:2379`).
+    ///
+    /// The connection is made lazily: this succeeds while etcd is down (unless credentials must
+    /// be checked), and caches start frozen until etcd answers.
+    ///
+    /// # Errors
+    /// A [`BackendError`] for an empty or malformed endpoint list, or refused credentials.
+    pub async fn connect<E: AsRef<str>>(
+        endpoints: impl IntoIterator<Item = E>,
+        options: EtcdOptions,
+    ) -> Result<Self, BackendError> {
+        let endpoints: Vec<String> = endpoints
+            .into_iter()
+            .map(|e| e.as_ref().to_owned())
+            .collect();
+        if endpoints.is_empty() {
+            return Err(BackendError::new(
+                BackendErrorKind::Rejected,
+                "no etcd endpoint given",
+            ));
+        }
+        let connect = Client::connect(endpoints, Some(options.connect_options()));
+        let client = tokio::time::timeout(options.request_timeout, connect)
+            .await
+            .map_err(|_| BackendError::new(BackendErrorKind::Timeout, "connecting to etcd"))?
+            .map_err(map_error)?;
+        Ok(Self {
+            client,
+            request_timeout: options.request_timeout,
+        })
+    }
+
+    /// Uses a client the application already has. Its own options apply; the request timeout
+    /// is 5 s (see [`with_request_timeout`](Self::with_request_timeout)).
+    pub fn from_client(client: Client) -> Self {
+        Self {
+            client,
+            request_timeout: EtcdOptions::default().request_timeout,
+        }
+    }
+
+    /// Sets the bound on unary requests and watch creation.
+    pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// The underlying etcd-client handle.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    async fn bounded<T>(
+        &self,
+        what: &'static str,
+        call: impl Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, BackendError> {
+        match tokio::time::timeout(self.request_timeout, call).await {
+            Ok(result) => result.map_err(map_error),
+            Err(_) => Err(BackendError::new(
+                BackendErrorKind::Timeout,
+                format!("{what} took longer than {:?}", self.request_timeout),
+            )),
+        }
+    }
+}
+
+impl Backend for EtcdBackend {
+    fn list(&self, prefix: &[u8]) -> BoxFuture<'_, Result<ListResponse, BackendError>> {
+        let prefix = prefix.to_vec();
+        Box::pin(async move {
+            let mut client = self.client.clone();
+            let response = self
+                .bounded(
+                    "list",
+                    client.get(prefix, Some(GetOptions::new().with_prefix())),
+                )
+                .await?;
+            Ok(ListResponse {
+                header: header(response.header())?,
+                kvs: response.kvs().iter().map(key_value).collect(),
+            })
+        })
+    }
+
+    fn watch(
+        &self,
+        prefix: &[u8],
+        from_revision: i64,
+    ) -> BoxFuture<'_, Result<Watch, BackendError>> {
+        let prefix = prefix.to_vec();
+        Box::pin(async move {
+            let mut client = self.client.clone();
+            let options = WatchOptions::new()
+                .with_prefix()
+                .with_start_revision(from_revision.max(0))
+                .with_progress_notify();
+            let created = async {
+                let stream = client.watch(prefix, Some(options)).await?;
+                let (sender, mut responses) = stream.split();
+                let first = responses.message().await?;
+                Ok::<_, etcd_client::Error>((sender, responses, first))
+            };
+            let (sender, responses, first) = self.bounded("watch creation", created).await?;
+            let created = first.ok_or_else(|| BackendError::unavailable("watch closed at once"))?;
+            if created.canceled() {
+                return Err(cancelled(&created));
+            }
+            let header = header(created.header())?;
+            let stream = responses
+                .map(|item| match item {
+                    Ok(response) => message(response),
+                    Err(error) => Some(Err(map_error(error))),
+                })
+                .filter_map(std::future::ready)
+                // After an error or a cancellation the watch is over: end the stream there.
+                .scan(false, |done, item| {
+                    if *done {
+                        return std::future::ready(None);
+                    }
+                    *done = matches!(item, Err(_) | Ok(WatchMessage::Compacted { .. }));
+                    std::future::ready(Some(item))
+                });
+            Ok(Watch {
+                header,
+                stream: Box::pin(stream),
+                progress: Arc::new(Progress {
+                    sender: AsyncMutex::new(sender),
+                }),
+            })
+        })
+    }
+
+    fn grant(&self, ttl: Duration) -> BoxFuture<'_, Result<i64, BackendError>> {
+        Box::pin(async move {
+            let mut client = self.client.clone();
+            let seconds = ttl.as_secs_f64().ceil().max(1.0) as i64;
+            let response = self
+                .bounded("lease grant", client.lease_grant(seconds, None))
+                .await?;
+            Ok(response.id())
+        })
+    }
+
+    fn keep_alive(&self, lease: i64) -> BoxFuture<'_, Result<Duration, BackendError>> {
+        Box::pin(async move {
+            let mut client = self.client.clone();
+            let renew = async {
+                let (mut keeper, mut responses) = client.lease_keep_alive(lease).await?;
+                keeper.keep_alive().await?;
+                responses.message().await
+            };
+            // The stream sends one request when it opens; its first answer is the renewal.
+            match self.bounded("lease keep-alive", renew).await? {
+                Some(response) => Ok(Duration::from_secs(response.ttl().max(0) as u64)),
+                None => Err(BackendError::unavailable("keep-alive stream closed")),
+            }
+        })
+    }
+
+    fn put(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        lease: i64,
+        condition: PutCondition,
+    ) -> BoxFuture<'_, Result<PutOutcome, BackendError>> {
+        let (key, value) = (key.to_vec(), value.to_vec());
+        Box::pin(async move {
+            let mut client = self.client.clone();
+            let options = (lease != 0).then(|| PutOptions::new().with_lease(lease));
+            let compare = match condition {
+                PutCondition::Absent => {
+                    Some(Compare::create_revision(key.clone(), CompareOp::Equal, 0))
+                }
+                PutCondition::ModRevision(revision) => Some(Compare::mod_revision(
+                    key.clone(),
+                    CompareOp::Equal,
+                    revision,
+                )),
+                PutCondition::Always => None,
+            };
+            let mut txn = Txn::new();
+            if let Some(compare) = compare {
+                txn = txn.when([compare]);
+            }
+            let txn = txn
+                .and_then([EtcdTxnOp::put(key.clone(), value, options)])
+                .or_else([EtcdTxnOp::get(key, None)]);
+            let response = self.bounded("conditional put", client.txn(txn)).await?;
+            if response.succeeded() {
+                return Ok(PutOutcome::Written {
+                    revision: header(response.header())?.revision,
+                });
+            }
+            let current = response.op_responses().into_iter().find_map(|op| match op {
+                TxnOpResponse::Get(get) => get.kvs().first().map(key_value),
+                _ => None,
+            });
+            Ok(PutOutcome::Refused { current })
+        })
+    }
+
+    fn revoke(&self, lease: i64) -> BoxFuture<'_, Result<(), BackendError>> {
+        Box::pin(async move {
+            let mut client = self.client.clone();
+            match self
+                .bounded("lease revoke", client.lease_revoke(lease))
+                .await
+            {
+                Ok(_) => Ok(()),
+                // Already gone (expired or revoked): what revoking wanted.
+                Err(e) if e.kind == BackendErrorKind::Rejected => Ok(()),
+                Err(e) => Err(e),
+            }
+        })
+    }
+}
+
+/// Asks etcd for a progress notification on one watch stream.
+struct Progress {
+    sender: AsyncMutex<etcd_client::WatchRequestSender>,
+}
+
+impl ProgressRequester for Progress {
+    fn request_progress(&self) -> BoxFuture<'_, Result<(), BackendError>> {
+        Box::pin(async move {
+            self.sender
+                .lock()
+                .await
+                .request_progress()
+                .await
+                .map_err(map_error)
+        })
+    }
+}
+
+/// Turns one etcd watch response into a message; `None` for responses that carry nothing (a
+/// late creation acknowledgement).
+fn message(response: WatchResponse) -> Option<Result<WatchMessage, BackendError>> {
+    if response.compact_revision() > 0 {
+        return Some(Ok(WatchMessage::Compacted {
+            compact_revision: response.compact_revision(),
+        }));
+    }
+    if response.canceled() {
+        return Some(Err(cancelled(&response)));
+    }
+    if response.created() {
+        return None;
+    }
+    let header = match header(response.header()) {
+        Ok(header) => header,
+        Err(e) => return Some(Err(e)),
+    };
+    if response.events().is_empty() {
+        return Some(Ok(WatchMessage::Progress { header }));
+    }
+    let events = response
+        .events()
+        .iter()
+        .filter_map(|event| {
+            let kv = key_value(event.kv()?);
+            let kind = match event.event_type() {
+                EventType::Put => EventKind::Put,
+                EventType::Delete => EventKind::Delete,
+            };
+            Some(Event { kind, kv })
+        })
+        .collect();
+    Some(Ok(WatchMessage::Events { header, events }))
+}
+
+fn cancelled(response: &WatchResponse) -> BackendError {
+    let reason = response.cancel_reason();
+    let kind = if reason.contains("no leader") {
+        BackendErrorKind::NoLeader
+    } else if reason.contains("permission") || reason.contains("auth") {
+        BackendErrorKind::Auth
+    } else {
+        BackendErrorKind::Unavailable
+    };
+    BackendError::new(kind, format!("watch cancelled by etcd: {reason}"))
+}
+
+fn header(header: Option<&etcd_client::ResponseHeader>) -> Result<Header, BackendError> {
+    let header = header.ok_or_else(|| {
+        BackendError::new(BackendErrorKind::Other, "etcd response without a header")
+    })?;
+    Ok(Header {
+        revision: header.revision(),
+        cluster_id: header.cluster_id(),
+    })
+}
+
+fn key_value(kv: &etcd_client::KeyValue) -> KeyValue {
+    KeyValue {
+        key: kv.key().to_vec(),
+        value: kv.value().to_vec(),
+        create_revision: kv.create_revision(),
+        mod_revision: kv.mod_revision(),
+        lease: kv.lease(),
+    }
+}
+
+/// Sorts etcd-client's errors into the kinds the cache and registrations act on.
+fn map_error(error: etcd_client::Error) -> BackendError {
+    use etcd_client::Error as E;
+    use tonic::Code;
+    let kind = match &error {
+        E::GRpcStatus(status) => match status.code() {
+            Code::Unavailable if status.message().contains("no leader") => {
+                BackendErrorKind::NoLeader
+            }
+            Code::Unavailable | Code::Aborted | Code::Cancelled | Code::Unknown => {
+                if status.message().contains("no leader") {
+                    BackendErrorKind::NoLeader
+                } else {
+                    BackendErrorKind::Unavailable
+                }
+            }
+            Code::DeadlineExceeded => BackendErrorKind::Timeout,
+            Code::Unauthenticated | Code::PermissionDenied => BackendErrorKind::Auth,
+            Code::InvalidArgument
+            | Code::NotFound
+            | Code::AlreadyExists
+            | Code::FailedPrecondition
+            | Code::OutOfRange => BackendErrorKind::Rejected,
+            _ => BackendErrorKind::Other,
+        },
+        E::TransportError(_) | E::IoError(_) | E::WatchError(_) | E::LeaseKeepAliveError(_) => {
+            BackendErrorKind::Unavailable
+        }
+        E::InvalidArgs(_) | E::InvalidUri(_) | E::EndpointError(_) => BackendErrorKind::Rejected,
+        _ => BackendErrorKind::Other,
+    };
+    BackendError::new(kind, error.to_string())
+}
