@@ -167,6 +167,7 @@ impl RegistrationBuilder {
             backoff: Backoff::new(self.backoff, seed),
             lease: 0,
             key: Vec::new(),
+            revision: 0,
             status: status_tx,
         };
         let lease = keeper.register(true).await?;
@@ -328,6 +329,9 @@ struct Keeper {
     lease: i64,
     /// The key written under it.
     key: Vec<u8>,
+    /// The revision of our last write of the key; its watch starts right after it, so nothing
+    /// that happens to the key in between is missed.
+    revision: i64,
     status: watch::Sender<RegistrationStatus>,
 }
 
@@ -369,8 +373,8 @@ impl Keeper {
         let lease = self
             .call("lease grant", self.backend.grant(self.ttl))
             .await?;
-        match self.write(lease, previous).await {
-            Ok(()) => {}
+        let revision = match self.write(lease, previous).await {
+            Ok(revision) => revision,
             Err(error) => {
                 // Do not leave the fresh lease behind; it holds nothing.
                 let _ = self.call("lease revoke", self.backend.revoke(lease)).await;
@@ -379,9 +383,10 @@ impl Keeper {
                 }
                 return Err(error);
             }
-        }
+        };
         self.key = self.codec.key(&self.instance, lease).into_bytes();
         self.lease = lease;
+        self.revision = revision;
         if previous != 0 {
             // The old lease may still be alive (etcd refreshes leases across a leader change):
             // revoke it so it holds nothing we no longer keep alive. In the go-zero layout its
@@ -398,8 +403,8 @@ impl Keeper {
     }
 
     /// Puts the instance's key under `lease`, refusing a key held by a lease that is not ours
-    /// (`previous` is our last lease) unless `replace` is set.
-    async fn write(&self, lease: i64, previous: i64) -> Result<()> {
+    /// (`previous` is our last lease) unless `replace` is set. Returns the write's revision.
+    async fn write(&self, lease: i64, previous: i64) -> Result<i64> {
         let key = self.codec.key(&self.instance, lease).into_bytes();
         let value = self.codec.encode_value(&self.instance);
         let condition = if self.replace {
@@ -411,7 +416,7 @@ impl Keeper {
             .call("put", self.backend.put(&key, &value, lease, condition))
             .await?;
         let current = match outcome {
-            PutOutcome::Written { .. } => return Ok(()),
+            PutOutcome::Written { revision } => return Ok(revision),
             PutOutcome::Refused { current: None } => {
                 // Deleted between the check and now: the next attempt will find it absent.
                 return Err(Error::Backend(BackendError::new(
@@ -443,7 +448,7 @@ impl Keeper {
             )
             .await?
         {
-            PutOutcome::Written { .. } => Ok(()),
+            PutOutcome::Written { revision } => Ok(revision),
             PutOutcome::Refused { .. } => Err(Error::Backend(BackendError::new(
                 BackendErrorKind::Rejected,
                 "the key changed during registration",
@@ -587,7 +592,16 @@ impl Keeper {
                             _ => {}
                         }
                     }
-                    Some(Ok(_)) => {}
+                    Some(Ok(WatchMessage::Compacted { .. })) => {
+                        // The history since our write is gone: look at the key as it is now,
+                        // and follow it from here.
+                        own_key = None;
+                        self.revision = 0;
+                        if !self.put_back().await {
+                            return Exit::Lost;
+                        }
+                    }
+                    Some(Ok(WatchMessage::Progress { .. })) => {}
                     Some(Err(_)) | None => own_key = None,
                 },
             }
@@ -595,26 +609,32 @@ impl Keeper {
     }
 
     /// Writes the key again under the current lease (after an update).
-    async fn rewrite(&self) -> Result<()> {
+    async fn rewrite(&mut self) -> Result<()> {
         let value = self.codec.encode_value(&self.instance);
-        self.call(
-            "put",
-            self.backend
-                .put(&self.key, &value, self.lease, PutCondition::Always),
-        )
-        .await
-        .map(|_| ())
-        .map_err(Error::Backend)
+        let outcome = self
+            .call(
+                "put",
+                self.backend
+                    .put(&self.key, &value, self.lease, PutCondition::Always),
+            )
+            .await
+            .map_err(Error::Backend)?;
+        if let PutOutcome::Written { revision } = outcome {
+            self.revision = revision;
+        }
+        Ok(())
     }
 
-    /// Puts a deleted key back under the current lease; false when the lease is gone too.
-    async fn put_back(&self) -> bool {
+    /// Puts a deleted key back under the current lease; false when the lease is gone too, or
+    /// another lease holds the key.
+    async fn put_back(&mut self) -> bool {
         let value = self.codec.encode_value(&self.instance);
         let put = self
             .backend
             .put(&self.key, &value, self.lease, PutCondition::Absent);
         match self.call("put", put).await {
-            Ok(PutOutcome::Written { .. }) => {
+            Ok(PutOutcome::Written { revision }) => {
+                self.revision = revision;
                 self.set_status(RegistrationStatus::Reregistered { lease: self.lease });
                 true
             }
@@ -626,10 +646,18 @@ impl Keeper {
         }
     }
 
-    /// Watches our own key from now on; `None` if the watch could not be made (retried at the
-    /// next renewal).
+    /// Watches our own key from just after our last write of it; `None` if the watch could not
+    /// be made (retried at the next renewal).
     async fn watch_own_key(&self) -> Option<WatchStream> {
-        match self.call("watch", self.backend.watch(&self.key, 0)).await {
+        // 0 asks for "from now": after a compaction, when there is no write of ours to follow.
+        let from = match self.revision {
+            0 => 0,
+            revision => revision.saturating_add(1),
+        };
+        match self
+            .call("watch", self.backend.watch(&self.key, from))
+            .await
+        {
             Ok(watch) => Some(watch.stream),
             Err(error) => {
                 tracing::debug!(%error, "could not watch our own key");
