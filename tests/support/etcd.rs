@@ -633,20 +633,30 @@ impl EtcdCluster {
         self.status(i).cluster_id
     }
 
-    /// Index of the live member that reports itself leader; retries up to 10 s (an election
-    /// may be under way) and panics after that.
+    /// Index of the leader, once every live member names the same leader and that leader is a
+    /// live member reporting itself leader. Retries up to 10 s (an election may be under way,
+    /// and a follower learns the winner only from its first append) and panics after that.
     pub fn leader(&self) -> usize {
         let deadline = Instant::now() + LEADER_TIMEOUT;
         loop {
-            for i in self.live() {
-                if let Ok(s) = self.try_status(i) {
-                    if s.leader != 0 && s.leader == s.member_id {
-                        return i;
-                    }
+            let live = self.live();
+            let last: Vec<_> = live.iter().map(|&i| (i, self.try_status(i))).collect();
+            let agreed = last.iter().all(|(_, s)| {
+                matches!((s, &last[0].1), (Ok(a), Ok(b)) if a.leader != 0 && a.leader == b.leader)
+            });
+            if agreed && !last.is_empty() {
+                let found = last.iter().find_map(|(i, s)| match s {
+                    Ok(s) if s.leader == s.member_id => Some(*i),
+                    _ => None,
+                });
+                if let Some(i) = found {
+                    return i;
                 }
             }
             if Instant::now() >= deadline {
-                panic!("no live member is leader within {LEADER_TIMEOUT:?}");
+                panic!(
+                    "live members do not agree on a live leader within {LEADER_TIMEOUT:?}: {last:?}"
+                );
             }
             std::thread::sleep(POLL);
         }
