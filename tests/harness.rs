@@ -266,7 +266,10 @@ fn missing_binary_says_how_to_install() {
     fs::create_dir_all(&empty).unwrap();
     let path = Some(empty.as_os_str());
 
-    assert_eq!(try_find_binaries_with(None, path).unwrap_err(), NOT_FOUND);
+    assert_eq!(
+        EtcdCluster::try_find_binary_with(None, path).unwrap_err(),
+        NOT_FOUND
+    );
     assert_eq!(
         try_find_binaries_with(Some(OsStr::new("")), None).unwrap_err(),
         NOT_FOUND

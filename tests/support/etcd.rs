@@ -300,6 +300,14 @@ pub struct EtcdCluster {
 }
 
 impl EtcdCluster {
+    /// [`try_find_binaries_with`]: etcd and etcdctl from given `ETCD_BIN` and `PATH` values.
+    pub fn try_find_binary_with(
+        etcd_bin: Option<&OsStr>,
+        path: Option<&OsStr>,
+    ) -> Result<Binaries, String> {
+        try_find_binaries_with(etcd_bin, path)
+    }
+
     /// A one-member cluster.
     pub fn single() -> Self {
         Self::start(1)
