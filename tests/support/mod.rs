@@ -103,3 +103,4 @@ impl Drop for Recorder {
         self.task.abort();
     }
 }
+pub mod etcd;
