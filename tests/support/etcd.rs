@@ -315,8 +315,12 @@ impl EtcdCluster {
 
     /// A cluster of `members` members (1 or 3 in practice), all healthy on return.
     pub fn start(members: usize) -> Self {
+        Self::start_with(binaries(), members)
+    }
+
+    /// [`start`](Self::start) with given binaries instead of the ones `ETCD_BIN`/`PATH` name.
+    pub fn start_with(bins: &'static Binaries, members: usize) -> Self {
         assert!(members >= 1, "a cluster needs at least one member");
-        let bins = binaries();
         let root = std::env::temp_dir().join(unique("etcd-discovery-test"));
         fs::create_dir_all(&root).expect("create etcd temp dir");
         // Built before anything is spawned so a panic below still runs Drop.
