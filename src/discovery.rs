@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
-use crate::backend::{Backend, EtcdBackend, MemoryBackend};
+use crate::backend::{Backend, MemoryBackend};
 use crate::backoff::BackoffConfig;
 use crate::cache::{Handle, ServiceCache, Shared};
 use crate::codec::{Codec, KeyLayout};
@@ -82,8 +82,10 @@ impl Discovery {
     /// let users = discovery.service("user").await?;
     /// # let _ = users; Ok(()) }
     /// ```
+    #[cfg(feature = "etcd")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "etcd")))]
     pub fn builder(client: etcd_client::Client) -> DiscoveryBuilder {
-        Self::with_backend(EtcdBackend::from_client(client))
+        Self::with_backend(crate::backend::EtcdBackend::from_client(client))
     }
 
     /// Starts building a discovery over the in-process [`MemoryBackend`] (tests, demos).

@@ -46,7 +46,9 @@ mod register;
 pub mod snapshot;
 pub mod sync;
 
-pub use backend::{Backend, EtcdBackend, EtcdOptions, MemoryBackend};
+pub use backend::{Backend, MemoryBackend};
+#[cfg(feature = "etcd")]
+pub use backend::{EtcdBackend, EtcdOptions};
 pub use backoff::BackoffConfig;
 pub use cache::{Picked, ServiceCache, SyncStats};
 pub use codec::{Codec, DecodeError, Decoded, KeyLayout};

@@ -27,8 +27,8 @@ use tokio::time::{Instant, sleep, sleep_until, timeout};
 use tracing::Instrument;
 
 use crate::backend::{
-    Backend, BackendError, BackendErrorKind, EtcdBackend, EventKind, PutCondition, PutOutcome,
-    WatchMessage, WatchStream,
+    Backend, BackendError, BackendErrorKind, EventKind, PutCondition, PutOutcome, WatchMessage,
+    WatchStream,
 };
 use crate::backoff::{Backoff, BackoffConfig};
 use crate::codec::{Codec, KeyLayout};
@@ -232,8 +232,10 @@ impl fmt::Debug for Registration {
 impl Registration {
     /// Starts building a registration of `instance` through an etcd client the application
     /// already has.
+    #[cfg(feature = "etcd")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "etcd")))]
     pub fn builder(client: etcd_client::Client, instance: Instance) -> RegistrationBuilder {
-        Self::with_backend(EtcdBackend::from_client(client), instance)
+        Self::with_backend(crate::backend::EtcdBackend::from_client(client), instance)
     }
 
     /// Starts building a registration of `instance` over any [`Backend`].

@@ -7,6 +7,8 @@
 //! The types here are the crate's own, not etcd-client's, so that the sync machine and the memory
 //! backend need no etcd connection and users never see etcd-client types in this API.
 
+#[cfg(feature = "etcd")]
+#[cfg_attr(docsrs, doc(cfg(feature = "etcd")))]
 pub mod etcd;
 pub mod memory;
 
@@ -18,6 +20,7 @@ use std::time::Duration;
 use futures_util::Stream;
 use futures_util::future::BoxFuture;
 
+#[cfg(feature = "etcd")]
 pub use etcd::{EtcdBackend, EtcdOptions};
 pub use memory::MemoryBackend;
 
