@@ -32,11 +32,12 @@
 //! a bad or missing argument. Set `RUST_LOG=etcd_discovery=debug` for the library's logs on
 //! stderr.
 
-use std::io::Write as _;
+use std::io::{IsTerminal as _, Write as _};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use etcd_discovery::{Discovery, Error, EtcdBackend, EtcdOptions, Freshness, KeyLayout, Snapshot};
+use serde::Serialize;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 
@@ -186,26 +187,41 @@ fn parse_layout(value: &str) -> Result<KeyLayout, String> {
     }
 }
 
+/// One `--json` line. A struct rather than `json!` so the fields come out in the documented
+/// order (`json!` builds a map, which serde_json sorts by key).
+#[derive(Serialize)]
+struct JsonLine<'a> {
+    revision: i64,
+    freshness: &'static str,
+    instances: Vec<JsonInstance<'a>>,
+}
+
+#[derive(Serialize)]
+struct JsonInstance<'a> {
+    id: &'a str,
+    addr: &'a str,
+}
+
 /// One snapshot as one line, JSON or human-readable.
-fn render(snapshot: &Snapshot, json: bool) -> String {
+fn render(snapshot: &Snapshot, json: bool) -> Result<String, serde_json::Error> {
     let mut instances: Vec<_> = snapshot.instances().iter().collect();
     instances.sort_by(|a, b| a.id().cmp(b.id()));
     if json {
-        let freshness = if snapshot.freshness().is_live() {
-            "live"
-        } else {
-            "frozen"
-        };
-        let instances: Vec<_> = instances
-            .iter()
-            .map(|i| serde_json::json!({ "id": i.id(), "addr": i.addr() }))
-            .collect();
-        return serde_json::json!({
-            "revision": snapshot.revision(),
-            "freshness": freshness,
-            "instances": instances,
-        })
-        .to_string();
+        return serde_json::to_string(&JsonLine {
+            revision: snapshot.revision(),
+            freshness: if snapshot.freshness().is_live() {
+                "live"
+            } else {
+                "frozen"
+            },
+            instances: instances
+                .iter()
+                .map(|i| JsonInstance {
+                    id: i.id(),
+                    addr: i.addr(),
+                })
+                .collect(),
+        });
     }
     let freshness = match snapshot.freshness() {
         Freshness::Live => "live".to_owned(),
@@ -227,7 +243,7 @@ fn render(snapshot: &Snapshot, json: bool) -> String {
             line.push_str(&format!(" ({})", i.state()));
         }
     }
-    line
+    Ok(line)
 }
 
 /// Why the caller stops printing.
@@ -239,7 +255,7 @@ enum Stop {
 }
 
 fn emit(snapshot: &Snapshot, json: bool) -> Result<(), Stop> {
-    let line = render(snapshot, json);
+    let line = render(snapshot, json).map_err(|e| Stop::Failed(format!("cannot encode: {e}")))?;
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{line}")
         .and_then(|()| stdout.flush())
@@ -265,6 +281,7 @@ async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::from_default_env())
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 
     let mut terminate = match signal(SignalKind::terminate()) {
