@@ -40,23 +40,26 @@ Registers one instance of a service in etcd and keeps it registered until SIGINT
 Usage:
   provider --endpoints E[,E2...] --namespace N --service S --id I --addr HOST:PORT
            [--ttl SECS] [--layout native|go-zero|etcd-naming] [--tag T]... [--meta K=V]...
-           [--weight W]
+           [--weight W] [--replace]
 
 Options:
   --endpoints E[,E2...]  etcd endpoints, comma-separated, like http://127.0.0.1:2379
   --namespace N          key namespace, like /services; \"\" for none (go-zero keys)
   --service S            service name, like user or user.rpc
-  --id I                 instance id, stable across restarts (required in the native layout;
-                         other layouts key by lease or address, and it defaults to the address)
+  --id I                 instance id, stable across restarts (native layout only, where it is
+                         required; go-zero keys by lease and etcd-naming by address)
   --addr HOST:PORT       the address callers connect to
   --ttl SECS             lease TTL in whole seconds, at least 1 (default 10)
   --layout L             native (default), go-zero or etcd-naming
   --tag T                a tag; repeatable (native layout only)
   --meta K=V             a metadata entry; repeatable (native and etcd-naming layouts)
   --weight W             relative weight, 1..=1000000 (default 1; native layout only)
+  --replace              take the key over even if another live lease holds it (default:
+                         fail with exit code 1)
   -h, --help             this help
 
-Prints `registered S/I at ADDR lease L key K` on stdout once registered; status changes go to
+Prints `registered S/ID at ADDR lease L key K` on stdout once registered, ID being the id
+callers see (the key's last segment); status changes go to
 stderr. Exit codes: 0 stopped cleanly, 1 registration or revoke failed, 2 bad arguments.
 ";
 
@@ -86,6 +89,7 @@ struct Args {
     tags: Vec<String>,
     meta: Vec<(String, String)>,
     weight: Option<u32>,
+    replace: bool,
 }
 
 /// What the command line asks for: a run, or the help text.
@@ -106,9 +110,18 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Parsed, String> 
     let mut tags = Vec::new();
     let mut meta = Vec::new();
     let mut weight = None;
+    let mut replace = false;
     while let Some(arg) = args.next() {
-        if arg == "-h" || arg == "--help" {
-            return Ok(Parsed::Help);
+        match arg.as_str() {
+            "-h" | "--help" => return Ok(Parsed::Help),
+            "--replace" => {
+                if replace {
+                    return Err("--replace given more than once".into());
+                }
+                replace = true;
+                continue;
+            }
+            _ => {}
         }
         if !arg.starts_with("--") {
             return Err(format!("unexpected argument {arg:?}"));
@@ -116,6 +129,9 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Parsed, String> 
         // Both `--flag value` and `--flag=value`; a value taken from the next argument may not
         // look like a flag, so a forgotten value is an error rather than a swallowed flag.
         let name = arg.split_once('=').map_or(arg.as_str(), |(flag, _)| flag);
+        if name == "--replace" {
+            return Err("--replace takes no value".into());
+        }
         if !FLAGS.contains(&name) {
             return Err(format!("unknown option {name}"));
         }
@@ -160,8 +176,27 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Parsed, String> 
     let namespace = namespace.ok_or("missing --namespace (use --namespace \"\" for none)")?;
     let service = service.ok_or("missing --service")?;
     let layout = layout.unwrap_or(KeyLayout::Native);
-    if layout == KeyLayout::Native && id.is_none() {
-        return Err("missing --id (required in the native layout)".into());
+    // The foreign layouts carry less than an instance has; refuse what would be silently
+    // dropped rather than let the user believe it was registered.
+    let dropped = match layout {
+        KeyLayout::Native => {
+            if id.is_none() {
+                return Err("missing --id (required in the native layout)".into());
+            }
+            None
+        }
+        KeyLayout::GoZero if id.is_some() => Some("--id (its keys are named by lease)"),
+        KeyLayout::EtcdNaming if id.is_some() => Some("--id (its keys are named by address)"),
+        KeyLayout::GoZero if !meta.is_empty() => Some("--meta"),
+        _ if !tags.is_empty() => Some("--tag"),
+        _ if weight.is_some() => Some("--weight"),
+        _ => None,
+    };
+    if let Some(what) = dropped {
+        return Err(format!(
+            "the {} layout cannot carry {what}",
+            layout_name(layout)
+        ));
     }
     Ok(Parsed::Run(Args {
         endpoints,
@@ -174,6 +209,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Parsed, String> 
         tags,
         meta,
         weight,
+        replace,
     }))
 }
 
@@ -200,6 +236,14 @@ fn parse_layout(value: &str) -> Result<KeyLayout, String> {
         _ => Err(format!(
             "--layout {value:?}: expected native, go-zero or etcd-naming"
         )),
+    }
+}
+
+fn layout_name(layout: KeyLayout) -> &'static str {
+    match layout {
+        KeyLayout::GoZero => "go-zero",
+        KeyLayout::EtcdNaming => "etcd-naming",
+        _ => "native",
     }
 }
 
@@ -316,6 +360,7 @@ async fn main() -> ExitCode {
         .namespace(args.namespace.as_str())
         .layout(args.layout)
         .ttl(args.ttl)
+        .replace(args.replace)
         .register();
     let registration = tokio::select! {
         result = register => match result {
@@ -336,10 +381,12 @@ async fn main() -> ExitCode {
     let lease = lease_of(*status.borrow_and_update());
     let lease_text = lease.map_or_else(|| "unknown".to_owned(), |l| l.to_string());
     let key = codec.key(&instance, lease.unwrap_or(0));
+    // The id callers see is the key's last segment: the instance id in the native layout, the
+    // lease in go-zero's, the address in etcd-naming's.
+    let seen_id = key.rsplit('/').next().unwrap_or(&key);
     let line = format!(
-        "registered {}/{} at {} lease {lease_text} key {key}",
+        "registered {}/{seen_id} at {} lease {lease_text} key {key}",
         instance.service(),
-        instance.id(),
         instance.addr()
     );
     {
