@@ -293,7 +293,7 @@ async fn main() -> ExitCode {
     };
     let stop = async {
         let interrupt = async {
-            // Without a SIGINT handler, only SIGTERM stops us (rather than stopping at once).
+            // If SIGINT cannot be listened for, wait for SIGTERM alone rather than stop now.
             if tokio::signal::ctrl_c().await.is_err() {
                 std::future::pending::<()>().await;
             }

@@ -13,8 +13,8 @@
 //! lease, so the instance disappears from every caller at once, and exits 0.
 //!
 //! Exit codes: 0 after a clean deregistration; 1 when registering failed (etcd unreachable, or the
-//! key is held by another live instance) or the lease could not be revoked; 2 for a bad or
-//! missing argument. Set `RUST_LOG=etcd_discovery=debug` for the library's logs on stderr.
+//! key is held by another live instance and `--replace` was not given) or the lease could not be
+//! revoked; 2 for a bad or missing argument. Set `RUST_LOG=etcd_discovery=debug` for the library's logs on stderr.
 //!
 //! go-zero's layout keeps keys at the root of the key space, named by lease; register as a go-zero
 //! service with an empty namespace:
@@ -336,7 +336,7 @@ async fn main() -> ExitCode {
     };
     let stop = async {
         let interrupt = async {
-            // Without a SIGINT handler, only SIGTERM stops us (rather than stopping at once).
+            // If SIGINT cannot be listened for, wait for SIGTERM alone rather than stop now.
             if tokio::signal::ctrl_c().await.is_err() {
                 std::future::pending::<()>().await;
             }
