@@ -1,0 +1,392 @@
+//! A caller: follows one service in etcd and prints a line for every snapshot of its instances.
+//!
+//! ```sh
+//! cargo run --example caller -- --endpoints http://127.0.0.1:2379 --namespace /services \
+//!     --service user --json
+//! ```
+//!
+//! It starts even when etcd is down: the cache starts frozen and fills in when etcd answers, and
+//! the process keeps running through outages. Each published snapshot is one line on stdout,
+//! flushed at once (stdout may be a pipe). With `--json` the line is one JSON object, instances
+//! sorted by id:
+//!
+//! ```json
+//! {"revision":42,"freshness":"live","instances":[{"id":"u1","addr":"10.0.0.7:8080"}]}
+//! ```
+//!
+//! `freshness` is `"live"` while the watch follows etcd and `"frozen"` while etcd is away; a
+//! frozen snapshot keeps the last known instances. A line is printed when the instances, the
+//! revision or the freshness change. The empty snapshot from before the first list is not
+//! printed, unless etcd stays unreachable past the first-list bound (10 s): then it is printed
+//! once (`"revision":0`, `"frozen"`, no instances) and the reason goes to stderr. Snapshots
+//! published faster than they are printed are coalesced: the latest one is printed.
+//!
+//! Services registered by go-zero live at the root of the key space:
+//!
+//! ```sh
+//! cargo run --example caller -- --endpoints http://127.0.0.1:2379 --namespace "" \
+//!     --service user.rpc --layout go-zero
+//! ```
+//!
+//! Exit codes: 0 on SIGINT or SIGTERM (or when stdout is closed); 1 on a runtime failure; 2 for
+//! a bad or missing argument. Set `RUST_LOG=etcd_discovery=debug` for the library's logs on
+//! stderr.
+
+use std::io::{IsTerminal as _, Write as _};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use etcd_discovery::{Discovery, Error, EtcdBackend, EtcdOptions, Freshness, KeyLayout, Snapshot};
+use serde::Serialize;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing_subscriber::EnvFilter;
+
+const USAGE: &str = "\
+Follows one service in etcd and prints a line for every snapshot of its instances.
+
+Usage:
+  caller --endpoints E[,E2...] --namespace N --service S
+         [--layout native|go-zero|etcd-naming] [--json] [--stall-timeout SECS]
+
+Options:
+  --endpoints E[,E2...]  etcd endpoints, comma-separated, like http://127.0.0.1:2379
+  --namespace N          key namespace, like /services; \"\" for none (go-zero keys)
+  --service S            service name, like user or user.rpc
+  --layout L             native (default), go-zero or etcd-naming
+  --json                 one JSON object per line:
+                         {\"revision\":R,\"freshness\":\"live\"|\"frozen\",\"instances\":[{\"id\":..,\"addr\":..}]}
+  --stall-timeout SECS   how long a silent watch may last before the snapshot freezes
+                         (default 10; fractions allowed)
+  -h, --help             this help
+
+Exit codes: 0 on SIGINT/SIGTERM, 1 runtime failure, 2 bad arguments.
+";
+
+/// How long etcd may stay unreachable at start before the empty snapshot is printed anyway.
+const FIRST_LIST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The options that take a value.
+const FLAGS: &[&str] = &[
+    "--endpoints",
+    "--namespace",
+    "--service",
+    "--layout",
+    "--stall-timeout",
+];
+
+/// The parsed command line.
+struct Args {
+    endpoints: Vec<String>,
+    namespace: String,
+    service: String,
+    layout: KeyLayout,
+    json: bool,
+    stall_timeout: Option<Duration>,
+}
+
+/// What the command line asks for: a run, or the help text.
+enum Parsed {
+    Run(Args),
+    Help,
+}
+
+fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Parsed, String> {
+    let mut args = args.into_iter();
+    let mut endpoints = None;
+    let mut namespace = None;
+    let mut service = None;
+    let mut layout = None;
+    let mut json = false;
+    let mut stall_timeout = None;
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "-h" | "--help" => return Ok(Parsed::Help),
+            "--json" => {
+                if json {
+                    return Err("--json given more than once".into());
+                }
+                json = true;
+                continue;
+            }
+            _ => {}
+        }
+        if !arg.starts_with("--") {
+            return Err(format!("unexpected argument {arg:?}"));
+        }
+        // Both `--flag value` and `--flag=value`; a value taken from the next argument may not
+        // look like a flag, so a forgotten value is an error rather than a swallowed flag.
+        let name = arg.split_once('=').map_or(arg.as_str(), |(flag, _)| flag);
+        if name == "--json" {
+            return Err("--json takes no value".into());
+        }
+        if !FLAGS.contains(&name) {
+            return Err(format!("unknown option {name}"));
+        }
+        let (flag, value) = match arg.split_once('=') {
+            Some((flag, value)) => (flag.to_owned(), value.to_owned()),
+            None => {
+                let value = match args.next() {
+                    Some(v) if !v.starts_with("--") => v,
+                    _ => return Err(format!("{arg} needs a value")),
+                };
+                (arg, value)
+            }
+        };
+        match flag.as_str() {
+            "--endpoints" => set_once(&mut endpoints, &flag, parse_endpoints(&value)?)?,
+            "--namespace" => set_once(&mut namespace, &flag, value)?,
+            "--service" => set_once(&mut service, &flag, value)?,
+            "--layout" => set_once(&mut layout, &flag, parse_layout(&value)?)?,
+            "--stall-timeout" => {
+                let timeout = value
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|s| *s > 0.0)
+                    .and_then(|s| Duration::try_from_secs_f64(s).ok())
+                    .ok_or_else(|| {
+                        format!("--stall-timeout {value:?}: expected a positive number of seconds")
+                    })?;
+                set_once(&mut stall_timeout, &flag, timeout)?;
+            }
+            _ => return Err(format!("unknown option {flag}")),
+        }
+    }
+    Ok(Parsed::Run(Args {
+        endpoints: endpoints.ok_or("missing --endpoints")?,
+        namespace: namespace.ok_or("missing --namespace (use --namespace \"\" for none)")?,
+        service: service.ok_or("missing --service")?,
+        layout: layout.unwrap_or(KeyLayout::Native),
+        json,
+        stall_timeout,
+    }))
+}
+
+fn set_once<T>(slot: &mut Option<T>, flag: &str, value: T) -> Result<(), String> {
+    if slot.replace(value).is_some() {
+        return Err(format!("{flag} given more than once"));
+    }
+    Ok(())
+}
+
+fn parse_endpoints(value: &str) -> Result<Vec<String>, String> {
+    let endpoints: Vec<String> = value.split(',').map(|e| e.trim().to_owned()).collect();
+    if endpoints.iter().any(String::is_empty) {
+        return Err(format!("--endpoints {value:?}: an endpoint is empty"));
+    }
+    Ok(endpoints)
+}
+
+fn parse_layout(value: &str) -> Result<KeyLayout, String> {
+    match value {
+        "native" => Ok(KeyLayout::Native),
+        "go-zero" => Ok(KeyLayout::GoZero),
+        "etcd-naming" => Ok(KeyLayout::EtcdNaming),
+        _ => Err(format!(
+            "--layout {value:?}: expected native, go-zero or etcd-naming"
+        )),
+    }
+}
+
+/// One `--json` line. A struct rather than `json!` so the fields come out in the documented
+/// order (`json!` builds a map, which serde_json sorts by key).
+#[derive(Serialize)]
+struct JsonLine<'a> {
+    revision: i64,
+    freshness: &'static str,
+    instances: Vec<JsonInstance<'a>>,
+}
+
+#[derive(Serialize)]
+struct JsonInstance<'a> {
+    id: &'a str,
+    addr: &'a str,
+}
+
+/// One snapshot as one line, JSON or human-readable.
+fn render(snapshot: &Snapshot, json: bool) -> Result<String, serde_json::Error> {
+    let mut instances: Vec<_> = snapshot.instances().iter().collect();
+    instances.sort_by(|a, b| a.id().cmp(b.id()));
+    if json {
+        return serde_json::to_string(&JsonLine {
+            revision: snapshot.revision(),
+            freshness: if snapshot.freshness().is_live() {
+                "live"
+            } else {
+                "frozen"
+            },
+            instances: instances
+                .iter()
+                .map(|i| JsonInstance {
+                    id: i.id(),
+                    addr: i.addr(),
+                })
+                .collect(),
+        });
+    }
+    let freshness = match snapshot.freshness() {
+        Freshness::Live => "live".to_owned(),
+        Freshness::Frozen { cause, .. } => format!("FROZEN ({cause})"),
+    };
+    let mut line = format!(
+        "{} rev {} {freshness}: {} instance{}",
+        snapshot.service(),
+        snapshot.revision(),
+        instances.len(),
+        if instances.len() == 1 { "" } else { "s" },
+    );
+    for (n, i) in instances.iter().enumerate() {
+        line.push_str(if n == 0 { ": " } else { ", " });
+        line.push_str(i.id());
+        line.push('=');
+        line.push_str(i.addr());
+        if !i.is_up() {
+            line.push_str(&format!(" ({})", i.state()));
+        }
+    }
+    Ok(line)
+}
+
+/// Why the caller stops printing.
+enum Stop {
+    /// Nobody reads stdout any more: a normal end for a pipe (`caller | head -3`).
+    StdoutClosed,
+    /// Writing failed for another reason.
+    Failed(String),
+}
+
+fn emit(snapshot: &Snapshot, json: bool) -> Result<(), Stop> {
+    let line = render(snapshot, json).map_err(|e| Stop::Failed(format!("cannot encode: {e}")))?;
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{line}")
+        .and_then(|()| stdout.flush())
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::BrokenPipe => Stop::StdoutClosed,
+            _ => Stop::Failed(format!("cannot write to stdout: {e}")),
+        })
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let args = match parse_args(std::env::args().skip(1)) {
+        Ok(Parsed::Run(args)) => args,
+        Ok(Parsed::Help) => {
+            print!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(error) => {
+            eprintln!("caller: {error}\nRun `caller --help` for usage.");
+            return ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+
+    let mut terminate = match signal(SignalKind::terminate()) {
+        Ok(stream) => stream,
+        Err(error) => {
+            eprintln!("caller: cannot listen for SIGTERM: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let stop = async {
+        let interrupt = async {
+            // If SIGINT cannot be listened for, wait for SIGTERM alone rather than stop now.
+            if tokio::signal::ctrl_c().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            () = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    };
+    tokio::pin!(stop);
+
+    // The connection is made lazily: this succeeds while etcd is down.
+    let backend = match EtcdBackend::connect(&args.endpoints, EtcdOptions::new()).await {
+        Ok(backend) => backend,
+        Err(error) => {
+            eprintln!("caller: cannot connect to etcd: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut builder = Discovery::with_backend(backend)
+        .namespace(args.namespace.as_str())
+        .layout(args.layout)
+        .first_list_timeout(FIRST_LIST_TIMEOUT);
+    if let Some(timeout) = args.stall_timeout {
+        builder = builder.stall_timeout(timeout);
+    }
+    let discovery = match builder.build() {
+        Ok(discovery) => discovery,
+        Err(error) => {
+            eprintln!("caller: {error}\nRun `caller --help` for usage.");
+            return ExitCode::from(2);
+        }
+    };
+    // `service_now` hands the cache out before its first list, so an etcd that is down at start
+    // does not stop the caller: the cache fills in when etcd answers.
+    let cache = match discovery.service_now(&args.service) {
+        Ok(cache) => cache,
+        Err(error @ Error::Config(_)) => {
+            eprintln!("caller: {error}\nRun `caller --help` for usage.");
+            return ExitCode::from(2);
+        }
+        Err(error) => {
+            eprintln!("caller: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut changes = cache.changes();
+    // Waits for the first list on the same cache, only to tell how long etcd has been away.
+    let first_list = discovery.service(&args.service);
+    tokio::pin!(first_list);
+    let mut first_list_pending = true;
+
+    // Whatever is already published (a first list that beat us here) is printed first.
+    let mut printed = false;
+    let current = changes.borrow_and_update().clone();
+    let mut outcome = Ok(());
+    if current.revision() > 0 {
+        outcome = emit(&current, args.json);
+        printed = true;
+    }
+    while outcome.is_ok() {
+        tokio::select! {
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    outcome = Err(Stop::Failed("the cache stopped".into()));
+                    break;
+                }
+                let snapshot = changes.borrow_and_update().clone();
+                if snapshot.revision() > 0 {
+                    outcome = emit(&snapshot, args.json);
+                    printed = true;
+                }
+            }
+            result = &mut first_list, if first_list_pending => {
+                first_list_pending = false;
+                if let Err(error) = result {
+                    eprintln!("caller: {error}; still trying");
+                    // Say so on stdout too, once: etcd has been unreachable since the start.
+                    let snapshot = changes.borrow().clone();
+                    if !printed && snapshot.revision() == 0 {
+                        outcome = emit(&snapshot, args.json);
+                        printed = true;
+                    }
+                }
+            }
+            () = &mut stop => break,
+        }
+    }
+    match outcome {
+        Ok(()) | Err(Stop::StdoutClosed) => ExitCode::SUCCESS,
+        Err(Stop::Failed(error)) => {
+            eprintln!("caller: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
