@@ -136,7 +136,13 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Parsed, String> 
             "--endpoints" => set_once(&mut endpoints, &flag, parse_endpoints(&value)?)?,
             "--namespace" => set_once(&mut namespace, &flag, value)?,
             "--service" => set_once(&mut service, &flag, value)?,
-            "--layout" => set_once(&mut layout, &flag, parse_layout(&value)?)?,
+            "--layout" => set_once(
+                &mut layout,
+                &flag,
+                value
+                    .parse::<KeyLayout>()
+                    .map_err(|e| format!("--layout: {e}"))?,
+            )?,
             "--stall-timeout" => {
                 let timeout = value
                     .parse::<f64>()
@@ -174,17 +180,6 @@ fn parse_endpoints(value: &str) -> Result<Vec<String>, String> {
         return Err(format!("--endpoints {value:?}: an endpoint is empty"));
     }
     Ok(endpoints)
-}
-
-fn parse_layout(value: &str) -> Result<KeyLayout, String> {
-    match value {
-        "native" => Ok(KeyLayout::Native),
-        "go-zero" => Ok(KeyLayout::GoZero),
-        "etcd-naming" => Ok(KeyLayout::EtcdNaming),
-        _ => Err(format!(
-            "--layout {value:?}: expected native, go-zero or etcd-naming"
-        )),
-    }
 }
 
 /// One `--json` line. A struct rather than `json!` so the fields come out in the documented

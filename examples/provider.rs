@@ -28,9 +28,7 @@ use std::io::{IsTerminal as _, Write as _};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use etcd_discovery::{
-    Codec, EtcdBackend, EtcdOptions, Instance, KeyLayout, Registration, RegistrationStatus,
-};
+use etcd_discovery::{Codec, EtcdBackend, EtcdOptions, Instance, KeyLayout, Registration};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 
@@ -157,7 +155,13 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Parsed, String> 
                 })?;
                 set_once(&mut ttl, &flag, Duration::from_secs(secs))?;
             }
-            "--layout" => set_once(&mut layout, &flag, parse_layout(&value)?)?,
+            "--layout" => set_once(
+                &mut layout,
+                &flag,
+                value
+                    .parse::<KeyLayout>()
+                    .map_err(|e| format!("--layout: {e}"))?,
+            )?,
             "--tag" => tags.push(value),
             "--meta" => match value.split_once('=') {
                 Some((k, v)) if !k.is_empty() => meta.push((k.to_owned(), v.to_owned())),
@@ -193,10 +197,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Parsed, String> 
         _ => None,
     };
     if let Some(what) = dropped {
-        return Err(format!(
-            "the {} layout cannot carry {what}",
-            layout_name(layout)
-        ));
+        return Err(format!("the {} layout cannot carry {what}", layout.name()));
     }
     Ok(Parsed::Run(Args {
         endpoints,
@@ -228,25 +229,6 @@ fn parse_endpoints(value: &str) -> Result<Vec<String>, String> {
     Ok(endpoints)
 }
 
-fn parse_layout(value: &str) -> Result<KeyLayout, String> {
-    match value {
-        "native" => Ok(KeyLayout::Native),
-        "go-zero" => Ok(KeyLayout::GoZero),
-        "etcd-naming" => Ok(KeyLayout::EtcdNaming),
-        _ => Err(format!(
-            "--layout {value:?}: expected native, go-zero or etcd-naming"
-        )),
-    }
-}
-
-fn layout_name(layout: KeyLayout) -> &'static str {
-    match layout {
-        KeyLayout::GoZero => "go-zero",
-        KeyLayout::EtcdNaming => "etcd-naming",
-        _ => "native",
-    }
-}
-
 fn build_instance(args: &Args) -> Result<Instance, String> {
     let mut builder = Instance::builder(args.service.as_str(), args.addr.as_str())
         .tags(args.tags.iter().cloned());
@@ -262,31 +244,6 @@ fn build_instance(args: &Args) -> Result<Instance, String> {
     builder
         .build()
         .map_err(|e| format!("invalid instance: {e}"))
-}
-
-/// One status change, as logged.
-fn describe(status: RegistrationStatus) -> String {
-    match status {
-        RegistrationStatus::Registered { lease } => format!("registered, lease {lease}"),
-        RegistrationStatus::Renewing { lease } => {
-            format!("keep-alives failing, still trying to renew lease {lease}")
-        }
-        RegistrationStatus::Lost => "lease or key lost; registering again with backoff".into(),
-        RegistrationStatus::Reregistered { lease } => {
-            format!("registered again, lease {lease}")
-        }
-        RegistrationStatus::Deregistered => "deregistered".into(),
-        other => format!("{other:?}"),
-    }
-}
-
-fn lease_of(status: RegistrationStatus) -> Option<i64> {
-    match status {
-        RegistrationStatus::Registered { lease }
-        | RegistrationStatus::Renewing { lease }
-        | RegistrationStatus::Reregistered { lease } => Some(lease),
-        _ => None,
-    }
 }
 
 /// Writes one line to stderr. A closed stderr is not worth dying for: the line is dropped.
@@ -378,7 +335,7 @@ async fn main() -> ExitCode {
     };
 
     let mut status = registration.status();
-    let lease = lease_of(*status.borrow_and_update());
+    let lease = status.borrow_and_update().lease();
     let lease_text = lease.map_or_else(|| "unknown".to_owned(), |l| l.to_string());
     let key = codec.key(&instance, lease.unwrap_or(0));
     // The id callers see is the key's last segment: the instance id in the native layout, the
@@ -403,7 +360,7 @@ async fn main() -> ExitCode {
     let status_log = tokio::spawn(async move {
         while status.changed().await.is_ok() {
             let now = *status.borrow_and_update();
-            log(start, &describe(now));
+            log(start, &now.to_string());
         }
     });
 

@@ -159,8 +159,9 @@ impl ServiceCache {
         Some(Picked { snapshot, index })
     }
 
-    /// A receiver that sees every snapshot published from now on (the current one is marked as
-    /// seen... call `borrow_and_update` to read it).
+    /// A receiver of the snapshots published from now on. The current one counts as seen; read
+    /// it with `borrow()`. Like every `tokio::sync::watch`, a slow receiver sees the latest
+    /// snapshot, not each one in between.
     ///
     /// ```
     /// # use etcd_discovery::{Discovery, MemoryBackend};
@@ -181,6 +182,12 @@ impl ServiceCache {
     /// Whether the cache follows etcd right now, or is frozen at the last known state.
     pub fn freshness(&self) -> Freshness {
         self.load().freshness()
+    }
+
+    /// The last failure of the sync loop (a list, a watch, or a stall), cleared once a watch
+    /// is established again. Useful to say why a cache is frozen, or why it never listed.
+    pub fn last_error(&self) -> Option<String> {
+        self.shared().last_error()
     }
 
     /// Counters of the sync loop: relists, resets, watch restarts, events, decode errors.

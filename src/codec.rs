@@ -82,6 +82,48 @@ pub enum KeyLayout {
     EtcdNaming,
 }
 
+impl KeyLayout {
+    /// The layout's name as [`FromStr`](std::str::FromStr) reads it: `native`, `go-zero` or
+    /// `etcd-naming`.
+    pub fn name(self) -> &'static str {
+        match self {
+            KeyLayout::Native => "native",
+            KeyLayout::GoZero => "go-zero",
+            KeyLayout::EtcdNaming => "etcd-naming",
+        }
+    }
+}
+
+impl std::fmt::Display for KeyLayout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A layout name that is not `native`, `go-zero` or `etcd-naming`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown key layout {0:?}: expected native, go-zero or etcd-naming")]
+pub struct ParseLayoutError(pub String);
+
+impl std::str::FromStr for KeyLayout {
+    type Err = ParseLayoutError;
+
+    /// Reads `native`, `go-zero` or `etcd-naming` (as from a command line or a config file).
+    ///
+    /// ```
+    /// use etcd_discovery::KeyLayout;
+    /// assert_eq!("go-zero".parse(), Ok(KeyLayout::GoZero));
+    /// assert_eq!(KeyLayout::EtcdNaming.to_string(), "etcd-naming");
+    /// assert!("zk".parse::<KeyLayout>().is_err());
+    /// ```
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [KeyLayout::Native, KeyLayout::GoZero, KeyLayout::EtcdNaming]
+            .into_iter()
+            .find(|layout| layout.name() == s)
+            .ok_or_else(|| ParseLayoutError(s.to_owned()))
+    }
+}
+
 /// What one key-value pair means.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decoded {

@@ -51,7 +51,7 @@ pub use backend::{Backend, MemoryBackend};
 pub use backend::{EtcdBackend, EtcdOptions};
 pub use backoff::BackoffConfig;
 pub use cache::{Picked, ServiceCache, SyncStats};
-pub use codec::{Codec, DecodeError, Decoded, KeyLayout};
+pub use codec::{Codec, DecodeError, Decoded, KeyLayout, ParseLayoutError};
 pub use discovery::{Discovery, DiscoveryBuilder};
 pub use error::{Error, Result};
 pub use instance::{Instance, InstanceBuilder, InstanceError, State};

@@ -51,13 +51,42 @@ pub enum RegistrationStatus {
     },
     /// The lease or the key was lost; re-registering with backoff.
     Lost,
-    /// Registered again after a loss, under this (new) lease.
+    /// Registered again after a loss, under this lease (new, or the same one when only the key
+    /// was put back). The next successful keep-alive reports [`Registered`](Self::Registered).
     Reregistered {
         /// The new lease.
         lease: i64,
     },
     /// Deregistered: the lease was revoked (or the registration was dropped).
     Deregistered,
+}
+
+impl RegistrationStatus {
+    /// The lease the key is under, when there is one.
+    pub fn lease(&self) -> Option<i64> {
+        match *self {
+            RegistrationStatus::Registered { lease }
+            | RegistrationStatus::Renewing { lease }
+            | RegistrationStatus::Reregistered { lease } => Some(lease),
+            RegistrationStatus::Lost | RegistrationStatus::Deregistered => None,
+        }
+    }
+}
+
+impl fmt::Display for RegistrationStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RegistrationStatus::Registered { lease } => write!(f, "registered (lease {lease})"),
+            RegistrationStatus::Renewing { lease } => {
+                write!(f, "keep-alives failing; renewing lease {lease}")
+            }
+            RegistrationStatus::Lost => f.write_str("lease or key lost; registering again"),
+            RegistrationStatus::Reregistered { lease } => {
+                write!(f, "registered again (lease {lease})")
+            }
+            RegistrationStatus::Deregistered => f.write_str("deregistered"),
+        }
+    }
 }
 
 /// Configures a [`Registration`]; every setting has a default that suits production.
