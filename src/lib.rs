@@ -57,3 +57,8 @@ pub use error::{Error, Result};
 pub use instance::{Instance, InstanceBuilder, InstanceError, State};
 pub use register::{Registration, RegistrationBuilder, RegistrationStatus};
 pub use snapshot::{FreezeCause, Freshness, Snapshot};
+
+/// The README's Rust examples, compiled as doctests so they cannot drift from the API.
+#[cfg(all(doctest, feature = "etcd"))]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
