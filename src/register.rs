@@ -197,6 +197,7 @@ impl RegistrationBuilder {
             lease: 0,
             key: Vec::new(),
             revision: 0,
+            pending_write: false,
             status: status_tx,
         };
         let lease = keeper.register(true).await?;
@@ -291,8 +292,8 @@ impl Registration {
     ///
     /// # Errors
     /// [`Error::Config`] when the change touches the service, id or address; [`Error::Instance`]
-    /// when the result is invalid; [`Error::Backend`] when etcd could not be written (the change
-    /// is kept and written at the next re-registration).
+    /// when the result is invalid; [`Error::Backend`] when etcd could not be written: the change
+    /// is kept, and written as soon as etcd answers again.
     pub async fn update(
         &self,
         change: impl FnOnce(InstanceBuilder) -> InstanceBuilder + Send + 'static,
@@ -363,6 +364,9 @@ struct Keeper {
     /// The revision of our last write of the key; its watch starts right after it, so nothing
     /// that happens to the key in between is missed.
     revision: i64,
+    /// An update that could not be written yet; written after the next successful keep-alive
+    /// (or with the next re-registration, which writes the current instance anyway).
+    pending_write: bool,
     status: watch::Sender<RegistrationStatus>,
 }
 
@@ -400,10 +404,22 @@ impl Keeper {
     /// Grants a lease and writes the key under it. On the first registration a key held by a
     /// foreign lease is an error; later, it is a loss to retry.
     async fn register(&mut self, first: bool) -> Result<i64> {
-        let previous = self.lease;
+        let mut previous = self.lease;
         let lease = self
             .call("lease grant", self.backend.grant(self.ttl))
             .await?;
+        if previous != 0 && self.codec.layout() == KeyLayout::GoZero {
+            // The key carries the lease id, so the new key is another key: writing it while the
+            // old lease still holds the old one would show callers the instance twice. Drop the
+            // old one first (a moment with none beats a moment with two).
+            if self
+                .call("lease revoke", self.backend.revoke(previous))
+                .await
+                .is_ok()
+            {
+                previous = 0;
+            }
+        }
         let revision = match self.write(lease, previous).await {
             Ok(revision) => revision,
             Err(error) => {
@@ -418,6 +434,7 @@ impl Keeper {
         self.key = self.codec.key(&self.instance, lease).into_bytes();
         self.lease = lease;
         self.revision = revision;
+        self.pending_write = false;
         if previous != 0 {
             // The old lease may still be alive (etcd refreshes leases across a leader change):
             // revoke it so it holds nothing we no longer keep alive. In the go-zero layout its
@@ -587,6 +604,9 @@ impl Keeper {
                         Ok(ttl) if !ttl.is_zero() => {
                             renewed = Instant::now();
                             self.set_status(RegistrationStatus::Registered { lease: self.lease });
+                            if self.pending_write && self.rewrite().await.is_ok() {
+                                tracing::info!("wrote the update made while etcd was away");
+                            }
                         }
                         Ok(_) => {
                             tracing::warn!(lease = self.lease, "etcd says the lease is gone");
@@ -639,21 +659,26 @@ impl Keeper {
         }
     }
 
-    /// Writes the key again under the current lease (after an update).
+    /// Writes the key again under the current lease (after an update). On failure the write
+    /// stays pending and is retried after the next successful keep-alive.
     async fn rewrite(&mut self) -> Result<()> {
         let value = self.codec.encode_value(&self.instance);
-        let outcome = self
-            .call(
-                "put",
-                self.backend
-                    .put(&self.key, &value, self.lease, PutCondition::Always),
-            )
-            .await
-            .map_err(Error::Backend)?;
-        if let PutOutcome::Written { revision } = outcome {
-            self.revision = revision;
+        let put = self
+            .backend
+            .put(&self.key, &value, self.lease, PutCondition::Always);
+        match self.call("put", put).await {
+            Ok(outcome) => {
+                if let PutOutcome::Written { revision } = outcome {
+                    self.revision = revision;
+                }
+                self.pending_write = false;
+                Ok(())
+            }
+            Err(error) => {
+                self.pending_write = true;
+                Err(Error::Backend(error))
+            }
         }
-        Ok(())
     }
 
     /// Puts a deleted key back under the current lease; false when the lease is gone too, or
