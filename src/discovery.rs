@@ -136,8 +136,7 @@ impl Discovery {
     }
 
     fn cache(&self, service: &str) -> Result<ServiceCache> {
-        crate::instance::Instance::builder(service, "validate.invalid:1")
-            .build()
+        crate::instance::check_segment("service", service)
             .map_err(|e| Error::Config(format!("service name {service:?}: {e}")))?;
         let mut caches = self
             .inner

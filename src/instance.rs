@@ -362,7 +362,7 @@ fn check_len(field: &'static str, value: &str) -> Result<(), InstanceError> {
 
 /// A service name or id: non-empty, bounded, and free of `/` and control characters (it becomes
 /// one segment of an etcd key; a service name may contain `.` as in go-zero's `user.rpc`).
-fn check_segment(field: &'static str, value: &str) -> Result<(), InstanceError> {
+pub(crate) fn check_segment(field: &'static str, value: &str) -> Result<(), InstanceError> {
     if value.is_empty() {
         return Err(InstanceError::Empty { field });
     }

@@ -267,7 +267,10 @@ async fn garbage_values_are_skipped_and_counted_neighbours_unaffected() {
     etcd.put(user_key("bad2"), br#"{"addr":"no port"}"#);
     etcd.put(user_key("big"), vec![b' '; 70 * 1024]);
     register(&etcd, "b", 2);
-    wait_for(&users, LONG, "b", |s| ids(s) == list(&["a@1", "b@2", "z@26"])).await;
+    wait_for(&users, LONG, "b", |s| {
+        ids(s) == list(&["a@1", "b@2", "z@26"])
+    })
+    .await;
     assert_eq!(users.stats().decode_errors, 3);
 }
 
