@@ -104,3 +104,4 @@ impl Drop for Recorder {
     }
 }
 pub mod etcd;
+pub mod wait;
