@@ -32,14 +32,14 @@
 //! a bad or missing argument. Set `RUST_LOG=etcd_discovery=debug` for the library's logs on
 //! stderr.
 
-use std::io::{IsTerminal as _, Write as _};
+mod common;
+
 use std::process::ExitCode;
 use std::time::Duration;
 
+use common::Parsed;
 use etcd_discovery::{Discovery, Error, EtcdBackend, EtcdOptions, Freshness, KeyLayout, Snapshot};
 use serde::Serialize;
-use tokio::signal::unix::{SignalKind, signal};
-use tracing_subscriber::EnvFilter;
 
 const USAGE: &str = "\
 Follows one service in etcd and prints a line for every snapshot of its instances.
@@ -65,7 +65,7 @@ Exit codes: 0 on SIGINT/SIGTERM, 1 runtime failure, 2 bad arguments.
 /// How long etcd may stay unreachable at start before the empty snapshot is printed anyway.
 const FIRST_LIST_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The options that take a value.
+/// The options that take a value, each at most once.
 const FLAGS: &[&str] = &[
     "--endpoints",
     "--namespace",
@@ -73,6 +73,9 @@ const FLAGS: &[&str] = &[
     "--layout",
     "--stall-timeout",
 ];
+
+/// The options that take no value.
+const SWITCHES: &[&str] = &["--json"];
 
 /// The parsed command line.
 struct Args {
@@ -84,102 +87,36 @@ struct Args {
     stall_timeout: Option<Duration>,
 }
 
-/// What the command line asks for: a run, or the help text.
-enum Parsed {
-    Run(Args),
-    Help,
-}
-
-fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Parsed, String> {
-    let mut args = args.into_iter();
-    let mut endpoints = None;
-    let mut namespace = None;
-    let mut service = None;
-    let mut layout = None;
-    let mut json = false;
-    let mut stall_timeout = None;
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "-h" | "--help" => return Ok(Parsed::Help),
-            "--json" => {
-                if json {
-                    return Err("--json given more than once".into());
-                }
-                json = true;
-                continue;
-            }
-            _ => {}
-        }
-        if !arg.starts_with("--") {
-            return Err(format!("unexpected argument {arg:?}"));
-        }
-        // Both `--flag value` and `--flag=value`; a value taken from the next argument may not
-        // look like a flag, so a forgotten value is an error rather than a swallowed flag.
-        let name = arg.split_once('=').map_or(arg.as_str(), |(flag, _)| flag);
-        if name == "--json" {
-            return Err("--json takes no value".into());
-        }
-        if !FLAGS.contains(&name) {
-            return Err(format!("unknown option {name}"));
-        }
-        let (flag, value) = match arg.split_once('=') {
-            Some((flag, value)) => (flag.to_owned(), value.to_owned()),
-            None => {
-                let value = match args.next() {
-                    Some(v) if !v.starts_with("--") => v,
-                    _ => return Err(format!("{arg} needs a value")),
-                };
-                (arg, value)
-            }
-        };
-        match flag.as_str() {
-            "--endpoints" => set_once(&mut endpoints, &flag, parse_endpoints(&value)?)?,
-            "--namespace" => set_once(&mut namespace, &flag, value)?,
-            "--service" => set_once(&mut service, &flag, value)?,
-            "--layout" => set_once(
-                &mut layout,
-                &flag,
-                value
-                    .parse::<KeyLayout>()
-                    .map_err(|e| format!("--layout: {e}"))?,
-            )?,
-            "--stall-timeout" => {
-                let timeout = value
-                    .parse::<f64>()
-                    .ok()
-                    .filter(|s| *s > 0.0)
-                    .and_then(|s| Duration::try_from_secs_f64(s).ok())
-                    .ok_or_else(|| {
-                        format!("--stall-timeout {value:?}: expected a positive number of seconds")
-                    })?;
-                set_once(&mut stall_timeout, &flag, timeout)?;
-            }
-            _ => return Err(format!("unknown option {flag}")),
-        }
-    }
+fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Parsed<Args>, String> {
+    let Parsed::Run(flags) = common::parse(args, FLAGS, SWITCHES)? else {
+        return Ok(Parsed::Help);
+    };
+    // Every value given is checked before anything is reported missing.
+    let endpoints = flags.once_as("--endpoints", common::parse_endpoints)?;
+    let namespace = flags.once("--namespace")?;
+    let service = flags.once("--service")?;
+    let layout = flags.once_as("--layout", common::parse_layout)?;
+    let stall_timeout = flags.once_as("--stall-timeout", parse_stall_timeout)?;
     Ok(Parsed::Run(Args {
         endpoints: endpoints.ok_or("missing --endpoints")?,
-        namespace: namespace.ok_or("missing --namespace (use --namespace \"\" for none)")?,
-        service: service.ok_or("missing --service")?,
+        namespace: namespace
+            .ok_or("missing --namespace (use --namespace \"\" for none)")?
+            .to_owned(),
+        service: service.ok_or("missing --service")?.to_owned(),
         layout: layout.unwrap_or(KeyLayout::Native),
-        json,
+        json: flags.switch("--json"),
         stall_timeout,
     }))
 }
 
-fn set_once<T>(slot: &mut Option<T>, flag: &str, value: T) -> Result<(), String> {
-    if slot.replace(value).is_some() {
-        return Err(format!("{flag} given more than once"));
-    }
-    Ok(())
-}
-
-fn parse_endpoints(value: &str) -> Result<Vec<String>, String> {
-    let endpoints: Vec<String> = value.split(',').map(|e| e.trim().to_owned()).collect();
-    if endpoints.iter().any(String::is_empty) {
-        return Err(format!("--endpoints {value:?}: an endpoint is empty"));
-    }
-    Ok(endpoints)
+/// `--stall-timeout SECS`: a positive number of seconds, fractions allowed.
+fn parse_stall_timeout(value: &str) -> Result<Duration, String> {
+    value
+        .parse::<f64>()
+        .ok()
+        .filter(|s| *s > 0.0)
+        .and_then(|s| Duration::try_from_secs_f64(s).ok())
+        .ok_or_else(|| format!("--stall-timeout {value:?}: expected a positive number of seconds"))
 }
 
 /// One `--json` line. A struct rather than `json!` so the fields come out in the documented
@@ -251,13 +188,10 @@ enum Stop {
 
 fn emit(snapshot: &Snapshot, json: bool) -> Result<(), Stop> {
     let line = render(snapshot, json).map_err(|e| Stop::Failed(format!("cannot encode: {e}")))?;
-    let mut stdout = std::io::stdout().lock();
-    writeln!(stdout, "{line}")
-        .and_then(|()| stdout.flush())
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::BrokenPipe => Stop::StdoutClosed,
-            _ => Stop::Failed(format!("cannot write to stdout: {e}")),
-        })
+    common::print_line(&line).map_err(|e| match e.kind() {
+        std::io::ErrorKind::BrokenPipe => Stop::StdoutClosed,
+        _ => Stop::Failed(format!("cannot write to stdout: {e}")),
+    })
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -268,34 +202,15 @@ async fn main() -> ExitCode {
             print!("{USAGE}");
             return ExitCode::SUCCESS;
         }
-        Err(error) => {
-            eprintln!("caller: {error}\nRun `caller --help` for usage.");
-            return ExitCode::from(2);
-        }
+        Err(error) => return common::usage_error("caller", error),
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    common::init_logging();
 
-    let mut terminate = match signal(SignalKind::terminate()) {
-        Ok(stream) => stream,
+    let stop = match common::stop_signal() {
+        Ok(stop) => stop,
         Err(error) => {
             eprintln!("caller: cannot listen for SIGTERM: {error}");
             return ExitCode::FAILURE;
-        }
-    };
-    let stop = async {
-        let interrupt = async {
-            // If SIGINT cannot be listened for, wait for SIGTERM alone rather than stop now.
-            if tokio::signal::ctrl_c().await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        };
-        tokio::select! {
-            () = interrupt => {}
-            _ = terminate.recv() => {}
         }
     };
     tokio::pin!(stop);
@@ -317,19 +232,13 @@ async fn main() -> ExitCode {
     }
     let discovery = match builder.build() {
         Ok(discovery) => discovery,
-        Err(error) => {
-            eprintln!("caller: {error}\nRun `caller --help` for usage.");
-            return ExitCode::from(2);
-        }
+        Err(error) => return common::usage_error("caller", error),
     };
     // `service_now` hands the cache out before its first list, so an etcd that is down at start
     // does not stop the caller: the cache fills in when etcd answers.
     let cache = match discovery.service_now(&args.service) {
         Ok(cache) => cache,
-        Err(error @ Error::Config(_)) => {
-            eprintln!("caller: {error}\nRun `caller --help` for usage.");
-            return ExitCode::from(2);
-        }
+        Err(error @ Error::Config(_)) => return common::usage_error("caller", error),
         Err(error) => {
             eprintln!("caller: {error}");
             return ExitCode::FAILURE;
@@ -374,7 +283,7 @@ async fn main() -> ExitCode {
                     }
                 }
             }
-            () = &mut stop => break,
+            _ = &mut stop => break,
         }
     }
     match outcome {

@@ -24,13 +24,14 @@
 //!     --service user.rpc --addr 10.0.0.9:8080 --layout go-zero
 //! ```
 
-use std::io::{IsTerminal as _, Write as _};
+mod common;
+
+use std::io::Write as _;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use common::Parsed;
 use etcd_discovery::{Codec, EtcdBackend, EtcdOptions, Instance, KeyLayout, Registration};
-use tokio::signal::unix::{SignalKind, signal};
-use tracing_subscriber::EnvFilter;
 
 const USAGE: &str = "\
 Registers one instance of a service in etcd and keeps it registered until SIGINT or SIGTERM.
@@ -61,7 +62,7 @@ callers see (the key's last segment); status changes go to
 stderr. Exit codes: 0 stopped cleanly, 1 registration or revoke failed, 2 bad arguments.
 ";
 
-/// The options that take a value.
+/// The options that take a value; `--tag` and `--meta` may be repeated, the others not.
 const FLAGS: &[&str] = &[
     "--endpoints",
     "--namespace",
@@ -74,6 +75,9 @@ const FLAGS: &[&str] = &[
     "--meta",
     "--weight",
 ];
+
+/// The options that take no value.
+const SWITCHES: &[&str] = &["--replace"];
 
 /// The parsed command line.
 struct Args {
@@ -90,92 +94,25 @@ struct Args {
     replace: bool,
 }
 
-/// What the command line asks for: a run, or the help text.
-enum Parsed {
-    Run(Args),
-    Help,
-}
+fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Parsed<Args>, String> {
+    let Parsed::Run(flags) = common::parse(args, FLAGS, SWITCHES)? else {
+        return Ok(Parsed::Help);
+    };
+    // Every value given is checked before anything is reported missing.
+    let endpoints = flags.once_as("--endpoints", common::parse_endpoints)?;
+    let namespace = flags.once("--namespace")?;
+    let service = flags.once("--service")?;
+    let id = flags.once("--id")?.map(str::to_owned);
+    let addr = flags.once("--addr")?;
+    let ttl = flags.once_as("--ttl", parse_ttl)?;
+    let layout = flags.once_as("--layout", common::parse_layout)?;
+    let tags: Vec<String> = flags.all("--tag").map(str::to_owned).collect();
+    let meta = flags
+        .all("--meta")
+        .map(parse_meta)
+        .collect::<Result<Vec<_>, _>>()?;
+    let weight = flags.once_as("--weight", parse_weight)?;
 
-fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Parsed, String> {
-    let mut args = args.into_iter();
-    let mut endpoints = None;
-    let mut namespace = None;
-    let mut service = None;
-    let mut id = None;
-    let mut addr = None;
-    let mut ttl = None;
-    let mut layout = None;
-    let mut tags = Vec::new();
-    let mut meta = Vec::new();
-    let mut weight = None;
-    let mut replace = false;
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "-h" | "--help" => return Ok(Parsed::Help),
-            "--replace" => {
-                if replace {
-                    return Err("--replace given more than once".into());
-                }
-                replace = true;
-                continue;
-            }
-            _ => {}
-        }
-        if !arg.starts_with("--") {
-            return Err(format!("unexpected argument {arg:?}"));
-        }
-        // Both `--flag value` and `--flag=value`; a value taken from the next argument may not
-        // look like a flag, so a forgotten value is an error rather than a swallowed flag.
-        let name = arg.split_once('=').map_or(arg.as_str(), |(flag, _)| flag);
-        if name == "--replace" {
-            return Err("--replace takes no value".into());
-        }
-        if !FLAGS.contains(&name) {
-            return Err(format!("unknown option {name}"));
-        }
-        let (flag, value) = match arg.split_once('=') {
-            Some((flag, value)) => (flag.to_owned(), value.to_owned()),
-            None => {
-                let value = match args.next() {
-                    Some(v) if !v.starts_with("--") => v,
-                    _ => return Err(format!("{arg} needs a value")),
-                };
-                (arg, value)
-            }
-        };
-        match flag.as_str() {
-            "--endpoints" => set_once(&mut endpoints, &flag, parse_endpoints(&value)?)?,
-            "--namespace" => set_once(&mut namespace, &flag, value)?,
-            "--service" => set_once(&mut service, &flag, value)?,
-            "--id" => set_once(&mut id, &flag, value)?,
-            "--addr" => set_once(&mut addr, &flag, value)?,
-            "--ttl" => {
-                let secs: u64 = value.parse().ok().filter(|s| *s >= 1).ok_or_else(|| {
-                    format!("--ttl {value:?}: expected whole seconds, at least 1")
-                })?;
-                set_once(&mut ttl, &flag, Duration::from_secs(secs))?;
-            }
-            "--layout" => set_once(
-                &mut layout,
-                &flag,
-                value
-                    .parse::<KeyLayout>()
-                    .map_err(|e| format!("--layout: {e}"))?,
-            )?,
-            "--tag" => tags.push(value),
-            "--meta" => match value.split_once('=') {
-                Some((k, v)) if !k.is_empty() => meta.push((k.to_owned(), v.to_owned())),
-                _ => return Err(format!("--meta {value:?}: expected KEY=VALUE")),
-            },
-            "--weight" => {
-                let w: u32 = value
-                    .parse()
-                    .map_err(|_| format!("--weight {value:?}: expected a whole number"))?;
-                set_once(&mut weight, &flag, w)?;
-            }
-            _ => return Err(format!("unknown option {flag}")),
-        }
-    }
     let endpoints = endpoints.ok_or("missing --endpoints")?;
     let namespace = namespace.ok_or("missing --namespace (use --namespace \"\" for none)")?;
     let service = service.ok_or("missing --service")?;
@@ -201,32 +138,42 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Parsed, String> 
     }
     Ok(Parsed::Run(Args {
         endpoints,
-        namespace,
-        service,
+        namespace: namespace.to_owned(),
+        service: service.to_owned(),
         id,
-        addr: addr.ok_or("missing --addr")?,
+        addr: addr.ok_or("missing --addr")?.to_owned(),
         ttl: ttl.unwrap_or(Duration::from_secs(10)),
         layout,
         tags,
         meta,
         weight,
-        replace,
+        replace: flags.switch("--replace"),
     }))
 }
 
-fn set_once<T>(slot: &mut Option<T>, flag: &str, value: T) -> Result<(), String> {
-    if slot.replace(value).is_some() {
-        return Err(format!("{flag} given more than once"));
-    }
-    Ok(())
+/// `--ttl SECS`: whole seconds, at least 1.
+fn parse_ttl(value: &str) -> Result<Duration, String> {
+    let secs: u64 = value
+        .parse()
+        .ok()
+        .filter(|s| *s >= 1)
+        .ok_or_else(|| format!("--ttl {value:?}: expected whole seconds, at least 1"))?;
+    Ok(Duration::from_secs(secs))
 }
 
-fn parse_endpoints(value: &str) -> Result<Vec<String>, String> {
-    let endpoints: Vec<String> = value.split(',').map(|e| e.trim().to_owned()).collect();
-    if endpoints.iter().any(String::is_empty) {
-        return Err(format!("--endpoints {value:?}: an endpoint is empty"));
+/// `--meta K=V`: a non-empty key; the value may be empty.
+fn parse_meta(value: &str) -> Result<(String, String), String> {
+    match value.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("--meta {value:?}: expected KEY=VALUE")),
     }
-    Ok(endpoints)
+}
+
+/// `--weight W`: a whole number; its range is the instance builder's to check.
+fn parse_weight(value: &str) -> Result<u32, String> {
+    value
+        .parse()
+        .map_err(|_| format!("--weight {value:?}: expected a whole number"))
 }
 
 fn build_instance(args: &Args) -> Result<Instance, String> {
@@ -264,43 +211,21 @@ async fn main() -> ExitCode {
             print!("{USAGE}");
             return ExitCode::SUCCESS;
         }
-        Err(error) => {
-            eprintln!("provider: {error}\nRun `provider --help` for usage.");
-            return ExitCode::from(2);
-        }
+        Err(error) => return common::usage_error("provider", error),
     };
     let instance = match build_instance(&args) {
         Ok(instance) => instance,
-        Err(error) => {
-            eprintln!("provider: {error}\nRun `provider --help` for usage.");
-            return ExitCode::from(2);
-        }
+        Err(error) => return common::usage_error("provider", error),
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    common::init_logging();
 
     // Listen for signals before registering, so that a stop request during a slow registration
     // is honoured instead of killing the process with the lease half set up.
-    let mut terminate = match signal(SignalKind::terminate()) {
-        Ok(stream) => stream,
+    let stop = match common::stop_signal() {
+        Ok(stop) => stop,
         Err(error) => {
             log(start, &format!("cannot listen for SIGTERM: {error}"));
             return ExitCode::FAILURE;
-        }
-    };
-    let stop = async {
-        let interrupt = async {
-            // If SIGINT cannot be listened for, wait for SIGTERM alone rather than stop now.
-            if tokio::signal::ctrl_c().await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        };
-        tokio::select! {
-            () = interrupt => "SIGINT",
-            _ = terminate.recv() => "SIGTERM",
         }
     };
     tokio::pin!(stop);
@@ -346,15 +271,9 @@ async fn main() -> ExitCode {
         instance.service(),
         instance.addr()
     );
-    {
-        let mut stdout = std::io::stdout().lock();
-        if writeln!(stdout, "{line}")
-            .and_then(|()| stdout.flush())
-            .is_err()
-        {
-            // Nobody is reading stdout; keep serving, the status still goes to stderr.
-            log(start, &line);
-        }
+    if common::print_line(&line).is_err() {
+        // Nobody is reading stdout; keep serving, the status still goes to stderr.
+        log(start, &line);
     }
 
     let status_log = tokio::spawn(async move {
