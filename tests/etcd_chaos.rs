@@ -339,6 +339,39 @@ async fn a_hung_etcd_is_detected_by_the_stall_bound() {
     report("a_hung_etcd_is_detected_by_the_stall_bound", started);
 }
 
+/// Invariant 10 with every setting at its default (HTTP/2 keep-alive 3 s/3 s, stall bound
+/// 10 s): a hung etcd is detected within the default bound of 10 s, plus 10%.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_etcd_is_detected_within_the_default_bound() {
+    let started = Instant::now();
+    let etcd = EtcdCluster::single();
+    put(&etcd, "a", 1);
+    let backend = connect(&etcd.endpoints(), EtcdOptions::new()).await;
+    let users = Discovery::with_backend(backend)
+        .namespace(NS)
+        .build()
+        .expect("valid config")
+        .service("user")
+        .await
+        .expect("first list");
+    put(&etcd, "b", 2);
+    wait_for(&users, LONG, "b", |s| ids(s) == list(&["a@1", "b@2"])).await;
+    let stopped = Instant::now();
+    etcd.stop(0);
+    let bound = Duration::from_secs(10);
+    let s = wait_for(&users, bound * 2, "frozen", |s| !live(s)).await;
+    let detected = stopped.elapsed();
+    eprintln!(
+        "[detection] SIGSTOP -> {:?} after {detected:?} (default settings)",
+        s.freshness()
+    );
+    assert!(detected <= bound * 11 / 10, "detected after {detected:?}");
+    assert_eq!(ids(&s), list(&["a@1", "b@2"]), "frozen, not cleared");
+    etcd.cont(0);
+    wait_for(&users, LONG, "live again", live).await;
+    report("a_hung_etcd_is_detected_within_the_default_bound", started);
+}
+
 /// Invariant 5 (and 1, 3): history compacted past the revision of a cut-off client makes it
 /// relist exactly once, and the difference shows up as one snapshot: nothing between the old
 /// state and etcd's current one is ever published.
