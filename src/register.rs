@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio::time::{Instant, sleep, sleep_until, timeout};
+use tokio::time::{Instant, sleep_until, timeout};
 use tracing::Instrument;
 
 use crate::backend::{
@@ -512,29 +512,33 @@ impl Keeper {
             }
             self.set_status(RegistrationStatus::Lost);
             tracing::info!(lease = self.lease, "registration lost; registering again");
-            // Re-register with backoff, still answering commands.
+            // Re-register with backoff, still answering commands. A command does not restart
+            // the wait: each attempt has one deadline.
             loop {
-                let delay = self.backoff.next_delay();
-                tokio::select! {
-                    command = commands.recv() => match command {
-                        None => return self.stopped(),
-                        Some(Command::Deregister { reply }) => {
-                            let _ = reply.send(self.revoke().await);
-                            return self.stopped();
-                        }
-                        Some(Command::Update { change, reply }) => {
-                            // Kept for the next attempt; nothing to write to now.
-                            let _ = reply.send(self.apply_change(change).map(|_| ()));
-                        }
-                    },
-                    _ = sleep(delay) => match self.register(false).await {
-                        Ok(lease) => {
-                            tracing::info!(lease, "registered again");
-                            self.set_status(RegistrationStatus::Reregistered { lease });
-                            break;
-                        }
-                        Err(error) => tracing::debug!(%error, ?delay, "re-registration failed; backing off"),
-                    },
+                let attempt = Instant::now() + self.backoff.next_delay();
+                loop {
+                    tokio::select! {
+                        command = commands.recv() => match command {
+                            None => return self.stopped(),
+                            Some(Command::Deregister { reply }) => {
+                                let _ = reply.send(self.revoke().await);
+                                return self.stopped();
+                            }
+                            Some(Command::Update { change, reply }) => {
+                                // Kept for the next attempt, which writes the current instance.
+                                let _ = reply.send(self.apply_change(change).map(|_| ()));
+                            }
+                        },
+                        _ = sleep_until(attempt) => break,
+                    }
+                }
+                match self.register(false).await {
+                    Ok(lease) => {
+                        tracing::info!(lease, "registered again");
+                        self.set_status(RegistrationStatus::Reregistered { lease });
+                        break;
+                    }
+                    Err(error) => tracing::debug!(%error, "re-registration failed; backing off"),
                 }
             }
         }

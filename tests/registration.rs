@@ -347,3 +347,46 @@ async fn bad_settings_are_clear_errors() {
     let err = builder(&etcd, "u1").register().await.unwrap_err();
     assert!(matches!(err, Error::Backend(_)), "{err}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn updates_while_lost_do_not_hold_back_the_re_registration() {
+    // Each attempt has one deadline; an update must not restart the wait with a fresh delay.
+    // Several seeds, so that a redraw cannot pass by luck: with redraws, some seed takes longer
+    // than one backoff step.
+    for seed in 0..8 {
+        let etcd = MemoryBackend::new();
+        let registration = builder(&etcd, "u1")
+            .jitter_seed(seed)
+            .register()
+            .await
+            .unwrap();
+        let mut status = registration.status();
+        etcd.set_reachable(false);
+        status_becomes(&mut status, TTL * 3, "lost", |s| {
+            *s == RegistrationStatus::Lost
+        })
+        .await;
+        tokio::time::sleep(Duration::from_secs(10)).await; // backoff at its cap
+
+        let healed = Instant::now();
+        etcd.set_reachable(true);
+        let mut weight = 1;
+        while !matches!(*status.borrow(), RegistrationStatus::Reregistered { .. }) {
+            assert!(
+                healed.elapsed() <= BACKOFF.max + Duration::from_millis(50),
+                "seed {seed}: updates every 20 ms kept the registration away for {:?}",
+                healed.elapsed()
+            );
+            weight += 1;
+            let w = weight;
+            registration.update(move |b| b.weight(w)).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Written with the latest update.
+        let value = etcd.get(user_key("u1")).unwrap().value;
+        match codec().decode("user", user_key("u1").as_bytes(), &value) {
+            Ok(etcd_discovery::Decoded::Put(i)) => assert_eq!(i.weight(), weight, "seed {seed}"),
+            other => panic!("{other:?}"),
+        }
+    }
+}
