@@ -13,7 +13,7 @@
 mod model;
 
 use model::{Model, Sut, Transition};
-use proptest::test_runner::Config as ProptestConfig;
+use proptest::test_runner::{Config as ProptestConfig, FileFailurePersistence};
 use proptest_state_machine::{ReferenceStateMachine, StateMachineTest, prop_state_machine};
 
 /// Cases per run unless `PROPTEST_CASES` says otherwise: sized for the debug profile of
@@ -30,6 +30,12 @@ fn config() -> ProptestConfig {
     ProptestConfig {
         cases,
         max_shrink_iters: 4096,
+        // The default looks for a `lib.rs` above the test's source and finds none under
+        // `tests/`; keep failures where the crate's other regressions go.
+        failure_persistence: Some(Box::new(FileFailurePersistence::Direct(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/proptest-regressions/model_sync.txt"
+        )))),
         ..ProptestConfig::default()
     }
 }
