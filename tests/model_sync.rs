@@ -18,7 +18,7 @@ use proptest_state_machine::{ReferenceStateMachine, StateMachineTest, prop_state
 
 /// Cases per run unless `PROPTEST_CASES` says otherwise: sized for the debug profile of
 /// `cargo test --workspace` on a small CI machine.
-const DEFAULT_CASES: u32 = 96;
+const DEFAULT_CASES: u32 = 256;
 
 fn config() -> ProptestConfig {
     // `ProptestConfig::default()` reads `PROPTEST_CASES`, but setting `cases` here would

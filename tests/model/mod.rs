@@ -835,12 +835,24 @@ impl Sut {
             .etcd
             .keys("")
             .into_iter()
-            .map(|kv| (String::from_utf8_lossy(&kv.key).into_owned(), kv.value, kv.lease))
+            .map(|kv| {
+                (
+                    String::from_utf8_lossy(&kv.key).into_owned(),
+                    kv.value,
+                    kv.lease,
+                )
+            })
             .collect();
         let want: Vec<(String, Vec<u8>, i64)> = model
             .kvs
             .iter()
-            .map(|(k, e)| (k.clone(), e.value.clone(), e.lease.map_or(0, |l| self.leases[l])))
+            .map(|(k, e)| {
+                (
+                    k.clone(),
+                    e.value.clone(),
+                    e.lease.map_or(0, |l| self.leases[l]),
+                )
+            })
             .collect();
         assert_eq!(got, want, "{at}: store contents");
         let cluster = self.etcd.cluster_id();
