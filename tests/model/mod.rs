@@ -153,6 +153,9 @@ pub enum Transition {
     Wipe,
     /// Lets this many ms of virtual time pass (even).
     Wait(u64),
+    /// `set_latency`: every later list and watch call of the cache takes this long (ms), so
+    /// writes land between a list and the watch that follows it.
+    Latency(u64),
 }
 
 impl Transition {
@@ -194,6 +197,7 @@ impl fmt::Debug for Transition {
             Transition::Restore(b) => write!(f, "restore #{b}"),
             Transition::Wipe => f.write_str("wipe"),
             Transition::Wait(ms) => write!(f, "wait {ms}ms"),
+            Transition::Latency(ms) => write!(f, "latency {ms}ms"),
         }
     }
 }
@@ -484,6 +488,12 @@ impl ReferenceStateMachine for Model {
             (2, (0..4i64).prop_map(T::Compact).boxed()),
             (1, Just(T::Backup).boxed()),
             (1, Just(T::Wipe).boxed()),
+            (
+                1,
+                proptest::sample::select(vec![0u64, 1, 3, 5, 50, 1_000])
+                    .prop_map(T::Latency)
+                    .boxed(),
+            ),
             // Short waits: within a backoff step, the stall bound, a lease's TTL.
             (4, (1..1_500u64).prop_map(|n| T::Wait(n * 2)).boxed()),
             // Long waits: the cache must converge if etcd is reachable.
@@ -579,7 +589,7 @@ impl ReferenceStateMachine for Model {
                 }
                 state.start_epoch(BTreeMap::new(), 1);
             }
-            Transition::Wait(_) => {}
+            Transition::Wait(_) | Transition::Latency(_) => {}
         }
         state.advance(t.duration_ms());
         state
@@ -794,6 +804,7 @@ impl StateMachineTest for Sut {
                     Transition::Restore(b) => etcd.restore(backups[*b].clone()),
                     Transition::Wipe => etcd.wipe(),
                     Transition::Wait(_) => {}
+                    Transition::Latency(ms) => etcd.set_latency(Duration::from_millis(*ms)),
                 }
                 tokio::time::sleep(Duration::from_millis(t.duration_ms())).await;
                 settle(cache, seen, last).await;
