@@ -31,7 +31,8 @@ fn config() -> ProptestConfig {
         cases,
         max_shrink_iters: 4096,
         // The default looks for a `lib.rs` above the test's source and finds none under
-        // `tests/`; keep failures where the crate's other regressions go.
+        // `tests/`; put failures in `proptest-regressions/` at the crate root, where proptest
+        // keeps them for unit tests.
         failure_persistence: Some(Box::new(FileFailurePersistence::Direct(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/proptest-regressions/model_sync.txt"
