@@ -221,15 +221,43 @@ fn fuzz_all(t: &mut Timings, targets: &[String], seconds: u64) -> Result<()> {
     t.step("cargo-fuzz", ensure_cargo_fuzz)?;
     for target in targets {
         t.step(&format!("fuzz {target} ({seconds}s)"), || {
-            let mut cmd = cargo(["fuzz", "run", target.as_str(), "--"]);
-            cmd.arg(format!("-max_total_time={seconds}"))
+            // libFuzzer writes the inputs it finds into the first corpus
+            // directory. That is a fresh scratch directory, so the committed
+            // seeds in fuzz/corpus/<target> are only read, never added to.
+            let scratch = scratch_corpus(target)?;
+            let seeds = env::current_dir()
+                .map_err(|e| format!("cannot read the current directory: {e}"))?
+                .join("fuzz")
+                .join("corpus")
+                .join(target);
+            let mut cmd = cargo(["fuzz", "run", target.as_str()]);
+            cmd.arg(&scratch);
+            if seeds.is_dir() {
+                cmd.arg(&seeds);
+            }
+            cmd.arg("--")
+                .arg(format!("-max_total_time={seconds}"))
+                .arg("-print_final_stats=1")
                 // cargo-fuzz passes -Z flags (sanitizers); this lets a stable
                 // toolchain accept them, so no nightly install is needed.
                 .env("RUSTC_BOOTSTRAP", "1");
-            run(&mut cmd)
+            let result = run(&mut cmd);
+            let _ = fs::remove_dir_all(&scratch);
+            result
         })?;
     }
     Ok(())
+}
+
+/// An empty directory for the inputs one fuzz run finds.
+fn scratch_corpus(target: &str) -> Result<std::path::PathBuf> {
+    let dir = env::temp_dir().join(format!(
+        "etcd-discovery-fuzz-{}-{target}",
+        std::process::id()
+    ));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    Ok(dir)
 }
 
 fn ensure_cargo_fuzz() -> Result<()> {
