@@ -25,6 +25,9 @@ pub enum FreezeCause {
     Stalled,
     /// etcd refused the credentials.
     Auth,
+    /// The member serving the watch is behind the revision already applied (it lags, or etcd
+    /// went back in time); the cache backs off and relists.
+    HistoryBehind,
     /// Any other failure.
     Other,
 }
@@ -50,6 +53,7 @@ impl fmt::Display for FreezeCause {
             FreezeCause::Timeout => "request timed out",
             FreezeCause::Stalled => "watch stalled",
             FreezeCause::Auth => "authentication failed",
+            FreezeCause::HistoryBehind => "etcd's history is behind the applied revision",
             FreezeCause::Other => "backend error",
         })
     }

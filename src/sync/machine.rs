@@ -110,6 +110,14 @@ pub struct Stats {
     pub failures: u64,
 }
 
+/// What one input did.
+enum Stepped {
+    /// It does not apply in this phase; nothing changed.
+    Ignored,
+    /// It was taken, and calls for this action (if any).
+    Accepted(Option<Action>),
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     /// Waiting for a list.
@@ -214,7 +222,9 @@ impl Machine {
     /// Feeds several inputs that arrived together, publishing at most one snapshot at the end.
     ///
     /// Inputs that no longer apply (events from a watch the machine already left, say) are
-    /// ignored, so the driver may pass whatever it read in one go.
+    /// ignored, so the driver may pass whatever it read in one go. The action returned is the
+    /// one the last accepted input called for: an input that moved the machine on without
+    /// needing IO (a watch acknowledged, say) leaves nothing to do.
     pub fn handle_all(
         &mut self,
         now: Instant,
@@ -222,8 +232,8 @@ impl Machine {
     ) -> Vec<Action> {
         let mut next = None;
         for input in inputs {
-            if let Some(action) = self.step(now, input) {
-                next = Some(action);
+            if let Stepped::Accepted(action) = self.step(now, input) {
+                next = action;
             }
         }
         let mut actions = Vec::with_capacity(2);
@@ -234,12 +244,13 @@ impl Machine {
         actions
     }
 
-    fn step(&mut self, now: Instant, input: Input) -> Option<Action> {
+    fn step(&mut self, now: Instant, input: Input) -> Stepped {
+        use Stepped::Accepted;
         match (self.phase, input) {
-            (Phase::Listing, Input::Listed(list)) => Some(self.on_listed(list)),
+            (Phase::Listing, Input::Listed(list)) => Accepted(Some(self.on_listed(list))),
             (Phase::WatchStarting, Input::WatchStarted(header)) => {
                 if self.went_back(header) {
-                    return Some(self.on_regression(now, header));
+                    return Accepted(Some(self.on_regression(now, header)));
                 }
                 if self.watched {
                     self.stats.watch_restarts += 1;
@@ -248,19 +259,19 @@ impl Machine {
                 self.regressions = 0;
                 self.phase = Phase::Watching { since: now };
                 self.set_live();
-                None
+                Accepted(None)
             }
             (Phase::Watching { .. }, Input::WatchBatch { header, events }) => {
                 if self.went_back(header) {
-                    return Some(self.on_regression(now, header));
+                    return Accepted(Some(self.on_regression(now, header)));
                 }
                 self.apply_events(events);
                 self.set_live();
-                None
+                Accepted(None)
             }
             (Phase::Watching { .. }, Input::Progress(header)) => {
                 if self.went_back(header) {
-                    return Some(self.on_regression(now, header));
+                    return Accepted(Some(self.on_regression(now, header)));
                 }
                 // etcd sends a progress notification only once every event up to its revision
                 // was delivered, so nothing is skipped by moving up to it; a later resume then
@@ -268,7 +279,7 @@ impl Machine {
                 // compaction of them.
                 self.revision = self.revision.max(header.revision);
                 self.set_live();
-                None
+                Accepted(None)
             }
             (
                 Phase::WatchStarting | Phase::Watching { .. },
@@ -281,24 +292,26 @@ impl Machine {
                     "watch history compacted past the applied revision; relisting"
                 );
                 self.phase = Phase::Listing;
-                Some(Action::List)
+                Accepted(Some(Action::List))
             }
             (
                 Phase::Listing | Phase::WatchStarting | Phase::Watching { .. },
                 Input::Failed(cause),
-            ) => Some(self.on_failed(now, cause)),
-            (Phase::Sleeping { relist }, Input::TimerFired) => Some(if relist || !self.listed {
-                self.phase = Phase::Listing;
-                Action::List
-            } else {
-                self.phase = Phase::WatchStarting;
-                Action::Watch {
-                    from_revision: self.revision.saturating_add(1),
-                }
-            }),
+            ) => Accepted(Some(self.on_failed(now, cause))),
+            (Phase::Sleeping { relist }, Input::TimerFired) => {
+                Accepted(Some(if relist || !self.listed {
+                    self.phase = Phase::Listing;
+                    Action::List
+                } else {
+                    self.phase = Phase::WatchStarting;
+                    Action::Watch {
+                        from_revision: self.revision.saturating_add(1),
+                    }
+                }))
+            }
             (phase, input) => {
                 tracing::trace!(service = %self.service, ?phase, ?input, "input ignored in this phase");
-                None
+                Stepped::Ignored
             }
         }
     }
@@ -323,8 +336,10 @@ impl Machine {
             Action::List
         } else {
             // The list just before said history was fine, yet the watch disagrees again: a member
-            // that lags behind. Relisting at once would spin, so back off first.
-            let delay = self.next_delay(now);
+            // that lags behind. Relisting at once would spin, so back off first; no watch is
+            // open meanwhile, so the snapshot is frozen.
+            self.freeze(now, FreezeCause::HistoryBehind);
+            let delay = self.backoff.next_delay();
             self.phase = Phase::Sleeping { relist: true };
             Action::Sleep(delay)
         }
@@ -450,19 +465,20 @@ impl Machine {
                 self.backoff.reset();
             }
         }
-        if self.freshness.is_live() {
-            tracing::info!(service = %self.service, %cause, revision = self.revision, "frozen: keeping the last known instances");
-            self.freshness = Freshness::Frozen { since: now, cause };
-        }
+        self.freeze(now, cause);
         let relist = matches!(self.phase, Phase::Listing);
-        let delay = self.next_delay(now);
+        let delay = self.backoff.next_delay();
         tracing::debug!(service = %self.service, %cause, ?delay, relist, "backing off");
         self.phase = Phase::Sleeping { relist };
         Action::Sleep(delay)
     }
 
-    fn next_delay(&mut self, _now: Instant) -> Duration {
-        self.backoff.next_delay()
+    /// Marks the snapshot frozen (keeping when and why it first froze).
+    fn freeze(&mut self, now: Instant, cause: FreezeCause) {
+        if self.freshness.is_live() {
+            tracing::info!(service = %self.service, %cause, revision = self.revision, "frozen: keeping the last known instances");
+            self.freshness = Freshness::Frozen { since: now, cause };
+        }
     }
 
     fn set_live(&mut self) {

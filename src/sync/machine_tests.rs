@@ -646,3 +646,61 @@ fn revision_never_goes_down_without_a_counted_reset() {
         ids(&["a@10.0.0.1:80", "b@10.0.0.1:1", "c@10.0.0.1:1"])
     );
 }
+
+#[test]
+fn the_action_returned_is_the_last_accepted_inputs() {
+    // A group in which the watch is both requested and acknowledged leaves nothing to do.
+    let mut h = Harness::new();
+    let actions = h.machine.handle_all(
+        h.now,
+        vec![
+            listed(5, vec![kv("a", 1, 5)]),
+            Input::WatchStarted(hdr(19)),
+            Input::Progress(hdr(20)),
+        ],
+    );
+    assert!(
+        actions.iter().all(|a| matches!(a, Action::Publish(_))),
+        "a stale request came back: {actions:?}"
+    );
+    // An ignored input after an accepted one keeps the accepted one's action.
+    let mut h = Harness::watching(&["a"]);
+    let actions = h.machine.handle_all(
+        h.now,
+        vec![
+            Input::Compacted {
+                compact_revision: 9,
+            },
+            Input::TimerFired,
+        ],
+    );
+    assert!(matches!(actions.last(), Some(Action::List)), "{actions:?}");
+}
+
+#[test]
+fn backing_off_from_a_lagging_member_freezes_the_snapshot() {
+    let mut h = Harness::watching(&["a"]);
+    h.expect(batch(20, vec![put("b", 1, 20)]), Next::Nothing);
+    h.expect(Input::Progress(hdr(15)), Next::List);
+    h.expect(
+        listed(21, vec![kv("a", 80, 10), kv("b", 1, 20)]),
+        Next::Watch(22),
+    );
+    assert!(h.last().freshness().is_live());
+    h.expect(
+        Input::WatchStarted(hdr(16)),
+        Next::SleepAtMost(Duration::from_millis(100)),
+    );
+    assert!(matches!(
+        h.last().freshness(),
+        Freshness::Frozen {
+            cause: FreezeCause::HistoryBehind,
+            ..
+        }
+    ));
+    assert_eq!(
+        h.ids(),
+        ids(&["a@10.0.0.1:80", "b@10.0.0.1:1"]),
+        "frozen, not cleared"
+    );
+}
