@@ -21,8 +21,9 @@ use crate::instance::Instance;
 /// The instances that may be picked from one snapshot, with a precomputed divisor.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct PickTable {
-    /// Indexes (into the snapshot's instances) of the instances that are up.
-    up: Box<[u32]>,
+    /// Indexes (into the snapshot's instances) of the instances that are up; shared by the
+    /// snapshots that differ only in freshness.
+    up: Arc<[u32]>,
     /// `u64::MAX / up.len() + 1`: Lemire's constant for a division-free `n % up.len()`.
     magic: u64,
 }
@@ -30,7 +31,7 @@ pub(crate) struct PickTable {
 impl PickTable {
     /// Builds the table for `instances`.
     pub(crate) fn new(instances: &[Arc<Instance>]) -> Self {
-        let up: Box<[u32]> = instances
+        let up: Arc<[u32]> = instances
             .iter()
             .enumerate()
             .filter(|(_, i)| i.is_up())

@@ -102,20 +102,27 @@ pub(crate) struct Handle {
 /// ```
 #[derive(Clone)]
 pub struct ServiceCache {
+    /// Read on every pick: held directly, one pointer from the `ArcSwap`.
+    shared: Arc<Shared>,
+    /// Keeps the sync task running while any clone lives.
     handle: Arc<Handle>,
 }
 
 impl ServiceCache {
     pub(crate) fn new(handle: Arc<Handle>) -> Self {
-        Self { handle }
+        Self {
+            shared: handle.shared.clone(),
+            handle,
+        }
     }
 
     pub(crate) fn handle(&self) -> &Arc<Handle> {
         &self.handle
     }
 
+    #[inline]
     fn shared(&self) -> &Shared {
-        &self.handle.shared
+        &self.shared
     }
 
     /// The service this cache follows.

@@ -109,7 +109,7 @@ pub struct Snapshot {
     revision: i64,
     freshness: Freshness,
     instances: Arc<[Arc<Instance>]>,
-    picks: Arc<PickTable>,
+    picks: PickTable,
 }
 
 impl Snapshot {
@@ -120,7 +120,7 @@ impl Snapshot {
         freshness: Freshness,
         instances: Vec<Arc<Instance>>,
     ) -> Self {
-        let picks = Arc::new(PickTable::new(&instances));
+        let picks = PickTable::new(&instances);
         Self {
             service,
             revision,
