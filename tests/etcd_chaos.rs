@@ -135,7 +135,7 @@ async fn providers_are_discovered_deregistered_and_expire() {
     for (id, reg) in [("p1", &p1), ("p2", &p2), ("p3", &p3)] {
         let kv = get_key(&etcd, &user_key(id)).expect("key written");
         assert_ne!(kv.lease, 0, "{id} is under a lease");
-        assert_eq!(Some(kv.lease), lease_of(*reg.status().borrow()), "{id}");
+        assert_eq!(Some(kv.lease), reg.status().borrow().lease(), "{id}");
     }
 
     let revoked = Instant::now();
@@ -507,7 +507,7 @@ async fn a_registration_outlives_an_outage_longer_than_its_ttl() {
     let etcd = EtcdCluster::single();
     let backend = connect(&etcd.endpoints(), fast_options()).await;
     let p = register(&backend, "p", 8001).await;
-    let old = lease_of(*p.status().borrow()).expect("registered");
+    let old = p.status().borrow().lease().expect("registered");
     let users = users(&backend).await;
     let recorder = Recorder::start(&users);
     let mut status = p.status();
@@ -526,14 +526,14 @@ async fn a_registration_outlives_an_outage_longer_than_its_ttl() {
         &mut status,
         REG_BACKOFF.max + Duration::from_millis(500),
         "registered again within one backoff step",
-        |s| matches!(lease_of(*s), Some(l) if l != old),
+        |s| matches!(s.lease(), Some(l) if l != old),
     )
     .await;
     eprintln!(
         "provider registered again {:?} after etcd was back",
         up.elapsed()
     );
-    let lease = lease_of(back).expect("a lease");
+    let lease = back.lease().expect("a lease");
     let kv = get_key(&etcd, &user_key("p")).expect("back in etcd");
     assert_eq!(kv.lease, lease, "under the new lease");
     assert_eq!(kv.value_str(), value_of("p", 8001), "the same instance");
@@ -560,7 +560,7 @@ async fn a_lease_revoked_during_an_outage_is_replaced() {
     let etcd = EtcdCluster::start(3);
     let backend = connect(&[etcd.endpoint(0)], fast_options()).await;
     let p = register(&backend, "p", 8001).await;
-    let old = lease_of(*p.status().borrow()).expect("registered");
+    let old = p.status().borrow().lease().expect("registered");
     let mut status = p.status();
     let key = user_key("p");
 
@@ -590,7 +590,7 @@ async fn a_lease_revoked_during_an_outage_is_replaced() {
     assert_ne!(kv.lease, old, "a new lease");
     assert_eq!(kv.value_str(), value_of("p", 8001), "the same instance");
     status_becomes(&mut status, TTL, "registered under the new lease", |s| {
-        lease_of(*s) == Some(kv.lease)
+        s.lease() == Some(kv.lease)
     })
     .await;
     report("a_lease_revoked_during_an_outage_is_replaced", started);
@@ -711,7 +711,7 @@ async fn a_leader_killed_mid_stream_loses_nothing_and_clears_nothing() {
     tokio::time::sleep(alive_until.saturating_duration_since(Instant::now())).await;
     let now = *p.status().borrow();
     let kv = get_key(&etcd, &user_key("p")).expect("the provider is still registered");
-    assert_eq!(lease_of(now), Some(kv.lease), "status {now:?}");
+    assert_eq!(now.lease(), Some(kv.lease), "status {now:?}");
     status_task.abort();
     let statuses = statuses.lock().unwrap().clone();
     let lost = statuses.contains(&RegistrationStatus::Lost);

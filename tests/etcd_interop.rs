@@ -326,7 +326,7 @@ async fn registrations_in_go_layouts_are_written_as_go_writes_them() {
     )
     .await
     .expect("go-zero registration");
-    let lease = lease_of(*gz.status().borrow()).expect("a lease");
+    let lease = gz.status().borrow().lease().expect("a lease");
     let (_, kvs) = get(&etcd, "user.rpc/", true);
     assert_eq!(kvs.len(), 1, "{kvs:?}");
     assert_eq!(kvs[0].key, format!("user.rpc/{lease}"));
@@ -371,7 +371,7 @@ async fn registrations_in_go_layouts_are_written_as_go_writes_them() {
     ] {
         let kv = get_key(&etcd, key).unwrap_or_else(|| panic!("{key} written"));
         assert_eq!(kv.value_str(), value, "{key}");
-        assert_eq!(Some(kv.lease), lease_of(*reg.status().borrow()), "{key}");
+        assert_eq!(Some(kv.lease), reg.status().borrow().lease(), "{key}");
     }
     let users = cache(&backend, "/services", KeyLayout::EtcdNaming, "user").await;
     let s = users.snapshot();

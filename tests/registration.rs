@@ -8,8 +8,8 @@ use etcd_discovery::{
     BackoffConfig, Discovery, Error, Instance, KeyLayout, MemoryBackend, Registration,
     RegistrationBuilder, RegistrationStatus, State,
 };
+use support::wait::{eventually, status_becomes};
 use support::*;
-use tokio::sync::watch;
 use tokio::time::Instant;
 
 const TTL: Duration = Duration::from_secs(3);
@@ -25,34 +25,6 @@ fn builder(etcd: &MemoryBackend, id: &str) -> RegistrationBuilder {
         .ttl(TTL)
         .backoff(BACKOFF)
         .jitter_seed(3)
-}
-
-/// Waits until `cond` holds, checking after every tick of virtual time; bounded.
-async fn eventually(within: Duration, what: &str, cond: impl Fn() -> bool) {
-    let deadline = Instant::now() + within;
-    while !cond() {
-        assert!(Instant::now() < deadline, "not within {within:?}: {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
-async fn status_becomes(
-    status: &mut watch::Receiver<RegistrationStatus>,
-    within: Duration,
-    what: &str,
-    pred: impl Fn(&RegistrationStatus) -> bool,
-) -> RegistrationStatus {
-    let found = match tokio::time::timeout(within, status.wait_for(|s| pred(s))).await {
-        Ok(Ok(s)) => Some(*s),
-        Ok(Err(_)) => panic!("registration ended while waiting for {what}"),
-        Err(_) => None,
-    };
-    found.unwrap_or_else(|| {
-        panic!(
-            "not within {within:?}: {what}; status {:?}",
-            *status.borrow()
-        )
-    })
 }
 
 fn lease_of(etcd: &MemoryBackend, key: &str) -> Option<i64> {
@@ -171,7 +143,7 @@ async fn dropping_stops_the_keep_alive_so_the_lease_expires() {
     let dropped = Instant::now();
     drop(registration);
     eventually(TTL * 2, "key expired", || {
-        etcd.get(user_key("u1")).is_none()
+        (etcd.get(user_key("u1")).is_none()).then_some(())
     })
     .await;
     assert!(
@@ -187,7 +159,7 @@ async fn a_key_deleted_by_someone_else_is_put_back() {
     let lease = lease_of(&etcd, &user_key("u1")).unwrap();
     etcd.delete(user_key("u1"));
     eventually(Duration::from_secs(1), "key put back", || {
-        etcd.get(user_key("u1")).is_some()
+        (etcd.get(user_key("u1")).is_some()).then_some(())
     })
     .await;
     assert_eq!(lease_of(&etcd, &user_key("u1")), Some(lease), "same lease");
@@ -230,7 +202,7 @@ async fn a_lease_lost_during_an_outage_is_back_within_one_backoff_step() {
     })
     .await;
     eventually(TTL * 2, "lease expired in etcd", || {
-        etcd.get(user_key("u1")).is_none()
+        (etcd.get(user_key("u1")).is_none()).then_some(())
     })
     .await;
     tokio::time::sleep(Duration::from_secs(20)).await; // backoff reaches its cap

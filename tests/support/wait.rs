@@ -2,7 +2,9 @@
 //! own view of a prefix read back through etcdctl (the ground truth a cache is compared with).
 #![allow(dead_code)]
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use etcd_discovery::{Codec, Decoded, RegistrationStatus};
 use tokio::sync::watch;
@@ -13,7 +15,8 @@ use super::etcd::EtcdCluster;
 /// through etcdctl).
 const PROBE_EVERY: Duration = Duration::from_millis(20);
 
-/// Probes until `probe` returns `Some`, at most `within`; panics naming `what` otherwise.
+/// Probes until `probe` returns `Some`, at most `within` (on tokio's clock, so under paused time
+/// it advances virtual time); panics naming `what` otherwise.
 pub async fn eventually<T>(
     within: Duration,
     what: &str,
@@ -47,16 +50,6 @@ pub async fn status_becomes(
             *status.borrow()
         )
     })
-}
-
-/// The lease a status names, if any.
-pub fn lease_of(status: RegistrationStatus) -> Option<i64> {
-    match status {
-        RegistrationStatus::Registered { lease }
-        | RegistrationStatus::Renewing { lease }
-        | RegistrationStatus::Reregistered { lease } => Some(lease),
-        _ => None,
-    }
 }
 
 /// One key as etcd holds it.
@@ -168,7 +161,7 @@ pub fn grant(etcd: &EtcdCluster, ttl_secs: u32) -> (String, i64) {
 }
 
 /// Prints how long a test ran (shown with `--nocapture`).
-pub fn report(test: &str, started: Instant) {
+pub fn report(test: &str, started: std::time::Instant) {
     eprintln!("[runtime] {test}: {:.2?}", started.elapsed());
 }
 
