@@ -7,40 +7,12 @@
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use etcd_discovery::{Codec, Discovery, Instance, KeyLayout, MemoryBackend};
+mod common;
 
 const CACHED: usize = 10_000;
 
 fn bench(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let etcd = MemoryBackend::new();
-    let codec = Codec::new(KeyLayout::Native, "/services");
-    let make = |i: usize, port: u16| {
-        Instance::builder(
-            "user",
-            format!("10.0.{}.{}:{port}", (i >> 8) & 255, i & 255),
-        )
-        .id(format!("u{i}"))
-        .build()
-        .expect("valid instance")
-    };
-    for i in 0..CACHED {
-        let instance = make(i, 8080);
-        etcd.put(codec.key(&instance, 0), codec.encode_value(&instance));
-    }
-    let users = rt.block_on(async {
-        Discovery::memory(etcd.clone())
-            .namespace("/services")
-            .build()
-            .expect("valid config")
-            .service("user")
-            .await
-            .expect("first list")
-    });
-    assert_eq!(users.snapshot().len(), CACHED);
+    let (rt, etcd, users) = common::cache(CACHED);
 
     let mut group = c.benchmark_group("ingest");
     for burst in [100usize, 1_000] {
@@ -51,8 +23,7 @@ fn bench(c: &mut Criterion) {
             .map(|base| {
                 (0..burst)
                     .map(|i| {
-                        let instance = make(i * 7 % CACHED, base + (i % 500) as u16);
-                        (codec.key(&instance, 0), codec.encode_value(&instance))
+                        common::encoded(&common::instance(i * 7 % CACHED, base + (i % 500) as u16))
                     })
                     .collect()
             })

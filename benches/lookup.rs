@@ -14,50 +14,18 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+mod common;
+
 use arc_swap::ArcSwap;
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use etcd_discovery::{Codec, Discovery, Instance, KeyLayout, MemoryBackend, ServiceCache};
+use etcd_discovery::Instance;
 
 const SIZES: [usize; 3] = [10, 1_000, 100_000];
 
 fn instances(n: usize) -> Vec<Arc<Instance>> {
     (0..n)
-        .map(|i| {
-            Arc::new(
-                Instance::builder(
-                    "user",
-                    format!("10.{}.{}.{}:8080", i >> 16, (i >> 8) & 255, i & 255),
-                )
-                .id(format!("u{i}"))
-                .build()
-                .expect("valid instance"),
-            )
-        })
+        .map(|i| Arc::new(common::instance(i, 8080)))
         .collect()
-}
-
-/// A live cache of `n` instances over the memory backend, and the runtime that keeps it.
-fn cache(n: usize) -> (tokio::runtime::Runtime, ServiceCache) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let etcd = MemoryBackend::new();
-    let codec = Codec::new(KeyLayout::Native, "/services");
-    for i in instances(n) {
-        etcd.put(codec.key(&i, 0), codec.encode_value(&i));
-    }
-    let cache = rt.block_on(async {
-        Discovery::memory(etcd)
-            .namespace("/services")
-            .build()
-            .expect("valid config")
-            .service("user")
-            .await
-            .expect("first list")
-    });
-    assert_eq!(cache.snapshot().len(), n);
-    (rt, cache)
 }
 
 /// Runs `op` `iters` times on each of `threads` threads at once; returns the mean per-thread time.
@@ -88,7 +56,7 @@ fn bench(c: &mut Criterion) {
     for threads in [1usize, 2] {
         let mut group = c.benchmark_group(format!("lookup/{threads}-thread"));
         for n in SIZES {
-            let (_rt, users) = cache(n);
+            let (_rt, _etcd, users) = common::cache(n);
             group.bench_with_input(BenchmarkId::new("pick", n), &n, |b, _| {
                 b.iter_custom(|iters| {
                     on_threads(threads, iters, &|| {

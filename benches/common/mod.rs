@@ -1,0 +1,48 @@
+//! What both benches build: instances, and a live cache of them over the memory backend.
+
+use etcd_discovery::{Codec, Discovery, Instance, KeyLayout, MemoryBackend, ServiceCache};
+
+/// The namespace the benches register under.
+pub const NAMESPACE: &str = "/services";
+
+/// Instance `i` of service `user`, with a distinct address, on `port`.
+pub fn instance(i: usize, port: u16) -> Instance {
+    Instance::builder(
+        "user",
+        format!("10.{}.{}.{}:{port}", i >> 16, (i >> 8) & 255, i & 255),
+    )
+    .id(format!("u{i}"))
+    .build()
+    .expect("valid instance")
+}
+
+/// The key and value of `instance` in the native layout.
+pub fn encoded(instance: &Instance) -> (String, Vec<u8>) {
+    let codec = Codec::new(KeyLayout::Native, NAMESPACE);
+    (codec.key(instance, 0), codec.encode_value(instance))
+}
+
+/// A memory backend holding `n` instances, a live cache of them, and the runtime that keeps the
+/// cache's task.
+pub fn cache(n: usize) -> (tokio::runtime::Runtime, MemoryBackend, ServiceCache) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let etcd = MemoryBackend::new();
+    for i in 0..n {
+        let (key, value) = encoded(&instance(i, 8080));
+        etcd.put(key, value);
+    }
+    let cache = rt.block_on(async {
+        Discovery::memory(etcd.clone())
+            .namespace(NAMESPACE)
+            .build()
+            .expect("valid config")
+            .service("user")
+            .await
+            .expect("first list")
+    });
+    assert_eq!(cache.snapshot().len(), n);
+    (rt, etcd, cache)
+}
