@@ -17,6 +17,8 @@
 //! What it guarantees (the numbers are DESIGN.md's invariants):
 //! 1. A failure freezes the snapshot: the instance set changes only on an answer from etcd.
 //! 2. A watch resumes at `revision + 1`; events at or below the applied revision are ignored.
+//!    Only events and lists move the revision: a progress notification proves the watch is
+//!    alive but moves nothing (older etcd releases can answer one ahead of undelivered events).
 //! 3. All events of one watch message are applied before anything is published.
 //! 4. The revision never goes down, except when a list proves etcd went back in time (a reset,
 //!    counted in [`Stats::resets`]).
@@ -273,11 +275,11 @@ impl Machine {
                 if self.went_back(header) {
                     return Accepted(Some(self.on_regression(now, header)));
                 }
-                // etcd sends a progress notification only once every event up to its revision
-                // was delivered, so nothing is skipped by moving up to it; a later resume then
-                // starts past revisions that hold nothing for this prefix, and survives a
-                // compaction of them.
-                self.revision = self.revision.max(header.revision);
+                // Proof of life only: the resume revision does not move. etcd before 3.4.24 and
+                // 3.5.8 can answer a progress request for a watcher still catching up with a
+                // revision ahead of events it has not delivered yet (etcd issue 15220), and
+                // moving up to it would skip them. The cost: a prefix quiet across a compaction
+                // relists on its next reconnect instead of resuming.
                 self.set_live();
                 Accepted(None)
             }
@@ -358,8 +360,9 @@ impl Machine {
                     cluster_id = header.cluster_id,
                     "etcd went back in time (restored from a backup or replaced); the snapshot resets to its state"
                 );
-                // A real reset, not a lagging member: the next regression is news again.
-                self.regressions = 0;
+                // `regressions` stays: only a healthy watch clears it. If the watch keeps
+                // disagreeing with the list (endpoints of two clusters behind one client), the
+                // next disagreement backs off instead of relisting at once, forever.
             }
         }
         let mut fresh = BTreeMap::new();

@@ -260,10 +260,10 @@ fn watch_transitions_table() {
             11,
         ),
         (
-            "progress moves the revision, not the instances",
+            "progress proves liveness and moves nothing",
             vec![Input::Progress(hdr(40))],
             &["a@10.0.0.1:80", "b@10.0.0.1:80"],
-            40,
+            10,
         ),
         (
             "a batch from another cluster is not applied",
@@ -703,4 +703,29 @@ fn backing_off_from_a_lagging_member_freezes_the_snapshot() {
         ids(&["a@10.0.0.1:80", "b@10.0.0.1:1"]),
         "frozen, not cleared"
     );
+}
+
+#[test]
+fn a_watch_that_keeps_disagreeing_with_the_list_backs_off() {
+    // Endpoints of two clusters behind one client: every list resets to one, every watch sees
+    // the other. After the first relist, each disagreement backs off instead of spinning.
+    let mut h = Harness::watching(&["a"]);
+    let other = Header {
+        revision: 50,
+        cluster_id: CLUSTER + 1,
+    };
+    h.expect(Input::Progress(other), Next::List);
+    for round in 0..5 {
+        h.feed(Input::Listed(ListResponse {
+            header: if round % 2 == 0 { hdr(10) } else { other },
+            kvs: vec![kv("a", 80, 10)],
+        }));
+        let header = if round % 2 == 0 { other } else { hdr(10) };
+        match h.feed(Input::WatchStarted(header)) {
+            Next::SleepAtMost(_) => {}
+            got => panic!("round {round}: relisted at once ({got:?}) instead of backing off"),
+        }
+        h.expect(Input::TimerFired, Next::List);
+    }
+    assert!(h.machine.stats().resets >= 4);
 }
