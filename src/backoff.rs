@@ -32,12 +32,27 @@ impl Default for BackoffConfig {
     }
 }
 
+/// The longest duration any setting takes: longer ones would only overflow deadlines, and are
+/// refused when the setting is built.
+pub(crate) const MAX_SETTING: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// Checks that a duration setting is within `1 ns ..= MAX_SETTING`.
+pub(crate) fn check_setting(name: &str, value: Duration) -> Result<(), String> {
+    if value.is_zero() {
+        return Err(format!("{name} must be greater than zero"));
+    }
+    if value > MAX_SETTING {
+        return Err(format!("{name} ({value:?}) must be at most one day"));
+    }
+    Ok(())
+}
+
 impl BackoffConfig {
-    /// Checks that the delays are positive and ordered.
+    /// Checks that the delays are positive, at most a day, and ordered.
     pub(crate) fn validate(&self) -> Result<(), String> {
-        if self.initial.is_zero() || self.max.is_zero() {
-            return Err("backoff.initial and backoff.max must be greater than zero".into());
-        }
+        check_setting("backoff.initial", self.initial)?;
+        check_setting("backoff.max", self.max)?;
+        check_setting("backoff.reset_after", self.reset_after)?;
         if self.max < self.initial {
             return Err(format!(
                 "backoff.max ({:?}) must be at least backoff.initial ({:?})",

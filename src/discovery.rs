@@ -75,9 +75,15 @@ impl Discovery {
 
     /// Starts building a discovery over an etcd client the application already has.
     ///
+    /// Build that client with `ConnectOptions::with_require_leader(true)` and an HTTP/2
+    /// keep-alive, or use [`EtcdBackend::connect`](crate::EtcdBackend::connect) with
+    /// [`Discovery::with_backend`], which sets both: without a required leader, a member cut off
+    /// from its cluster keeps the cache live on stale state.
+    ///
     /// ```no_run
     /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-    /// let client = etcd_client::Client::connect(["http://127.0.0.1:2379"], None).await?;
+    /// let options = etcd_client::ConnectOptions::new().with_require_leader(true);
+    /// let client = etcd_client::Client::connect(["http://127.0.0.1:2379"], Some(options)).await?;
     /// let discovery = etcd_discovery::Discovery::builder(client).namespace("/services").build()?;
     /// let users = discovery.service("user").await?;
     /// # let _ = users; Ok(()) }
@@ -130,7 +136,8 @@ impl Discovery {
     /// [`NotListed`](crate::FreezeCause::NotListed), and fills in when etcd answers.
     ///
     /// # Errors
-    /// [`Error::Config`] when `service` cannot be a key segment.
+    /// [`Error::Config`] when `service` cannot be a key segment, or when called outside a tokio
+    /// runtime (the cache runs a task).
     pub fn service_now(&self, service: &str) -> Result<ServiceCache> {
         self.cache(service)
     }
@@ -147,12 +154,12 @@ impl Discovery {
             return Ok(ServiceCache::new(handle));
         }
         caches.retain(|_, weak| weak.strong_count() > 0);
-        let handle = self.spawn(service);
+        let handle = self.spawn(service)?;
         caches.insert(service.to_owned(), Arc::downgrade(&handle));
         Ok(ServiceCache::new(handle))
     }
 
-    fn spawn(&self, service: &str) -> Arc<Handle> {
+    fn spawn(&self, service: &str) -> Result<Arc<Handle>> {
         let config = &self.inner.config;
         let codec = Codec::new(config.layout, config.namespace.clone())
             .with_max_value_size(config.max_value_size);
@@ -179,11 +186,11 @@ impl Discovery {
             },
             shared.clone(),
             stop_rx,
-        );
-        Arc::new(Handle {
+        )?;
+        Ok(Arc::new(Handle {
             shared,
             _stop: stop_tx,
-        })
+        }))
     }
 }
 
@@ -270,9 +277,7 @@ impl DiscoveryBuilder {
             ("stall_timeout", c.stall_timeout),
         ];
         for (name, value) in positive {
-            if value.is_zero() {
-                return Err(Error::Config(format!("{name} must be greater than zero")));
-            }
+            crate::backoff::check_setting(name, value).map_err(Error::Config)?;
         }
         c.backoff.validate().map_err(Error::Config)?;
         if c.max_value_size == 0 {

@@ -62,7 +62,8 @@ impl fmt::Display for FreezeCause {
 /// Whether a snapshot follows etcd right now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Freshness {
-    /// The watch is connected: the snapshot is etcd's state, give or take a round trip.
+    /// The last answer came from etcd and the cache is following it: a watch is open, or being
+    /// opened right after a list. The snapshot is etcd's state, give or take a round trip.
     Live,
     /// etcd is unreachable: the snapshot is the last known state, kept as it was (never cleared)
     /// until etcd answers again.

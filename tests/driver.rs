@@ -170,6 +170,8 @@ async fn a_hung_etcd_is_detected_within_the_stall_bound() {
         "detected after {detected:?}, bound {STALL:?}"
     );
     assert_eq!(ids(&s), list(&["a@1"]));
+    let why = users.last_error().expect("the stall is recorded");
+    assert!(why.contains("stalled"), "{why}");
 
     // Writes made while it hung show up once it answers again.
     register(&etcd, "b", 2);
@@ -442,6 +444,12 @@ async fn bad_configuration_and_names_are_clear_errors() {
         .build()
         .unwrap_err();
     assert!(err.to_string().contains("backoff.max"), "{err}");
+    // Durations that would overflow a deadline are refused, not left to panic the task.
+    let err = builder(&etcd)
+        .stall_timeout(Duration::MAX)
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("at most one day"), "{err}");
     let discovery = builder(&etcd).build().unwrap();
     assert!(matches!(
         discovery.service("a/b").await,
@@ -473,4 +481,13 @@ async fn draining_instances_are_listed_but_never_picked() {
     wait_for(&users, LONG, "only draining left", |s| s.len() == 1).await;
     assert!(users.pick().is_none());
     assert!(users.pick_random().is_none());
+}
+
+#[test]
+fn a_cache_outside_a_runtime_is_an_error_not_a_panic() {
+    let discovery = Discovery::memory(MemoryBackend::new()).build().unwrap();
+    match discovery.service_now("user") {
+        Err(Error::Config(why)) => assert!(why.contains("tokio runtime"), "{why}"),
+        other => panic!("expected a configuration error, got {other:?}"),
+    }
 }

@@ -69,9 +69,15 @@ pub(crate) fn spawn(
     config: DriverConfig,
     shared: Arc<Shared>,
     stop: oneshot::Receiver<()>,
-) {
+) -> Result<(), crate::Error> {
+    let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+        crate::Error::Config(
+            "a cache runs a task: call Discovery::service or service_now inside a tokio runtime"
+                .into(),
+        )
+    })?;
     let span = tracing::info_span!("etcd_discovery::cache", service = %shared.service);
-    tokio::spawn(
+    runtime.spawn(
         Driver {
             backend,
             machine,
@@ -82,6 +88,7 @@ pub(crate) fn spawn(
         .run(stop)
         .instrument(span),
     );
+    Ok(())
 }
 
 struct Driver {
@@ -204,7 +211,7 @@ async fn wait(op: &mut Op, config: &DriverConfig, error: &mut Option<String>) ->
             outcome
         }
         Op::Stream(streaming) => {
-            let outcome = follow(streaming, config).await;
+            let outcome = follow(streaming, config, error).await;
             if let Outcome::Inputs(inputs) = &outcome {
                 if matches!(
                     inputs.last(),
@@ -220,7 +227,11 @@ async fn wait(op: &mut Op, config: &DriverConfig, error: &mut Option<String>) ->
 
 /// Reads the next messages of a watch, requesting progress when it is idle and reporting a
 /// stall when it stays silent.
-async fn follow(streaming: &mut Streaming, config: &DriverConfig) -> Outcome {
+async fn follow(
+    streaming: &mut Streaming,
+    config: &DriverConfig,
+    error: &mut Option<String>,
+) -> Outcome {
     let half = config.stall_timeout / 2;
     loop {
         let deadline = if streaming.progress_requested {
@@ -237,14 +248,16 @@ async fn follow(streaming: &mut Streaming, config: &DriverConfig) -> Outcome {
                 loop {
                     match next {
                         Some(Ok(message)) => inputs.push(Input::from(message)),
-                        Some(Err(error)) => {
-                            tracing::info!(%error, "watch failed");
-                            inputs.push(Input::Failed(error.kind.into()));
+                        Some(Err(e)) => {
+                            tracing::info!(error = %e, "watch failed");
+                            inputs.push(Input::Failed(e.kind.into()));
+                            *error = Some(format!("watch: {e}"));
                             break;
                         }
                         None => {
                             tracing::info!("watch stream ended");
                             inputs.push(Input::Failed(FreezeCause::Unavailable));
+                            *error = Some("watch stream ended".to_owned());
                             break;
                         }
                     }
@@ -265,6 +278,10 @@ async fn follow(streaming: &mut Streaming, config: &DriverConfig) -> Outcome {
                         bound = ?config.stall_timeout,
                         "watch silent past the stall bound, progress request unanswered"
                     );
+                    *error = Some(format!(
+                        "watch stalled: no answer within {:?}",
+                        config.stall_timeout
+                    ));
                     return Outcome::Inputs(vec![Input::Failed(FreezeCause::Stalled)]);
                 }
                 streaming.progress_requested = true;
@@ -274,11 +291,13 @@ async fn follow(streaming: &mut Streaming, config: &DriverConfig) -> Outcome {
                     .saturating_duration_since(Instant::now());
                 match timeout(left, request).await {
                     Ok(Ok(())) => {}
-                    Ok(Err(error)) => {
-                        tracing::info!(%error, "progress request failed");
-                        return Outcome::Inputs(vec![Input::Failed(error.kind.into())]);
+                    Ok(Err(e)) => {
+                        tracing::info!(error = %e, "progress request failed");
+                        *error = Some(format!("progress request: {e}"));
+                        return Outcome::Inputs(vec![Input::Failed(e.kind.into())]);
                     }
                     Err(_) => {
+                        *error = Some("watch stalled: progress request not taken".to_owned());
                         return Outcome::Inputs(vec![Input::Failed(FreezeCause::Stalled)]);
                     }
                 }
