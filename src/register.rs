@@ -175,11 +175,9 @@ impl RegistrationBuilder {
                 self.ttl
             )));
         }
-        if self.request_timeout.is_zero() {
-            return Err(Error::Config(
-                "request_timeout must be greater than zero".into(),
-            ));
-        }
+        crate::backoff::check_setting("ttl", self.ttl).map_err(Error::Config)?;
+        crate::backoff::check_setting("request_timeout", self.request_timeout)
+            .map_err(Error::Config)?;
         self.backoff.validate().map_err(Error::Config)?;
         let seed = self.seed.unwrap_or_else(|| {
             RandomState::new().hash_one((self.instance.service(), self.instance.id()))
@@ -261,7 +259,8 @@ impl fmt::Debug for Registration {
 
 impl Registration {
     /// Starts building a registration of `instance` through an etcd client the application
-    /// already has.
+    /// already has (build it with `ConnectOptions::with_require_leader(true)`; see
+    /// [`EtcdBackend::from_client`](crate::EtcdBackend::from_client)).
     #[cfg(feature = "etcd")]
     #[cfg_attr(docsrs, doc(cfg(feature = "etcd")))]
     pub fn builder(client: etcd_client::Client, instance: Instance) -> RegistrationBuilder {
@@ -648,10 +647,10 @@ impl Keeper {
                         }
                     }
                     Some(Ok(WatchMessage::Compacted { .. })) => {
-                        // The history since our write is gone: look at the key as it is now,
-                        // and follow it from here.
-                        own_key = None;
+                        // The history since our write is gone: follow the key from now on,
+                        // then look at it as it is, so nothing between the two is missed.
                         self.revision = 0;
+                        own_key = self.watch_own_key().await;
                         if !self.put_back().await {
                             return Exit::Lost;
                         }

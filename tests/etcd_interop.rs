@@ -396,3 +396,20 @@ async fn registrations_in_go_layouts_are_written_as_go_writes_them() {
         started,
     );
 }
+
+/// The Backend contract: renewing a lease that no longer exists answers zero (etcd-client reports
+/// it as an error, which the backend must translate), so a registration sees the loss at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_of_a_gone_lease_answers_zero() {
+    use etcd_discovery::Backend;
+    let etcd = EtcdCluster::single();
+    let backend = EtcdBackend::connect(etcd.endpoints(), EtcdOptions::new())
+        .await
+        .expect("connect");
+    let lease = backend.grant(Duration::from_secs(30)).await.expect("grant");
+    assert!(backend.keep_alive(lease).await.expect("renew") > Duration::ZERO);
+    backend.revoke(lease).await.expect("revoke");
+    assert_eq!(backend.keep_alive(lease).await, Ok(Duration::ZERO));
+    assert_eq!(backend.keep_alive(0x7777_0000).await, Ok(Duration::ZERO));
+    backend.revoke(lease).await.expect("revoking twice is fine");
+}

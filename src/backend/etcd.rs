@@ -86,8 +86,10 @@ impl EtcdOptions {
     }
 
     /// HTTP/2 keep-alive: a ping every `interval`, the connection dropped when one is not
-    /// answered within `timeout` (defaults 3 s and 3 s). This is what notices a hung or
-    /// partitioned member even while nothing else is sent.
+    /// answered within `timeout` (defaults 3 s and 3 s). This is what notices a hung member (or
+    /// a network path that went dark) even while nothing else is sent. A member cut off from
+    /// the rest of its cluster still answers pings: [`require_leader`](Self::require_leader) is
+    /// what notices that.
     pub fn keep_alive(mut self, interval: Duration, timeout: Duration) -> Self {
         self.keep_alive_interval = interval;
         self.keep_alive_timeout = timeout;
@@ -187,6 +189,11 @@ impl EtcdBackend {
 
     /// Uses a client the application already has. Its own options apply; the request timeout
     /// is 5 s (see [`with_request_timeout`](Self::with_request_timeout)).
+    ///
+    /// Build that client with `ConnectOptions::with_require_leader(true)` (and an HTTP/2
+    /// keep-alive): without it, a member cut off from the rest of its cluster keeps answering
+    /// from its stale state, and the cache stays live on it instead of freezing.
+    /// [`connect`](Self::connect) sets both.
     pub fn from_client(client: Client) -> Self {
         Self {
             client,
@@ -306,9 +313,20 @@ impl Backend for EtcdBackend {
                 responses.message().await
             };
             // The stream sends one request when it opens; its first answer is the renewal.
-            match self.bounded("lease keep-alive", renew).await? {
-                Some(response) => Ok(Duration::from_secs(response.ttl().max(0) as u64)),
-                None => Err(BackendError::unavailable("keep-alive stream closed")),
+            match tokio::time::timeout(self.request_timeout, renew).await {
+                Ok(Ok(Some(response))) => Ok(Duration::from_secs(response.ttl().max(0) as u64)),
+                Ok(Ok(None)) => Err(BackendError::unavailable("keep-alive stream closed")),
+                // etcd-client reads the first answer itself and reports an unknown lease as an
+                // error; the contract says a lease that no longer exists renews to zero.
+                Ok(Err(error)) if lease_not_found(&error) => Ok(Duration::ZERO),
+                Ok(Err(error)) => Err(map_error(error)),
+                Err(_) => Err(BackendError::new(
+                    BackendErrorKind::Timeout,
+                    format!(
+                        "lease keep-alive took longer than {:?}",
+                        self.request_timeout
+                    ),
+                )),
             }
         })
     }
@@ -455,6 +473,17 @@ fn key_value(kv: &etcd_client::KeyValue) -> KeyValue {
         create_revision: kv.create_revision(),
         mod_revision: kv.mod_revision(),
         lease: kv.lease(),
+    }
+}
+
+/// Whether etcd said the lease does not exist (expired or revoked).
+fn lease_not_found(error: &etcd_client::Error) -> bool {
+    match error {
+        etcd_client::Error::LeaseKeepAliveError(message) => message.contains("not found"),
+        etcd_client::Error::GRpcStatus(status) => {
+            status.code() == tonic::Code::NotFound || status.message().contains("lease not found")
+        }
+        _ => false,
     }
 }
 
