@@ -201,7 +201,8 @@ pub enum PutOutcome {
 /// Implementations must keep etcd's guarantees: revisions only go up within one cluster id, all
 /// events of one revision are delivered in one [`WatchMessage::Events`], a watch started at
 /// revision `r` delivers every event from `r` on (or reports [`WatchMessage::Compacted`]), and a
-/// progress notification at revision `r` means every event up to `r` was delivered.
+/// progress notification at revision `r` means every event up to `r` was delivered (the sync
+/// machine does not rely on that last promise: older etcd releases break it).
 pub trait Backend: Send + Sync + 'static {
     /// Lists every key that starts with `prefix`.
     fn list(&self, prefix: &[u8]) -> BoxFuture<'_, Result<ListResponse, BackendError>>;

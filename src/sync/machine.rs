@@ -53,7 +53,9 @@ pub enum Input {
         /// The events.
         events: Vec<Event>,
     },
-    /// A progress notification: every event up to `header.revision` was delivered.
+    /// A progress notification: the watch is alive. (etcd means "every event up to
+    /// `header.revision` was delivered", but releases before 3.4.24/3.5.8 can break that
+    /// promise, so the machine takes it as proof of life only.)
     Progress(Header),
     /// The watch was cancelled because its start revision was compacted.
     Compacted {
@@ -492,8 +494,8 @@ impl Machine {
     }
 
     /// A new snapshot if the instances, the revision of the last applied change, or the
-    /// freshness changed since the last one. (A progress notification alone moves the resume
-    /// point but publishes nothing, so idle caches do not wake their subscribers.)
+    /// freshness changed since the last one. (A progress notification alone publishes nothing,
+    /// so idle caches do not wake their subscribers.)
     fn publish(&mut self) -> Option<Arc<Snapshot>> {
         let snapshot = if self.changed {
             let instances = self.instances.values().cloned().collect();
