@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{Ipv6Addr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use serde::{Deserialize, Serialize};
 
@@ -174,6 +174,16 @@ impl Instance {
         &self.addr
     }
 
+    /// The same instance with `service` shared from the caller's allocation, when it names the
+    /// same service: a cache decodes thousands of instances of one service, and this keeps one
+    /// copy of its name instead of one per instance.
+    pub(crate) fn share_service(mut self, service: &Arc<str>) -> Self {
+        if *self.service == **service {
+            self.service = service.clone();
+        }
+        self
+    }
+
     /// The instance's tags, in the order they were given.
     pub fn tags(&self) -> impl ExactSizeIterator<Item = &str> + '_ {
         self.tags.iter().map(|t| &**t)
@@ -336,18 +346,32 @@ impl InstanceBuilder {
             service: self.service.into(),
             id: id.into(),
             addr: self.addr.into(),
-            tags: self.tags.into_iter().map(Arc::from).collect(),
-            meta: Arc::new(
-                self.meta
-                    .into_iter()
-                    .map(|(k, v)| (Arc::from(k), Arc::from(v)))
-                    .collect(),
-            ),
+            tags: if self.tags.is_empty() {
+                NO_TAGS.clone()
+            } else {
+                self.tags.into_iter().map(Arc::from).collect()
+            },
+            meta: if self.meta.is_empty() {
+                NO_META.clone()
+            } else {
+                Arc::new(
+                    self.meta
+                        .into_iter()
+                        .map(|(k, v)| (Arc::from(k), Arc::from(v)))
+                        .collect(),
+                )
+            },
             weight: self.weight,
             state: self.state,
         })
     }
 }
+
+// Most instances carry no tags or metadata, and an empty `Arc` still costs an allocation (its
+// counts) per instance; these are shared instead. Cloning them happens only when an instance is
+// built or decoded, never on the read path.
+static NO_TAGS: LazyLock<Arc<[Arc<str>]>> = LazyLock::new(|| Arc::from(Vec::new()));
+static NO_META: LazyLock<Arc<BTreeMap<Arc<str>, Arc<str>>>> = LazyLock::new(Arc::default);
 
 fn check_len(field: &'static str, value: &str) -> Result<(), InstanceError> {
     if value.len() > MAX_FIELD_LEN {

@@ -442,7 +442,10 @@ impl Machine {
                 if !self.quarantined.is_empty() {
                     self.quarantined.remove(&*kv.key);
                 }
-                Some(decoded)
+                Some(match decoded {
+                    Decoded::Put(instance) => Decoded::Put(instance.share_service(&self.service)),
+                    Decoded::Delete => Decoded::Delete,
+                })
             }
             Err(error) => {
                 self.stats.decode_errors += 1;

@@ -103,5 +103,6 @@ impl Drop for Recorder {
         self.task.abort();
     }
 }
+pub mod alloc;
 pub mod etcd;
 pub mod wait;
