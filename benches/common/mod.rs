@@ -1,4 +1,7 @@
-//! What both benches build: instances, and a live cache of them over the memory backend.
+//! What the benches build: instances, and a live cache of them over the memory backend.
+//!
+//! Each bench uses only part of it.
+#![allow(dead_code)]
 
 use etcd_discovery::{Codec, Discovery, Instance, KeyLayout, MemoryBackend, ServiceCache};
 
@@ -7,8 +10,13 @@ pub const NAMESPACE: &str = "/services";
 
 /// Instance `i` of service `user`, with a distinct address, on `port`.
 pub fn instance(i: usize, port: u16) -> Instance {
+    instance_of("user", i, port)
+}
+
+/// Instance `i` of `service`, with a distinct address, on `port`.
+pub fn instance_of(service: &str, i: usize, port: u16) -> Instance {
     Instance::builder(
-        "user",
+        service,
         format!("10.{}.{}.{}:{port}", i >> 16, (i >> 8) & 255, i & 255),
     )
     .id(format!("u{i}"))
