@@ -14,7 +14,7 @@
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use etcd_discovery::{Discovery, MemoryBackend};
+use etcd_discovery::MemoryBackend;
 
 #[path = "../tests/support/alloc.rs"]
 mod alloc;
@@ -47,11 +47,7 @@ fn cache_bytes(n: usize) -> (i64, usize) {
         .expect("runtime");
     let before = alloc::live_bytes();
     let users = rt.block_on(async {
-        let discovery = Discovery::memory(etcd.clone())
-            .namespace(common::NAMESPACE)
-            .build()
-            .expect("valid config");
-        let users = discovery.service("user").await.expect("first list");
+        let users = common::discover(&etcd, "user").await;
         // Paused time: this returns once every task is idle, the watch open and waiting.
         tokio::time::sleep(Duration::from_secs(1)).await;
         users
@@ -92,13 +88,7 @@ fn bench(c: &mut Criterion) {
     group.bench_with_input(BenchmarkId::new("first_list", n), &n, |b, _| {
         b.iter(|| {
             rt.block_on(async {
-                let users = Discovery::memory(etcd.clone())
-                    .namespace(common::NAMESPACE)
-                    .build()
-                    .expect("valid config")
-                    .service("user")
-                    .await
-                    .expect("first list");
+                let users = common::discover(&etcd, "user").await;
                 assert_eq!(users.snapshot().len(), n);
             })
         })

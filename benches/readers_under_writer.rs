@@ -21,7 +21,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use etcd_discovery::{Discovery, MemoryBackend, ServiceCache};
+use etcd_discovery::{MemoryBackend, ServiceCache};
 
 mod common;
 
@@ -169,15 +169,7 @@ fn bench(c: &mut Criterion) {
             let (key, value) = common::encoded(&common::instance_of("order", i, 8080));
             etcd.put(key, value);
         }
-        let orders = rt.block_on(async {
-            Discovery::memory(etcd.clone())
-                .namespace(common::NAMESPACE)
-                .build()
-                .expect("valid config")
-                .service("order")
-                .await
-                .expect("first list")
-        });
+        let orders = rt.block_on(common::discover(&etcd, "order"));
         let rt = Arc::new(rt);
         let mut idle = Histogram::new();
         let mut other = Histogram::new();

@@ -42,15 +42,18 @@ pub fn cache(n: usize) -> (tokio::runtime::Runtime, MemoryBackend, ServiceCache)
         let (key, value) = encoded(&instance(i, 8080));
         etcd.put(key, value);
     }
-    let cache = rt.block_on(async {
-        Discovery::memory(etcd.clone())
-            .namespace(NAMESPACE)
-            .build()
-            .expect("valid config")
-            .service("user")
-            .await
-            .expect("first list")
-    });
+    let cache = rt.block_on(discover(&etcd, "user"));
     assert_eq!(cache.snapshot().len(), n);
     (rt, etcd, cache)
+}
+
+/// A live cache of `service` over `etcd`, once its first list is in.
+pub async fn discover(etcd: &MemoryBackend, service: &str) -> ServiceCache {
+    Discovery::memory(etcd.clone())
+        .namespace(NAMESPACE)
+        .build()
+        .expect("valid config")
+        .service(service)
+        .await
+        .expect("first list")
 }
