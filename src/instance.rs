@@ -102,6 +102,9 @@ pub enum InstanceError {
 /// One instance of a service: where to reach it and how to treat it.
 ///
 /// Strings are reference-counted, so cloning an instance or sharing it between snapshots is cheap.
+/// On a per-request path prefer the [`Picked`](crate::Picked) guard or an `Arc<Instance>`:
+/// cloning an `Instance` writes the reference count of each of its strings, and some of those
+/// (the service name, empty tags and metadata) are shared by every instance of a cache.
 /// Build one with [`Instance::builder`]; every instance is valid by construction.
 ///
 /// ```
@@ -368,8 +371,8 @@ impl InstanceBuilder {
 }
 
 // Most instances carry no tags or metadata, and an empty `Arc` still costs an allocation (its
-// counts) per instance; these are shared instead. Cloning them happens only when an instance is
-// built or decoded, never on the read path.
+// counts) per instance; these are shared instead. They are cloned when an instance is built,
+// decoded or cloned, never by `load()` or a pick.
 static NO_TAGS: LazyLock<Arc<[Arc<str>]>> = LazyLock::new(|| Arc::from(Vec::new()));
 static NO_META: LazyLock<Arc<BTreeMap<Arc<str>, Arc<str>>>> = LazyLock::new(Arc::default);
 
