@@ -1,4 +1,4 @@
-//! Keeping a snapshot in step with etcd: the pure [`machine`] and the tokio [`driver`] that runs it.
+//! Keeping a snapshot in step with etcd: the pure [`machine`] and the tokio driver that runs it.
 
 pub(crate) mod driver;
 pub mod machine;
