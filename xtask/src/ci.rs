@@ -72,6 +72,12 @@ fn ci_steps(t: &mut Timings) -> Result<()> {
         ];
         run(&mut with_tools(cargo(args), &tools))
     })?;
+    t.step("doc", || {
+        // Broken or private intra-doc links are errors: the docs are part of the API.
+        let mut cmd = with_tools(cargo(["doc", "--no-deps", "--locked"]), &tools);
+        cmd.env("RUSTDOCFLAGS", "-D warnings");
+        run(&mut cmd)
+    })?;
     t.step("test", || {
         run(&mut with_tools(
             cargo(["test", "--workspace", "--locked"]),

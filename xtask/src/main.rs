@@ -17,7 +17,7 @@ Usage: cargo xtask <command>
 
 Commands:
   ci               Check everything, stopping at the first failure:
-                   tools (protoc, etcd, etcdctl), fmt, clippy, tests,
+                   tools (protoc, etcd, etcdctl), fmt, clippy, docs, tests,
                    benches (--test mode), fuzz targets (FUZZ_SECONDS each, default 20)
   fuzz [SECONDS]   Run every fuzz target for SECONDS each (default 60)
   demo [ARGS...]   Run the outage_drill example (release build); passes
