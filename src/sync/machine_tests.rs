@@ -121,6 +121,19 @@ impl Harness {
         h
     }
 
+    /// A machine whose watch (at revision 20) saw a header behind it (15), relisted, and learned
+    /// from the linearizable list (21) that nothing went back: it is about to open a new watch.
+    fn relisted_after_a_lagging_watch() -> Self {
+        let mut h = Self::watching(&["a"]);
+        h.expect(batch(20, vec![put("b", 1, 20)]), Next::Nothing);
+        h.expect(Input::Progress(hdr(15)), Next::List);
+        h.expect(
+            listed(21, vec![kv("a", 80, 10), kv("b", 1, 20)]),
+            Next::Watch(22),
+        );
+        h
+    }
+
     fn advance(&mut self, d: Duration) {
         self.now += d;
     }
@@ -470,15 +483,7 @@ fn a_new_cluster_id_relists_even_at_a_higher_revision() {
 
 #[test]
 fn a_lagging_member_backs_off_instead_of_spinning() {
-    let mut h = Harness::watching(&["a"]);
-    h.expect(batch(20, vec![put("b", 1, 20)]), Next::Nothing);
-    // The watch member lags: its header is behind.
-    h.expect(Input::Progress(hdr(15)), Next::List);
-    // The list (linearizable) says nothing went back.
-    h.expect(
-        listed(21, vec![kv("a", 80, 10), kv("b", 1, 20)]),
-        Next::Watch(22),
-    );
+    let mut h = Harness::relisted_after_a_lagging_watch();
     assert_eq!(h.machine.stats().resets, 0);
     h.expect(
         Input::WatchStarted(hdr(16)),
@@ -679,13 +684,7 @@ fn the_action_returned_is_the_last_accepted_inputs() {
 
 #[test]
 fn backing_off_from_a_lagging_member_freezes_the_snapshot() {
-    let mut h = Harness::watching(&["a"]);
-    h.expect(batch(20, vec![put("b", 1, 20)]), Next::Nothing);
-    h.expect(Input::Progress(hdr(15)), Next::List);
-    h.expect(
-        listed(21, vec![kv("a", 80, 10), kv("b", 1, 20)]),
-        Next::Watch(22),
-    );
+    let mut h = Harness::relisted_after_a_lagging_watch();
     assert!(h.last().freshness().is_live());
     h.expect(
         Input::WatchStarted(hdr(16)),
