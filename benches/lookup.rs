@@ -18,7 +18,7 @@ mod common;
 
 use arc_swap::ArcSwap;
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use etcd_discovery::Instance;
+use etcd_registry::Instance;
 
 const SIZES: [usize; 3] = [10, 1_000, 100_000];
 

@@ -14,7 +14,7 @@
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use etcd_discovery::MemoryBackend;
+use etcd_registry::MemoryBackend;
 
 #[path = "../tests/support/alloc.rs"]
 mod alloc;

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use etcd_client::{Client, WatchOptions};
-use etcd_discovery::{Discovery, EtcdBackend, EtcdOptions, ServiceCache};
+use etcd_registry::{Discovery, EtcdBackend, EtcdOptions, ServiceCache};
 use tokio::sync::watch;
 
 const PREFIX: &str = "/services/user/";

@@ -21,7 +21,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use etcd_discovery::{MemoryBackend, ServiceCache};
+use etcd_registry::{MemoryBackend, ServiceCache};
 
 mod common;
 

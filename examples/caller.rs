@@ -29,7 +29,7 @@
 //! ```
 //!
 //! Exit codes: 0 on SIGINT or SIGTERM (or when stdout is closed); 1 on a runtime failure; 2 for
-//! a bad or missing argument. Set `RUST_LOG=etcd_discovery=debug` for the library's logs on
+//! a bad or missing argument. Set `RUST_LOG=etcd_registry=debug` for the library's logs on
 //! stderr.
 
 mod common;
@@ -38,7 +38,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use common::Parsed;
-use etcd_discovery::{Discovery, Error, EtcdBackend, EtcdOptions, Freshness, KeyLayout, Snapshot};
+use etcd_registry::{Discovery, Error, EtcdBackend, EtcdOptions, Freshness, KeyLayout, Snapshot};
 use serde::Serialize;
 
 const USAGE: &str = "\

@@ -25,8 +25,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_discovery::backend::{EtcdBackend, EtcdOptions};
-use etcd_discovery::{
+use etcd_registry::backend::{EtcdBackend, EtcdOptions};
+use etcd_registry::{
     BackoffConfig, Codec, Discovery, Freshness, Instance, KeyLayout, MemoryBackend, Registration,
     ServiceCache,
 };
@@ -74,7 +74,7 @@ async fn real_etcd(path: PathBuf) -> Result<(), Error> {
     let bins = etcd_process::try_find_binaries_with(Some(path.as_os_str()), path_var.as_deref())?;
     let bins: &'static etcd_process::Binaries = Box::leak(Box::new(bins));
     println!(
-        "etcd-discovery outage drill (real etcd: {})\n",
+        "etcd-registry outage drill (real etcd: {})\n",
         bins.etcd.display()
     );
     let cluster = Arc::new(
@@ -150,7 +150,7 @@ async fn real_etcd(path: PathBuf) -> Result<(), Error> {
 
 /// The drill on the in-process model: the caller is cut off from etcd, providers are not.
 async fn in_memory() -> Result<(), Error> {
-    println!("etcd-discovery outage drill (in-process etcd model)\n");
+    println!("etcd-registry outage drill (in-process etcd model)\n");
     let clock = Clock::new();
     let etcd = MemoryBackend::new();
     let codec = Codec::new(KeyLayout::Native, "/services");

@@ -14,7 +14,7 @@
 //!
 //! Exit codes: 0 after a clean deregistration; 1 when registering failed (etcd unreachable, or the
 //! key is held by another live instance and `--replace` was not given) or the lease could not be
-//! revoked; 2 for a bad or missing argument. Set `RUST_LOG=etcd_discovery=debug` for the library's logs on stderr.
+//! revoked; 2 for a bad or missing argument. Set `RUST_LOG=etcd_registry=debug` for the library's logs on stderr.
 //!
 //! go-zero's layout keeps keys at the root of the key space, named by lease; register as a go-zero
 //! service with an empty namespace:
@@ -31,7 +31,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use common::Parsed;
-use etcd_discovery::{Codec, EtcdBackend, EtcdOptions, Instance, KeyLayout, Registration};
+use etcd_registry::{Codec, EtcdBackend, EtcdOptions, Instance, KeyLayout, Registration};
 
 const USAGE: &str = "\
 Registers one instance of a service in etcd and keeps it registered until SIGINT or SIGTERM.

@@ -78,9 +78,9 @@ pub(crate) struct Handle {
 /// dropped.
 ///
 /// ```
-/// # use etcd_discovery::{Discovery, Instance, MemoryBackend, Codec, KeyLayout};
+/// # use etcd_registry::{Discovery, Instance, MemoryBackend, Codec, KeyLayout};
 /// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> Result<(), etcd_discovery::Error> {
+/// # async fn main() -> Result<(), etcd_registry::Error> {
 /// # let etcd = MemoryBackend::new();
 /// # let codec = Codec::new(KeyLayout::Native, "/services");
 /// # for n in 1..=2 {
@@ -171,9 +171,9 @@ impl ServiceCache {
     /// snapshot, not each one in between.
     ///
     /// ```
-    /// # use etcd_discovery::{Discovery, MemoryBackend};
+    /// # use etcd_registry::{Discovery, MemoryBackend};
     /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), etcd_discovery::Error> {
+    /// # async fn main() -> Result<(), etcd_registry::Error> {
     /// # let etcd = MemoryBackend::new();
     /// let users = Discovery::memory(etcd.clone()).build()?.service("user").await?;
     /// let mut changes = users.changes();

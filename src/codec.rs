@@ -111,7 +111,7 @@ impl std::str::FromStr for KeyLayout {
     /// Reads `native`, `go-zero` or `etcd-naming` (as from a command line or a config file).
     ///
     /// ```
-    /// use etcd_discovery::KeyLayout;
+    /// use etcd_registry::KeyLayout;
     /// assert_eq!("go-zero".parse(), Ok(KeyLayout::GoZero));
     /// assert_eq!(KeyLayout::EtcdNaming.to_string(), "etcd-naming");
     /// assert!("zk".parse::<KeyLayout>().is_err());
@@ -201,7 +201,7 @@ fn json_error(err: serde_json::Error) -> DecodeError {
 /// Encodes and decodes instances in one [`KeyLayout`] under one namespace.
 ///
 /// ```
-/// use etcd_discovery::{Codec, Decoded, Instance, KeyLayout};
+/// use etcd_registry::{Codec, Decoded, Instance, KeyLayout};
 ///
 /// let codec = Codec::new(KeyLayout::Native, "/services");
 /// let instance = Instance::builder("user", "10.0.0.7:8080")

@@ -20,10 +20,10 @@ use crate::sync::machine::Machine;
 /// Finds services: hands out one [`ServiceCache`] per service, all fed by one backend connection.
 ///
 /// ```
-/// use etcd_discovery::{Discovery, MemoryBackend};
+/// use etcd_registry::{Discovery, MemoryBackend};
 ///
 /// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> Result<(), etcd_discovery::Error> {
+/// # async fn main() -> Result<(), etcd_registry::Error> {
 /// let etcd = MemoryBackend::new();
 /// etcd.put("/services/user/u1", r#"{"addr":"10.0.0.7:8080"}"#);
 ///
@@ -84,7 +84,7 @@ impl Discovery {
     /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
     /// let options = etcd_client::ConnectOptions::new().with_require_leader(true);
     /// let client = etcd_client::Client::connect(["http://127.0.0.1:2379"], Some(options)).await?;
-    /// let discovery = etcd_discovery::Discovery::builder(client).namespace("/services").build()?;
+    /// let discovery = etcd_registry::Discovery::builder(client).namespace("/services").build()?;
     /// let users = discovery.service("user").await?;
     /// # let _ = users; Ok(()) }
     /// ```

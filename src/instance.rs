@@ -108,7 +108,7 @@ pub enum InstanceError {
 /// Build one with [`Instance::builder`]; every instance is valid by construction.
 ///
 /// ```
-/// use etcd_discovery::{Instance, State};
+/// use etcd_registry::{Instance, State};
 ///
 /// let instance = Instance::builder("user", "10.0.0.7:8080")
 ///     .id("user-7")
@@ -119,7 +119,7 @@ pub enum InstanceError {
 /// assert_eq!(instance.addr(), "10.0.0.7:8080");
 /// assert_eq!(instance.meta("zone"), Some("eu-1"));
 /// assert_eq!(instance.state(), State::Up);
-/// # Ok::<(), etcd_discovery::InstanceError>(())
+/// # Ok::<(), etcd_registry::InstanceError>(())
 /// ```
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Instance {
@@ -225,11 +225,11 @@ impl Instance {
     /// A builder that starts from this instance, to change some fields.
     ///
     /// ```
-    /// use etcd_discovery::{Instance, State};
+    /// use etcd_registry::{Instance, State};
     /// let up = Instance::builder("user", "10.0.0.7:8080").build()?;
     /// let draining = up.to_builder().state(State::Draining).build()?;
     /// assert_eq!(draining.id(), up.id());
-    /// # Ok::<(), etcd_discovery::InstanceError>(())
+    /// # Ok::<(), etcd_registry::InstanceError>(())
     /// ```
     pub fn to_builder(&self) -> InstanceBuilder {
         InstanceBuilder {

@@ -7,10 +7,10 @@
 //! known instances while the cache reconnects with exponential backoff and jitter.
 //!
 //! ```
-//! use etcd_discovery::{Discovery, Instance, MemoryBackend, Codec, KeyLayout};
+//! use etcd_registry::{Discovery, Instance, MemoryBackend, Codec, KeyLayout};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() -> Result<(), etcd_discovery::Error> {
+//! # async fn main() -> Result<(), etcd_registry::Error> {
 //! // An in-process etcd model; production code uses a real etcd connection.
 //! let etcd = MemoryBackend::new();
 //! let codec = Codec::new(KeyLayout::Native, "/services");

@@ -5,23 +5,23 @@
 //! none is installed. Every metric carries a `service` label.
 
 /// Gauge: instances in the current snapshot.
-pub const INSTANCES: &str = "etcd_discovery_instances";
+pub const INSTANCES: &str = "etcd_registry_instances";
 /// Gauge: 1 while the snapshot is frozen (etcd unreachable), 0 while live.
-pub const FROZEN: &str = "etcd_discovery_frozen";
+pub const FROZEN: &str = "etcd_registry_frozen";
 /// Counter: relists after the first list (compaction, reset, regression).
-pub const RELISTS: &str = "etcd_discovery_relists_total";
+pub const RELISTS: &str = "etcd_registry_relists_total";
 /// Counter: times etcd was found to have gone back in time or changed cluster.
-pub const RESETS: &str = "etcd_discovery_resets_total";
+pub const RESETS: &str = "etcd_registry_resets_total";
 /// Counter: watches re-established after the first.
-pub const WATCH_RESTARTS: &str = "etcd_discovery_watch_restarts_total";
+pub const WATCH_RESTARTS: &str = "etcd_registry_watch_restarts_total";
 /// Counter: watch events applied.
-pub const EVENTS_APPLIED: &str = "etcd_discovery_events_applied_total";
+pub const EVENTS_APPLIED: &str = "etcd_registry_events_applied_total";
 /// Counter: entries that could not be decoded and were skipped.
-pub const DECODE_ERRORS: &str = "etcd_discovery_decode_errors_total";
+pub const DECODE_ERRORS: &str = "etcd_registry_decode_errors_total";
 /// Counter: list or watch failures.
-pub const FAILURES: &str = "etcd_discovery_failures_total";
+pub const FAILURES: &str = "etcd_registry_failures_total";
 /// Counter: snapshots published.
-pub const PUBLISHES: &str = "etcd_discovery_publishes_total";
+pub const PUBLISHES: &str = "etcd_registry_publishes_total";
 
 use crate::sync::machine::Stats;
 

@@ -209,7 +209,7 @@ impl RegistrationBuilder {
         );
         let (commands, command_rx) = mpsc::channel(8);
         let span = tracing::info_span!(
-            "etcd_discovery::registration",
+            "etcd_registry::registration",
             service = keeper.instance.service(),
             id = keeper.instance.id()
         );
@@ -225,10 +225,10 @@ impl RegistrationBuilder {
 ///
 /// ```
 /// use std::time::Duration;
-/// use etcd_discovery::{Discovery, Instance, MemoryBackend, Registration};
+/// use etcd_registry::{Discovery, Instance, MemoryBackend, Registration};
 ///
 /// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> Result<(), etcd_discovery::Error> {
+/// # async fn main() -> Result<(), etcd_registry::Error> {
 /// let etcd = MemoryBackend::new(); // or Registration::builder(etcd_client, instance)
 /// let instance = Instance::builder("user", "10.0.0.7:8080").id("user-7").build()?;
 /// let registration = Registration::with_backend(etcd.clone(), instance)

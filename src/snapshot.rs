@@ -89,9 +89,9 @@ impl Freshness {
 /// depends on the instance count.
 ///
 /// ```
-/// # use etcd_discovery::{Discovery, Instance, MemoryBackend, Codec, KeyLayout};
+/// # use etcd_registry::{Discovery, Instance, MemoryBackend, Codec, KeyLayout};
 /// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> Result<(), etcd_discovery::Error> {
+/// # async fn main() -> Result<(), etcd_registry::Error> {
 /// let etcd = MemoryBackend::new();
 /// let codec = Codec::new(KeyLayout::Native, "/services");
 /// let instance = Instance::builder("user", "10.0.0.7:8080").id("u7").build()?;

@@ -6,8 +6,8 @@ mod support;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use etcd_discovery::backend::memory::TxnOp;
-use etcd_discovery::{
+use etcd_registry::backend::memory::TxnOp;
+use etcd_registry::{
     BackoffConfig, Discovery, DiscoveryBuilder, Error, FreezeCause, Freshness, MemoryBackend,
     ServiceCache,
 };
@@ -466,7 +466,7 @@ async fn draining_instances_are_listed_but_never_picked() {
     let draining = up
         .to_builder()
         .id("draining")
-        .state(etcd_discovery::State::Draining)
+        .state(etcd_registry::State::Draining)
         .build()
         .unwrap();
     etcd.put(codec.key(&up, 0), codec.encode_value(&up));

@@ -12,7 +12,7 @@ mod support;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use etcd_discovery::{
+use etcd_registry::{
     BackoffConfig, Discovery, EtcdBackend, EtcdOptions, FreezeCause, Registration,
     RegistrationStatus, ServiceCache, Snapshot,
 };
@@ -93,8 +93,8 @@ fn live(s: &Snapshot) -> bool {
 
 fn cause(s: &Snapshot) -> Option<FreezeCause> {
     match s.freshness() {
-        etcd_discovery::Freshness::Frozen { cause, .. } => Some(cause),
-        etcd_discovery::Freshness::Live => None,
+        etcd_registry::Freshness::Frozen { cause, .. } => Some(cause),
+        etcd_registry::Freshness::Live => None,
     }
 }
 

@@ -7,7 +7,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use etcd_discovery::{
+use etcd_registry::{
     BackoffConfig, Discovery, EtcdBackend, EtcdOptions, Instance, KeyLayout, Registration,
     ServiceCache, Snapshot, State,
 };
@@ -401,7 +401,7 @@ async fn registrations_in_go_layouts_are_written_as_go_writes_them() {
 /// it as an error, which the backend must translate), so a registration sees the loss at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keep_alive_of_a_gone_lease_answers_zero() {
-    use etcd_discovery::Backend;
+    use etcd_registry::Backend;
     let etcd = EtcdCluster::single();
     let backend = EtcdBackend::connect(etcd.endpoints(), EtcdOptions::new())
         .await

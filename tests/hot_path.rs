@@ -9,7 +9,7 @@ mod support;
 use std::hint::black_box;
 use std::time::Duration;
 
-use etcd_discovery::{Discovery, MemoryBackend};
+use etcd_registry::{Discovery, MemoryBackend};
 use support::alloc::{Counting, allocations};
 use support::*;
 

@@ -11,7 +11,7 @@ mod support;
 
 use std::time::Duration;
 
-use etcd_discovery::{Discovery, Instance, MemoryBackend};
+use etcd_registry::{Discovery, Instance, MemoryBackend};
 use support::alloc::{Counting, live_bytes};
 use support::*;
 

@@ -12,7 +12,7 @@ mod support;
 
 use std::time::Duration;
 
-use etcd_discovery::{
+use etcd_registry::{
     BackoffConfig, Codec, Decoded, Instance, KeyLayout, MemoryBackend, Registration,
     RegistrationStatus,
 };

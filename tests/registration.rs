@@ -4,7 +4,7 @@ mod support;
 
 use std::time::Duration;
 
-use etcd_discovery::{
+use etcd_registry::{
     BackoffConfig, Discovery, Error, Instance, KeyLayout, MemoryBackend, Registration,
     RegistrationBuilder, RegistrationStatus, State,
 };
@@ -357,7 +357,7 @@ async fn updates_while_lost_do_not_hold_back_the_re_registration() {
         // Written with the latest update.
         let value = etcd.get(user_key("u1")).unwrap().value;
         match codec().decode("user", user_key("u1").as_bytes(), &value) {
-            Ok(etcd_discovery::Decoded::Put(i)) => assert_eq!(i.weight(), weight, "seed {seed}"),
+            Ok(etcd_registry::Decoded::Put(i)) => assert_eq!(i.weight(), weight, "seed {seed}"),
             other => panic!("{other:?}"),
         }
     }

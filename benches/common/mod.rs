@@ -3,7 +3,7 @@
 //! Each bench uses only part of it.
 #![allow(dead_code)]
 
-use etcd_discovery::{Codec, Discovery, Instance, KeyLayout, MemoryBackend, ServiceCache};
+use etcd_registry::{Codec, Discovery, Instance, KeyLayout, MemoryBackend, ServiceCache};
 
 /// The namespace the benches register under.
 pub const NAMESPACE: &str = "/services";

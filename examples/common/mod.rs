@@ -18,7 +18,7 @@ use std::fmt::Display;
 use std::io::{IsTerminal as _, Write as _};
 use std::process::ExitCode;
 
-use etcd_discovery::KeyLayout;
+use etcd_registry::KeyLayout;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 

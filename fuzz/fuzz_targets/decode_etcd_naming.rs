@@ -1,8 +1,8 @@
 //! Decoding one key-value pair in the etcd-naming layout never panics, and every instance it yields is
-//! valid and survives a round trip. See `etcd_discovery_fuzz::decode` for the input format.
+//! valid and survives a round trip. See `etcd_registry_fuzz::decode` for the input format.
 #![no_main]
 
-use etcd_discovery::KeyLayout;
+use etcd_registry::KeyLayout;
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|data: &[u8]| etcd_discovery_fuzz::decode::run(KeyLayout::EtcdNaming, data));
+fuzz_target!(|data: &[u8]| etcd_registry_fuzz::decode::run(KeyLayout::EtcdNaming, data));

@@ -10,8 +10,8 @@
 //!
 //! Each input is decoded under the namespace [`NAMESPACE`] and under the empty namespace.
 
-use etcd_discovery::instance::Instance;
-use etcd_discovery::{Codec, DecodeError, Decoded, KeyLayout};
+use etcd_registry::instance::Instance;
+use etcd_registry::{Codec, DecodeError, Decoded, KeyLayout};
 
 /// The namespace the targets decode under (besides the empty one).
 pub const NAMESPACE: &str = "/services";

@@ -47,11 +47,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use etcd_discovery::backend::{Event, EventKind, Header, KeyValue, ListResponse};
-use etcd_discovery::instance::Instance;
-use etcd_discovery::snapshot::{FreezeCause, Snapshot};
-use etcd_discovery::sync::{Action, BackoffConfig, Input, Machine, Stats};
-use etcd_discovery::{Codec, Decoded, KeyLayout};
+use etcd_registry::backend::{Event, EventKind, Header, KeyValue, ListResponse};
+use etcd_registry::instance::Instance;
+use etcd_registry::snapshot::{FreezeCause, Snapshot};
+use etcd_registry::sync::{Action, BackoffConfig, Input, Machine, Stats};
+use etcd_registry::{Codec, Decoded, KeyLayout};
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 
 /// The service the machine follows.

@@ -21,7 +21,7 @@ use super::{
 ///
 /// ```
 /// use std::time::Duration;
-/// use etcd_discovery::backend::EtcdOptions;
+/// use etcd_registry::backend::EtcdOptions;
 ///
 /// let options = EtcdOptions::new()
 ///     .connect_timeout(Duration::from_secs(2))
@@ -131,9 +131,9 @@ impl EtcdOptions {
 /// registration made from it; cloning it is cheap.
 ///
 /// ```no_run
-/// use etcd_discovery::{Discovery, backend::{EtcdBackend, EtcdOptions}};
+/// use etcd_registry::{Discovery, backend::{EtcdBackend, EtcdOptions}};
 ///
-/// # async fn run() -> Result<(), etcd_discovery::Error> {
+/// # async fn run() -> Result<(), etcd_registry::Error> {
 /// let etcd = EtcdBackend::connect(["http://127.0.0.1:2379"], EtcdOptions::new()).await?;
 /// let users = Discovery::with_backend(etcd).namespace("/services").build()?
 ///     .service("user").await?;

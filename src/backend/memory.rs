@@ -93,7 +93,7 @@ use super::{
 /// # Example
 ///
 /// ```
-/// use etcd_discovery::backend::{Backend, EventKind, MemoryBackend, WatchMessage};
+/// use etcd_registry::backend::{Backend, EventKind, MemoryBackend, WatchMessage};
 /// use futures_util::StreamExt;
 ///
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {

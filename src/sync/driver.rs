@@ -76,7 +76,7 @@ pub(crate) fn spawn(
                 .into(),
         )
     })?;
-    let span = tracing::info_span!("etcd_discovery::cache", service = %shared.service);
+    let span = tracing::info_span!("etcd_registry::cache", service = %shared.service);
     runtime.spawn(
         Driver {
             backend,

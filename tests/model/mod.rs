@@ -5,8 +5,8 @@ use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use etcd_discovery::backend::memory::{MemoryState, TxnOp};
-use etcd_discovery::{
+use etcd_registry::backend::memory::{MemoryState, TxnOp};
+use etcd_registry::{
     BackoffConfig, Codec, Decoded, Discovery, Instance, KeyLayout, MemoryBackend, ServiceCache,
     Snapshot, SyncStats,
 };

@@ -321,7 +321,7 @@ impl EtcdCluster {
     /// [`start`](Self::start) with given binaries instead of the ones `ETCD_BIN`/`PATH` name.
     pub fn start_with(bins: &'static Binaries, members: usize) -> Self {
         assert!(members >= 1, "a cluster needs at least one member");
-        let root = std::env::temp_dir().join(unique("etcd-discovery-test"));
+        let root = std::env::temp_dir().join(unique("etcd-registry-test"));
         fs::create_dir_all(&root).expect("create etcd temp dir");
         // Built before anything is spawned so a panic below still runs Drop.
         let cluster = EtcdCluster {

@@ -5,7 +5,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use etcd_discovery::{Codec, Instance, KeyLayout, MemoryBackend, ServiceCache, Snapshot};
+use etcd_registry::{Codec, Instance, KeyLayout, MemoryBackend, ServiceCache, Snapshot};
 
 pub const NS: &str = "/svc";
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use etcd_discovery::{Codec, Decoded, RegistrationStatus};
+use etcd_registry::{Codec, Decoded, RegistrationStatus};
 use tokio::sync::watch;
 
 use super::etcd::EtcdCluster;

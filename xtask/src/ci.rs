@@ -258,7 +258,7 @@ fn fuzz_all(t: &mut Timings, targets: &[String], seconds: u64) -> Result<()> {
 /// An empty directory for the inputs one fuzz run finds.
 fn scratch_corpus(target: &str) -> Result<std::path::PathBuf> {
     let dir = env::temp_dir().join(format!(
-        "etcd-discovery-fuzz-{}-{target}",
+        "etcd-registry-fuzz-{}-{target}",
         std::process::id()
     ));
     let _ = fs::remove_dir_all(&dir);
@@ -288,7 +288,7 @@ mod tests {
     fn reads_bin_names_from_a_cargo_fuzz_manifest() {
         let manifest = r#"
 [package]
-name = "etcd-discovery-fuzz"   # not a bin
+name = "etcd-registry-fuzz"   # not a bin
 
 [dependencies]
 libfuzzer-sys = "0.4"

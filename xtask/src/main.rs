@@ -1,4 +1,4 @@
-//! Developer tasks for etcd-discovery, run as `cargo xtask <command>`.
+//! Developer tasks for etcd-registry, run as `cargo xtask <command>`.
 //!
 //! Std-only on purpose: xtask is built before anything else, so it must
 //! compile in seconds and never be the reason a check is slow or broken.
