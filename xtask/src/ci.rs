@@ -3,7 +3,6 @@
 use std::env;
 use std::fs;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::tools::{Need, Tools, ensure_tools};
@@ -57,7 +56,7 @@ pub fn ci() -> Result<()> {
 }
 
 fn ci_steps(t: &mut Timings) -> Result<()> {
-    let tools = t.step("ensure_tools", || ensure_tools(Need::All))?;
+    let tools = t.step("ensure_tools", || ensure_tools(Need::Ci))?;
 
     t.step("fmt", || run(&mut cargo(["fmt", "--all", "--", "--check"])))?;
     t.step("clippy", || {
@@ -70,19 +69,16 @@ fn ci_steps(t: &mut Timings) -> Result<()> {
             "-D",
             "warnings",
         ];
-        run(&mut with_tools(cargo(args), &tools))
+        run(&mut tools.apply(cargo(args)))
     })?;
     t.step("doc", || {
         // Broken or private intra-doc links are errors: the docs are part of the API.
-        let mut cmd = with_tools(cargo(["doc", "--no-deps", "--locked"]), &tools);
+        let mut cmd = tools.apply(cargo(["doc", "--no-deps", "--locked"]));
         cmd.env("RUSTDOCFLAGS", "-D warnings");
         run(&mut cmd)
     })?;
     t.step("test", || {
-        run(&mut with_tools(
-            cargo(["test", "--workspace", "--locked"]),
-            &tools,
-        ))
+        run(&mut tools.apply(cargo(["test", "--workspace", "--locked"])))
     })?;
 
     let benches = bench_names()?;
@@ -92,7 +88,7 @@ fn ci_steps(t: &mut Timings) -> Result<()> {
     for bench in &benches {
         t.step(&format!("bench {bench}"), || {
             let args = ["bench", "--locked", "--bench", bench, "--", "--test"];
-            run(&mut with_tools(cargo(args), &tools))
+            run(&mut tools.apply(cargo(args)))
         })?;
     }
 
@@ -101,7 +97,7 @@ fn ci_steps(t: &mut Timings) -> Result<()> {
         return Ok(());
     };
     let seconds = fuzz_seconds_from_env()?;
-    fuzz_all(t, &targets, seconds)
+    fuzz_all(t, &tools, &targets, seconds)
 }
 
 /// `cargo xtask fuzz [SECONDS]`: every fuzz target for SECONDS each.
@@ -111,20 +107,10 @@ pub fn fuzz(seconds: u64) -> Result<()> {
     };
     let mut timings = Timings::default();
     let result = timings
-        .step("ensure_tools", || ensure_tools(Need::Protoc))
-        .and_then(|_| fuzz_all(&mut timings, &targets, seconds));
+        .step("ensure_tools", || ensure_tools(Need::Fuzz))
+        .and_then(|tools| fuzz_all(&mut timings, &tools, &targets, seconds));
     timings.print();
     result
-}
-
-/// Exposes the etcd we found to the tests, so they use the same binary this
-/// check reported even when it came from PATH rather than `ETCD_BIN`.
-fn with_tools(mut cmd: Command, tools: &Tools) -> Command {
-    let unset = env::var_os("ETCD_BIN").is_none();
-    if let Some(etcd) = tools.etcd.as_ref().filter(|_| unset) {
-        cmd.env("ETCD_BIN", etcd);
-    }
-    cmd
 }
 
 /// Bench names: the stems of `benches/*.rs`, sorted for a stable order.
@@ -219,12 +205,12 @@ pub fn parse_seconds(s: &str) -> Result<u64> {
     }
 }
 
-fn fuzz_all(t: &mut Timings, targets: &[String], seconds: u64) -> Result<()> {
+fn fuzz_all(t: &mut Timings, tools: &Tools, targets: &[String], seconds: u64) -> Result<()> {
     if targets.is_empty() {
         say!("\nfuzz: fuzz/Cargo.toml lists no [[bin]] targets, skipped");
         return Ok(());
     }
-    t.step("cargo-fuzz", ensure_cargo_fuzz)?;
+    t.step("cargo-fuzz", || ensure_cargo_fuzz(tools))?;
     for target in targets {
         t.step(&format!("fuzz {target} ({seconds}s)"), || {
             // libFuzzer writes the inputs it finds into the first corpus
@@ -236,7 +222,7 @@ fn fuzz_all(t: &mut Timings, targets: &[String], seconds: u64) -> Result<()> {
                 .join("fuzz")
                 .join("corpus")
                 .join(target);
-            let mut cmd = cargo(["fuzz", "run", target.as_str()]);
+            let mut cmd = tools.apply(cargo(["fuzz", "run", target.as_str()]));
             cmd.arg(&scratch);
             if seeds.is_dir() {
                 cmd.arg(&seeds);
@@ -266,7 +252,7 @@ fn scratch_corpus(target: &str) -> Result<std::path::PathBuf> {
     Ok(dir)
 }
 
-fn ensure_cargo_fuzz() -> Result<()> {
+fn ensure_cargo_fuzz(tools: &Tools) -> Result<()> {
     let installed = cargo(["fuzz", "--version"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -277,7 +263,7 @@ fn ensure_cargo_fuzz() -> Result<()> {
         return Ok(());
     }
     say!("cargo-fuzz: not installed, installing it with cargo install");
-    run(&mut cargo(["install", "cargo-fuzz", "--locked"]))
+    run(&mut tools.apply(cargo(["install", "cargo-fuzz", "--locked"])))
 }
 
 #[cfg(test)]

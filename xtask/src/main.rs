@@ -17,7 +17,7 @@ Usage: cargo xtask <command>
 
 Commands:
   ci               Check everything, stopping at the first failure:
-                   tools (protoc, etcd, etcdctl), fmt, clippy, docs, tests,
+                   tools (protoc, etcd, etcdctl, c++), fmt, clippy, docs, tests,
                    benches (--test mode), fuzz targets (FUZZ_SECONDS each, default 20)
   fuzz [SECONDS]   Run every fuzz target for SECONDS each (default 60)
   demo [ARGS...]   Run the outage_drill example (release build); passes
@@ -25,7 +25,7 @@ Commands:
   help             Show this message
 
 Environment:
-  PROTOC          protoc binary to use instead of the one on PATH
+  PROTOC          protoc to use instead of the vendored one (PROTOC_INCLUDE: its includes)
   ETCD_BIN        etcd binary to use (etcdctl is looked for next to it)
   FUZZ_SECONDS    per-target fuzzing time in `ci`
   CARGO           cargo binary to use (set automatically by `cargo xtask`)
@@ -90,14 +90,20 @@ fn no_extra_args(command: &str, rest: &[String]) -> Result<()> {
 
 /// Builds and runs the outage drill example, exiting with its exit code.
 fn demo(args: &[String]) -> Result<ExitCode> {
-    let tools = ensure_tools(Need::Protoc)?;
-    let mut cmd = cargo(["run", "--release", "--example", "outage_drill", "--"]);
+    let tools = ensure_tools(Need::Demo)?;
+    let mut cmd = tools.apply(cargo([
+        "run",
+        "--release",
+        "--example",
+        "outage_drill",
+        "--",
+    ]));
     let user_chose_etcd = args
         .iter()
         .any(|a| a == "--etcd" || a.starts_with("--etcd="));
     match (&tools.etcd, user_chose_etcd) {
         (Some(etcd), false) => {
-            cmd.arg("--etcd").arg(etcd);
+            cmd.arg("--etcd").arg(&etcd.etcd);
         }
         (None, false) => {
             say!("demo: no etcd binary found, the drill uses its in-memory backend")
