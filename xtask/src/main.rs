@@ -4,6 +4,7 @@
 //! compile in seconds and never be the reason a check is slow or broken.
 
 mod ci;
+mod fresh;
 mod tools;
 mod util;
 
@@ -21,12 +22,21 @@ Commands:
                    benches (--test mode), fuzz targets (FUZZ_SECONDS each, default 20)
   fuzz [SECONDS]   Run every fuzz target for SECONDS each (default 60)
   demo [ARGS...]   Run the outage_drill example (release build); passes
-                   --etcd <path> when an etcd binary is available
+                   --etcd <path> when an etcd binary is available; installs etcd
+                   where it can (root on Debian/Ubuntu)
+  fresh-check [--suite NAME] [--mirror URL] [--rev REV] [--only demo|ci]
+              [--rebuild-base] [--keep]
+                   Run `demo` and `ci` as root in a throwaway Debian root
+                   (debootstrap minbase, default suite bookworm, cached base,
+                   fresh overlay per run) with only the Rust toolchain mounted
+                   in; reports each one's wall time and what it installed.
+                   Linux, root, about 20 minutes.
   help             Show this message
 
 Environment:
   PROTOC          protoc to use instead of the vendored one (PROTOC_INCLUDE: its includes)
   ETCD_BIN        etcd binary to use (etcdctl is looked for next to it)
+  CXX             C++ compiler for the fuzz step's libFuzzer (default c++)
   FUZZ_SECONDS    per-target fuzzing time in `ci`
   CARGO           cargo binary to use (set automatically by `cargo xtask`)
 ";
@@ -69,6 +79,10 @@ fn dispatch(args: &[String]) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         "demo" => demo(rest),
+        "fresh-check" => {
+            fresh::fresh_check(rest)?;
+            Ok(ExitCode::SUCCESS)
+        }
         "help" | "-h" | "--help" => {
             say!("{}", USAGE.trim_end());
             Ok(ExitCode::SUCCESS)

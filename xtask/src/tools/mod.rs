@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::util::{Result, cargo, say};
 
+pub use apt::{install as apt_install, is_root, usable as apt_usable};
 pub use etcd::Etcd;
 pub use protoc::Protoc;
 
