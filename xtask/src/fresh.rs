@@ -6,9 +6,10 @@
 //! 2. Each run lays a fresh overlay on top of it, so the cached root itself is never changed and
 //!    every run starts from the same nothing.
 //! 3. Inside a private mount namespace (`unshare --mount`: every mount disappears with the run,
-//!    even if it is killed) the overlay gets `/proc`, `/sys`, `/dev`, the host's Rust toolchain
-//!    read-only and the rustup proxies, but an empty `CARGO_HOME`; the repository is cloned
-//!    into it at the chosen revision.
+//!    even if it is killed) the overlay gets `/proc`, `/sys`, `/dev`, the host's DNS settings and
+//!    locally added CA certificates (the machine's network, not the project's tools), the host's
+//!    Rust toolchain read-only and the rustup proxies, but an empty `CARGO_HOME`; the repository
+//!    is cloned into it at the chosen revision.
 //! 4. `cargo xtask demo` and `cargo xtask ci` run there as root, as a new contributor would run
 //!    them; the wall time of each and the Debian packages each one installed are reported.
 //!

@@ -13,6 +13,16 @@ mount -t proc proc "$root/proc"
 mount --rbind /sys "$root/sys"
 mount --rbind /dev "$root/dev"
 cp -L /etc/resolv.conf "$root/etc/resolv.conf"
+# Certificate authorities this machine added locally (a TLS-intercepting proxy on the way to the
+# package registries, say) belong to its network, not to what the project installs: trust them
+# inside too, or cargo cannot reach crates.io from where the host can.
+if compgen -G "/usr/local/share/ca-certificates/*.crt" > /dev/null; then
+    mkdir -p "$root/usr/local/share/ca-certificates"
+    cp /usr/local/share/ca-certificates/*.crt "$root/usr/local/share/ca-certificates/"
+    chroot "$root" /usr/sbin/update-ca-certificates > /dev/null
+    echo "fresh-check: trusting this machine's local CA certificates:" \
+        $(cd /usr/local/share/ca-certificates && ls -- *.crt)
+fi
 
 bind_ro() {
     mkdir -p "$2"
