@@ -5,7 +5,7 @@
 //! cache of 1 000 and of 10 000 instances and takes the difference, so the runtime, the sync task
 //! and the cache's fixed cost cancel out; what is left, divided by 9 000, is what one more cached
 //! instance costs. Its strings (id, address and etcd key, the bytes that arrived from etcd) are
-//! subtracted to give the overhead DESIGN.md §6 bounds (≤ 256 bytes). The figures are the bytes
+//! subtracted to give the overhead ARCHITECTURE.md §6 bounds (≤ 256 bytes). The figures are the bytes
 //! the library asks the allocator for; the allocator's own rounding and headers come on top.
 //!
 //! Criterion then times the first list of 10 000 instances (decode, sort, publish): the cost of a

@@ -6,7 +6,7 @@
 //! watch task when a response arrives, the cache task when a snapshot is published. Every round
 //! puts one key and waits until both saw its revision, so each round yields one paired sample:
 //! the time from the put's start to the raw watch, and to the cache. Criterion times both; the
-//! p50/p99 of the pairs, and the gap between the p99s (DESIGN.md §6: within 1 ms), are printed
+//! p50/p99 of the pairs, and the gap between the p99s (ARCHITECTURE.md §6: within 1 ms), are printed
 //! at the end.
 
 #[path = "../tests/support/etcd.rs"]

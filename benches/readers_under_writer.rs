@@ -12,7 +12,7 @@
 //!
 //! Besides criterion's mean, every run of 16 picks is timed on its own and put in a histogram;
 //! the per-pick p50 and p99 of those runs, and the publish rate the writer reached, are printed
-//! at the end. DESIGN.md §6: reader p99 within 10% of idle.
+//! at the end. ARCHITECTURE.md §6: reader p99 within 10% of idle.
 
 use std::hint::black_box;
 use std::sync::Arc;

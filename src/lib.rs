@@ -29,7 +29,42 @@
 //! in etcd: native JSON, go-zero, or etcd's naming package), [`snapshot`] (an immutable view),
 //! [`cache`] (the always-readable handle), [`balance`](crate::cache::ServiceCache::pick) (picks),
 //! [`sync`] (the sans-IO list/watch machine and the task that drives it), [`backend`] (etcd or
-//! the in-memory model), and [`metrics`] (metric names).
+//! the in-memory model), and [`metrics`] (metric names). `ARCHITECTURE.md` in the repository
+//! describes how they fit together, the invariants they keep (§4) and how each is tested.
+//!
+//! # Observability
+//!
+//! The names below are part of the public interface: dashboards, alerts and log filters are
+//! built on them, so they change only with a major version.
+//!
+//! **Tracing spans** (level `INFO`):
+//!
+//! | span | fields | wraps |
+//! |---|---|---|
+//! | `etcd_registry::cache` | `service` | the sync task of one [`ServiceCache`] |
+//! | `etcd_registry::registration` | `service`, `id` | the keep-alive task of one [`Registration`] |
+//!
+//! **Event targets** are the module paths: `etcd_registry::sync::machine` (`info`: frozen, live,
+//! relist after compaction; `warn`: history went back, reset, an entry that does not decode,
+//! logged once per key), `etcd_registry::sync::driver` (`info`/`debug`: request and watch
+//! failures, timeouts, stalls), `etcd_registry::register` (`info`/`warn`: registered, lost,
+//! registered again, deregistered, key deleted or taken over). Filter them with
+//! `RUST_LOG=etcd_registry=info`, for example.
+//!
+//! **Metrics** (through the [`metrics`](https://docs.rs/metrics) facade, each labelled
+//! `service`; the constants are in [`metrics`](crate::metrics)):
+//!
+//! | name | kind | meaning |
+//! |---|---|---|
+//! | `etcd_registry_instances` | gauge | instances in the current snapshot |
+//! | `etcd_registry_frozen` | gauge | 1 while the snapshot is frozen, 0 while live |
+//! | `etcd_registry_relists_total` | counter | lists after the first (compaction, reset, regression) |
+//! | `etcd_registry_resets_total` | counter | times etcd went back in time or changed cluster |
+//! | `etcd_registry_watch_restarts_total` | counter | watches established after the first |
+//! | `etcd_registry_events_applied_total` | counter | watch events applied |
+//! | `etcd_registry_decode_errors_total` | counter | entries skipped because they did not decode |
+//! | `etcd_registry_failures_total` | counter | list or watch failures |
+//! | `etcd_registry_publishes_total` | counter | snapshots published |
 #![deny(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 

@@ -2,7 +2,8 @@
 //!
 //! The crate records through the [`metrics`](https://docs.rs/metrics) facade, so the metrics go
 //! wherever the application installed a recorder (Prometheus, StatsD, …) and cost nothing when
-//! none is installed. Every metric carries a `service` label.
+//! none is installed. Every metric carries a `service` label. The crate root's *Observability*
+//! section lists these names together with the tracing span names and event targets.
 
 /// Gauge: instances in the current snapshot.
 pub const INSTANCES: &str = "etcd_registry_instances";
@@ -47,4 +48,52 @@ pub(crate) fn record_publish(service: &str, instances: usize, frozen: bool) {
     metrics::gauge!(INSTANCES, "service" => service.to_owned()).set(instances as f64);
     metrics::gauge!(FROZEN, "service" => service.to_owned()).set(if frozen { 1.0 } else { 0.0 });
     metrics::counter!(PUBLISHES, "service" => service.to_owned()).increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The crate root's docs are the one list of observability names; it must not drift from
+    /// the names the code records under.
+    #[test]
+    fn the_crate_docs_list_every_metric_and_span() {
+        let docs = include_str!("lib.rs");
+        let metrics = [
+            INSTANCES,
+            FROZEN,
+            RELISTS,
+            RESETS,
+            WATCH_RESTARTS,
+            EVENTS_APPLIED,
+            DECODE_ERRORS,
+            FAILURES,
+            PUBLISHES,
+        ];
+        for name in metrics {
+            assert!(
+                docs.contains(&format!("| `{name}` |")),
+                "{name} is not listed"
+            );
+        }
+        let listed = docs.matches("| `etcd_registry_").count();
+        assert_eq!(
+            listed,
+            metrics.len(),
+            "the docs list a metric that does not exist"
+        );
+        for (span, source) in [
+            ("etcd_registry::cache", include_str!("sync/driver.rs")),
+            ("etcd_registry::registration", include_str!("register.rs")),
+        ] {
+            assert!(
+                docs.contains(&format!("| `{span}` |")),
+                "{span} is not listed"
+            );
+            assert!(
+                source.contains(&format!("\"{span}\"")),
+                "{span} is not recorded"
+            );
+        }
+    }
 }

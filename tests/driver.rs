@@ -1,5 +1,5 @@
 //! The sync driver over the in-memory etcd model, under paused tokio time: outages, stalls,
-//! compaction, restores, garbage and transactions, each checked against DESIGN.md's invariants.
+//! compaction, restores, garbage and transactions, each checked against the invariants of ARCHITECTURE.md §4.
 
 mod support;
 

@@ -1,6 +1,6 @@
 //! The caller and provider sides against real etcd processes: SIGKILL, SIGSTOP, restarts,
 //! compaction, a wiped etcd, one restored from an older backup, a leader killed mid-stream,
-//! transactions and garbage. Each test names the DESIGN.md invariant(s) it guards:
+//! transactions and garbage. Each test names the ARCHITECTURE.md §4 invariant(s) it guards:
 //! 1 freeze-never-clear, 2 no event lost/none twice, 3 atomic batches, 4 monotonic revision,
 //! 5 compaction→relist, 6 history backwards detected, 7 bad data quarantined, 9 registrations
 //! survive outages, 10 hung etcd detected.

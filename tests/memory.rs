@@ -1,4 +1,4 @@
-//! DESIGN.md §6: a cached instance costs at most 256 bytes beyond its strings.
+//! ARCHITECTURE.md §6: a cached instance costs at most 256 bytes beyond its strings.
 //!
 //! A counting allocator measures the bytes live on the test's thread (the cache's runtime is a
 //! current-thread one, so the sync task allocates there too) after a cache of 1 000 and of

@@ -3,7 +3,7 @@
 //! time passing. After every step:
 //! - the instance is never doubled (at most one key for it, in either layout);
 //! - while etcd is reachable, the instance is in etcd, with its latest update, within one
-//!   backoff step plus one keep-alive interval (DESIGN invariant 9: registrations survive
+//!   backoff step plus one keep-alive interval (ARCHITECTURE.md §4, invariant 9: registrations survive
 //!   outages); in particular it is back that soon after every heal.
 //!
 //! `PROPTEST_CASES` raises the number of cases (default 48).

@@ -1,4 +1,4 @@
-//! A state-machine model of the sync loop (DESIGN.md §5): random sequences of writes, leases,
+//! A state-machine model of the sync loop (ARCHITECTURE.md §5): random sequences of writes, leases,
 //! faults, compactions and restores are applied both to a reference model of etcd and to the
 //! real driver over `MemoryBackend` under paused tokio time, and invariants 1–7 (plus the
 //! stall-detection bound, 10) are checked after every step.

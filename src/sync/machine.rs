@@ -14,7 +14,7 @@
 //!            └──── TimerFired ── Sleeping ◀── Failed (from any phase)
 //! ```
 //!
-//! What it guarantees (the numbers are DESIGN.md's invariants):
+//! What it guarantees (the numbers are the invariants of ARCHITECTURE.md §4):
 //! 1. A failure freezes the snapshot: the instance set changes only on an answer from etcd.
 //! 2. A watch resumes at `revision + 1`; events at or below the applied revision are ignored.
 //!    Only events and lists move the revision: a progress notification proves the watch is
