@@ -52,7 +52,7 @@
 //! `RUST_LOG=etcd_registry=info`, for example.
 //!
 //! **Metrics** (through the [`metrics`](https://docs.rs/metrics) facade, each labelled
-//! `service`; the constants are in [`metrics`](crate::metrics)):
+//! `service`; the constants are in [`metrics`]):
 //!
 //! | name | kind | meaning |
 //! |---|---|---|

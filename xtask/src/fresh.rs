@@ -132,24 +132,18 @@ pub fn fresh_check(args: &[String]) -> Result<()> {
         "fresh-check: commit {commit}, commands: {commands}, run dir {}",
         run_dir.display()
     );
+    let script = run_dir.join("fresh_check.sh");
+    fs::write(&script, SCRIPT).map_err(|e| format!("cannot write {}: {e}", script.display()))?;
     let mut cmd = Command::new("unshare");
-    cmd.args([
-        "--mount",
-        "--propagation",
-        "private",
-        "--",
-        "bash",
-        "-c",
-        SCRIPT,
-        "fresh-check",
-    ])
-    .env("FRESH_BASE", &base)
-    .env("FRESH_RUN", &run_dir)
-    .env("FRESH_SOURCE", &source)
-    .env("FRESH_COMMIT", &commit)
-    .env("FRESH_RUSTUP_HOME", &rustup_home)
-    .env("FRESH_CARGO_BIN", &cargo_bin)
-    .env("FRESH_COMMANDS", &commands);
+    cmd.args(["--mount", "--propagation", "private", "--", "bash"])
+        .arg(&script)
+        .env("FRESH_BASE", &base)
+        .env("FRESH_RUN", &run_dir)
+        .env("FRESH_SOURCE", &source)
+        .env("FRESH_COMMIT", &commit)
+        .env("FRESH_RUSTUP_HOME", &rustup_home)
+        .env("FRESH_CARGO_BIN", &cargo_bin)
+        .env("FRESH_COMMANDS", &commands);
     let result = run(&mut cmd);
     if o.keep {
         say!(
