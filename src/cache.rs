@@ -2,14 +2,15 @@
 
 use std::fmt;
 use std::ops::Deref;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::{ArcSwap, Guard};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 
 use crate::balance;
 use crate::instance::Instance;
-use crate::snapshot::{Freshness, Snapshot};
+use crate::snapshot::{FreezeCause, Freshness, Snapshot};
 use crate::sync::machine::Stats;
 
 /// Counters of what a cache's sync loop did; see [`ServiceCache::stats`].
@@ -22,6 +23,9 @@ pub(crate) struct Shared {
     pub(crate) changes: watch::Sender<Arc<Snapshot>>,
     pub(crate) stats: Mutex<Stats>,
     pub(crate) last_error: Mutex<Option<String>>,
+    /// Whether a sync task runs for this cache: set when one is spawned, cleared when it ends
+    /// without being stopped (its runtime shut down, or it panicked).
+    running: AtomicBool,
 }
 
 impl Shared {
@@ -32,13 +36,59 @@ impl Shared {
             changes: watch::Sender::new(initial),
             stats: Mutex::new(Stats::default()),
             last_error: Mutex::new(None),
+            running: AtomicBool::new(false),
         }
+    }
+
+    /// Whether a sync task runs for this cache.
+    pub(crate) fn is_running(&self) -> bool {
+        self.running.load(Ordering::Acquire)
+    }
+
+    /// Called right before a sync task is spawned for this cache.
+    pub(crate) fn task_started(&self) {
+        self.running.store(true, Ordering::Release);
+    }
+
+    /// Called when the sync task ends without being stopped (from its destructor: the runtime
+    /// shut down, or the task panicked). Freezes the current snapshot with
+    /// [`FreezeCause::TaskEnded`], so nobody takes it for live; the instances stay.
+    pub(crate) fn task_ended(&self) {
+        self.running.store(false, Ordering::Release);
+        let current = self.current.load_full();
+        // The clock is read here, outside the sans-IO machine, like every other time input.
+        let since = match current.freshness() {
+            Freshness::Frozen { since, .. } => since,
+            Freshness::Live => std::time::Instant::now(),
+        };
+        let frozen = current.with(
+            current.revision(),
+            Freshness::Frozen {
+                since,
+                cause: FreezeCause::TaskEnded,
+            },
+        );
+        self.set_last_error(Some(
+            "the sync task ended (its tokio runtime shut down, or it panicked); \
+             ask Discovery::service for the service again to restart it"
+                .to_owned(),
+        ));
+        tracing::warn!(
+            service = %self.service,
+            revision = current.revision(),
+            "the sync task ended without being stopped; the snapshot is frozen until the service is asked for again"
+        );
+        self.publish(Arc::new(frozen));
     }
 
     /// Makes `snapshot` the one readers see, then tells subscribers.
     pub(crate) fn publish(&self, snapshot: Arc<Snapshot>) {
         self.current.store(snapshot.clone());
         self.changes.send_replace(snapshot);
+    }
+
+    pub(crate) fn stats(&self) -> Stats {
+        *self.stats.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     pub(crate) fn set_stats(&self, stats: Stats) {
@@ -63,7 +113,9 @@ impl Shared {
 /// Keeps the sync task alive; dropping the last handle of a cache stops it.
 pub(crate) struct Handle {
     pub(crate) shared: Arc<Shared>,
-    pub(crate) _stop: oneshot::Sender<()>,
+    /// Never sent on: its receivers see it closed when the last handle is dropped. A restarted
+    /// task subscribes anew.
+    pub(crate) stop: watch::Sender<()>,
 }
 
 /// The endpoints of one service, kept in step with etcd by a background task.
@@ -199,11 +251,7 @@ impl ServiceCache {
 
     /// Counters of the sync loop: relists, resets, watch restarts, events, decode errors.
     pub fn stats(&self) -> SyncStats {
-        *self
-            .shared()
-            .stats
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        self.shared().stats()
     }
 }
 

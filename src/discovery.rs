@@ -7,8 +7,6 @@ use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
-use tokio::sync::oneshot;
-
 use crate::backend::{Backend, MemoryBackend};
 use crate::backoff::BackoffConfig;
 use crate::cache::{Handle, ServiceCache, Shared};
@@ -102,6 +100,10 @@ impl Discovery {
     /// The cache of `service`, after its first list.
     ///
     /// Calls for the same service share one cache (and one watch) while any handle of it lives.
+    /// If that cache's task has ended (the runtime it ran on shut down, or it panicked: its
+    /// snapshot says [`TaskEnded`](crate::FreezeCause::TaskEnded)), this starts a new task on the
+    /// current runtime for it, which every handle of the cache then follows; meanwhile the cache
+    /// keeps its last instances, frozen.
     ///
     /// # Errors
     /// [`Error::FirstListTimeout`] when no list succeeded within the first-list timeout (etcd
@@ -151,6 +153,15 @@ impl Discovery {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         if let Some(handle) = caches.get(service).and_then(Weak::upgrade) {
+            if !handle.shared.is_running() {
+                // Its task died (runtime shut down, or a panic): start another one for the same
+                // cache, so every handle already out there comes back to life too.
+                tracing::info!(
+                    service,
+                    "restarting the sync task of a cache whose task ended"
+                );
+                self.start(service, &handle)?;
+            }
             return Ok(ServiceCache::new(handle));
         }
         caches.retain(|_, weak| weak.strong_count() > 0);
@@ -159,23 +170,29 @@ impl Discovery {
         Ok(ServiceCache::new(handle))
     }
 
+    /// A new cache of `service` and its sync task.
     fn spawn(&self, service: &str) -> Result<Arc<Handle>> {
-        let config = &self.inner.config;
-        let codec = Codec::new(config.layout, config.namespace.clone())
-            .with_max_value_size(config.max_value_size);
-        let prefix = codec.prefix(service).into_bytes();
-        let seed = config
-            .jitter_seed
-            .unwrap_or_else(|| RandomState::new().hash_one(service));
-        let machine = Machine::new(
-            service,
-            codec,
-            config.backoff,
-            seed,
-            tokio::time::Instant::now().into_std(),
-        );
+        let machine = self.machine(service);
         let shared = Arc::new(Shared::new(machine.published().clone()));
-        let (stop_tx, stop_rx) = oneshot::channel();
+        let handle = Arc::new(Handle {
+            shared,
+            stop: tokio::sync::watch::Sender::new(()),
+        });
+        self.run(machine, &handle)?;
+        Ok(handle)
+    }
+
+    /// A new sync task for an existing cache. It lists afresh; until then the cache keeps the
+    /// snapshot it has, frozen, and its counters go on from where they were.
+    fn start(&self, service: &str, handle: &Handle) -> Result<()> {
+        let mut machine = self.machine(service);
+        machine.continue_stats(handle.shared.stats());
+        self.run(machine, handle)
+    }
+
+    fn run(&self, machine: Machine, handle: &Handle) -> Result<()> {
+        let config = &self.inner.config;
+        let prefix = machine.prefix();
         driver::spawn(
             self.inner.backend.clone(),
             machine,
@@ -184,13 +201,25 @@ impl Discovery {
                 request_timeout: config.request_timeout,
                 stall_timeout: config.stall_timeout,
             },
-            shared.clone(),
-            stop_rx,
-        )?;
-        Ok(Arc::new(Handle {
-            shared,
-            _stop: stop_tx,
-        }))
+            handle.shared.clone(),
+            handle.stop.subscribe(),
+        )
+    }
+
+    fn machine(&self, service: &str) -> Machine {
+        let config = &self.inner.config;
+        let codec = Codec::new(config.layout, config.namespace.clone())
+            .with_max_value_size(config.max_value_size);
+        let seed = config
+            .jitter_seed
+            .unwrap_or_else(|| RandomState::new().hash_one(service));
+        Machine::new(
+            service,
+            codec,
+            config.backoff,
+            seed,
+            tokio::time::Instant::now().into_std(),
+        )
     }
 }
 

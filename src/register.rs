@@ -59,6 +59,10 @@ pub enum RegistrationStatus {
     },
     /// Deregistered: the lease was revoked (or the registration was dropped).
     Deregistered,
+    /// The registration's task ended without a deregister: the tokio runtime it ran on shut
+    /// down, or it panicked (in a user's [`Backend`], say). Nothing keeps the lease alive any
+    /// more, so the key expires within one TTL; register again to come back.
+    TaskEnded,
 }
 
 impl RegistrationStatus {
@@ -68,7 +72,9 @@ impl RegistrationStatus {
             RegistrationStatus::Registered { lease }
             | RegistrationStatus::Renewing { lease }
             | RegistrationStatus::Reregistered { lease } => Some(lease),
-            RegistrationStatus::Lost | RegistrationStatus::Deregistered => None,
+            RegistrationStatus::Lost
+            | RegistrationStatus::Deregistered
+            | RegistrationStatus::TaskEnded => None,
         }
     }
 }
@@ -85,6 +91,9 @@ impl fmt::Display for RegistrationStatus {
                 write!(f, "registered again (lease {lease})")
             }
             RegistrationStatus::Deregistered => f.write_str("deregistered"),
+            RegistrationStatus::TaskEnded => {
+                f.write_str("task ended; the key expires within one TTL")
+            }
         }
     }
 }
@@ -197,6 +206,8 @@ impl RegistrationBuilder {
             revision: 0,
             pending_write: false,
             status: status_tx,
+            // Nothing runs yet: a first registration that fails is an error, not a dead task.
+            stopped: true,
         };
         let lease = keeper.register(true).await?;
         keeper.set_status(RegistrationStatus::Registered { lease });
@@ -213,6 +224,7 @@ impl RegistrationBuilder {
             service = keeper.instance.service(),
             id = keeper.instance.id()
         );
+        keeper.stopped = false;
         tokio::spawn(keeper.run(command_rx).instrument(span));
         Ok(Registration {
             commands,
@@ -367,6 +379,21 @@ struct Keeper {
     /// (or with the next re-registration, which writes the current instance anyway).
     pending_write: bool,
     status: watch::Sender<RegistrationStatus>,
+    /// Set when the task ends because it was told to (deregister, or the handle dropped);
+    /// dropping a keeper that was not stopped means its task died.
+    stopped: bool,
+}
+
+impl Drop for Keeper {
+    fn drop(&mut self) {
+        if !self.stopped {
+            tracing::warn!(
+                lease = self.lease,
+                "the registration's task ended without a deregister; the key expires within one TTL"
+            );
+            self.status.send_replace(RegistrationStatus::TaskEnded);
+        }
+    }
 }
 
 /// Why the keep-alive phase ended.
@@ -544,7 +571,8 @@ impl Keeper {
         self.stopped();
     }
 
-    fn stopped(&self) {
+    fn stopped(&mut self) {
+        self.stopped = true;
         self.set_status(RegistrationStatus::Deregistered);
         tracing::info!("registration stopped");
     }

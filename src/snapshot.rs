@@ -28,6 +28,12 @@ pub enum FreezeCause {
     /// The member serving the watch is behind the revision already applied (it lags, or etcd
     /// went back in time); the cache backs off and relists.
     HistoryBehind,
+    /// The task that kept this cache in step with etcd is gone: the tokio runtime it ran on
+    /// shut down, or it panicked (in a user's [`Backend`](crate::Backend), say). Nothing will
+    /// update the snapshot until [`Discovery::service`](crate::Discovery::service) (or
+    /// `service_now`) is asked for the service again, which starts a new task for every handle
+    /// of this cache.
+    TaskEnded,
     /// Any other failure.
     Other,
 }
@@ -54,6 +60,7 @@ impl fmt::Display for FreezeCause {
             FreezeCause::Stalled => "watch stalled",
             FreezeCause::Auth => "authentication failed",
             FreezeCause::HistoryBehind => "etcd's history is behind the applied revision",
+            FreezeCause::TaskEnded => "the sync task ended",
             FreezeCause::Other => "backend error",
         })
     }

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use futures_util::{FutureExt, StreamExt};
-use tokio::sync::oneshot;
+use tokio::sync::watch;
 use tokio::time::{Instant, Sleep, sleep, sleep_until, timeout};
 use tracing::Instrument;
 
@@ -61,14 +61,19 @@ enum Outcome {
     Established(Watch),
 }
 
-/// Runs the sync loop of one service until `stop` fires or its sender is dropped.
+/// Runs the sync loop of one service until `stop`'s sender is dropped (the last handle of the
+/// cache went away).
+///
+/// If the task ends any other way (its runtime shuts down, or it panics) its destructor freezes
+/// the cache with [`FreezeCause::TaskEnded`], so the cache never claims to be live with nobody
+/// keeping it so.
 pub(crate) fn spawn(
     backend: Arc<dyn Backend>,
     machine: Machine,
     prefix: Vec<u8>,
     config: DriverConfig,
     shared: Arc<Shared>,
-    stop: oneshot::Receiver<()>,
+    stop: watch::Receiver<()>,
 ) -> Result<(), crate::Error> {
     let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
         crate::Error::Config(
@@ -77,6 +82,7 @@ pub(crate) fn spawn(
         )
     })?;
     let span = tracing::info_span!("etcd_registry::cache", service = %shared.service);
+    shared.task_started();
     runtime.spawn(
         Driver {
             backend,
@@ -84,6 +90,7 @@ pub(crate) fn spawn(
             prefix: prefix.into(),
             config,
             shared,
+            stopped: false,
         }
         .run(stop)
         .instrument(span),
@@ -97,10 +104,21 @@ struct Driver {
     prefix: Arc<[u8]>,
     config: DriverConfig,
     shared: Arc<Shared>,
+    /// Set when the loop ends because it was told to; otherwise dropping the driver means the
+    /// task died.
+    stopped: bool,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        if !self.stopped {
+            self.shared.task_ended();
+        }
+    }
 }
 
 impl Driver {
-    async fn run(mut self, mut stop: oneshot::Receiver<()>) {
+    async fn run(mut self, mut stop: watch::Receiver<()>) {
         tracing::debug!("sync loop started");
         let mut op = Op::Idle;
         let mut error = None;
@@ -111,7 +129,8 @@ impl Driver {
             }
             let outcome = tokio::select! {
                 biased;
-                _ = &mut stop => break,
+                // Nothing is ever sent: this resolves when the last handle drops the sender.
+                _ = stop.changed() => break,
                 outcome = wait(&mut op, &self.config, &mut error) => outcome,
             };
             if let Some(error) = error.take() {
@@ -138,6 +157,7 @@ impl Driver {
                 self.shared.set_stats(after);
             }
         }
+        self.stopped = true;
         tracing::debug!("sync loop stopped: the last cache handle was dropped");
     }
 

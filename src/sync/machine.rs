@@ -213,6 +213,17 @@ impl Machine {
         self.stats
     }
 
+    /// Carries the counters of a previous machine of the same cache over, so they keep going
+    /// up when a sync task is restarted.
+    pub(crate) fn continue_stats(&mut self, stats: Stats) {
+        self.stats = stats;
+    }
+
+    /// The key prefix this machine follows.
+    pub(crate) fn prefix(&self) -> Vec<u8> {
+        self.codec.prefix(&self.service).into_bytes()
+    }
+
     /// Whether the first list succeeded.
     pub fn has_listed(&self) -> bool {
         self.listed

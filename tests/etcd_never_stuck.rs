@@ -1,0 +1,244 @@
+//! Never wrong, never stuck (ARCHITECTURE.md §4, invariant 12), against real etcd processes:
+//! a cache or a registration whose task is gone says so, and asking again starts a new task;
+//! defaults that etcd accepts; one request timeout that means what it says.
+//!
+//! The clusters bind loopback ports only; the harness ends its own members by PID.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use futures_util::future::BoxFuture;
+use futures_util::{FutureExt, StreamExt};
+
+use etcd_registry::backend::{
+    BackendError, ListResponse, PutCondition, PutOutcome, Watch, WatchMessage,
+};
+use etcd_registry::{
+    Backend, BackoffConfig, Discovery, EtcdBackend, EtcdOptions, FreezeCause, Freshness,
+    Registration, RegistrationStatus, ServiceCache,
+};
+use support::etcd::EtcdCluster;
+use support::wait::*;
+use support::*;
+
+const BACKOFF: BackoffConfig = BackoffConfig {
+    initial: Duration::from_millis(50),
+    max: Duration::from_millis(500),
+    reset_after: Duration::from_secs(30),
+};
+const LONG: Duration = Duration::from_secs(20);
+
+fn value_of(id: &str, port: u16) -> String {
+    String::from_utf8(codec().encode_value(&instance("user", id, port))).expect("utf-8")
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
+
+fn discovery(backend: impl Backend) -> Discovery {
+    Discovery::with_backend(backend)
+        .namespace(NS)
+        .backoff(BACKOFF)
+        .build()
+        .expect("valid config")
+}
+
+fn task_ended(freshness: Freshness) -> bool {
+    matches!(
+        freshness,
+        Freshness::Frozen {
+            cause: FreezeCause::TaskEnded,
+            ..
+        }
+    )
+}
+
+/// A user's backend with a bug: once armed, the next watch message it delivers panics the task
+/// that reads it.
+#[derive(Clone)]
+struct Panicky {
+    inner: EtcdBackend,
+    armed: Arc<AtomicBool>,
+}
+
+impl Backend for Panicky {
+    fn list(&self, prefix: &[u8]) -> BoxFuture<'_, Result<ListResponse, BackendError>> {
+        self.inner.list(prefix)
+    }
+
+    fn watch(
+        &self,
+        prefix: &[u8],
+        from_revision: i64,
+    ) -> BoxFuture<'_, Result<Watch, BackendError>> {
+        let armed = self.armed.clone();
+        self.inner
+            .watch(prefix, from_revision)
+            .map(move |watch| {
+                watch.map(|mut watch| {
+                    watch.stream = watch
+                        .stream
+                        .map(move |message: Result<WatchMessage, BackendError>| {
+                            assert!(!armed.load(Ordering::SeqCst), "a bug in a user's backend");
+                            message
+                        })
+                        .boxed();
+                    watch
+                })
+            })
+            .boxed()
+    }
+
+    fn grant(&self, ttl: Duration) -> BoxFuture<'_, Result<i64, BackendError>> {
+        self.inner.grant(ttl)
+    }
+
+    fn keep_alive(&self, lease: i64) -> BoxFuture<'_, Result<Duration, BackendError>> {
+        self.inner.keep_alive(lease)
+    }
+
+    fn put(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        lease: i64,
+        condition: PutCondition,
+    ) -> BoxFuture<'_, Result<PutOutcome, BackendError>> {
+        self.inner.put(key, value, lease, condition)
+    }
+
+    fn revoke(&self, lease: i64) -> BoxFuture<'_, Result<(), BackendError>> {
+        self.inner.revoke(lease)
+    }
+}
+
+/// Issue: a cache whose task panicked stayed `Live` for good, and `service()` handed the dead
+/// cache out again. Now it freezes with `TaskEnded`, and asking again restarts the task for
+/// every handle, old ones included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cache_whose_task_panicked_says_so_and_comes_back_when_asked_again() {
+    let started = Instant::now();
+    let etcd = EtcdCluster::single();
+    etcd.etcdctl(&["put", &user_key("u1"), &value_of("u1", 1)]);
+    let backend = Panicky {
+        inner: EtcdBackend::connect(etcd.endpoints(), EtcdOptions::new())
+            .await
+            .expect("connect"),
+        armed: Arc::new(AtomicBool::new(false)),
+    };
+    let discovery = discovery(backend.clone());
+    let users = discovery.service("user").await.expect("first list");
+    assert!(users.freshness().is_live());
+
+    backend.armed.store(true, Ordering::SeqCst);
+    etcd.etcdctl(&["put", &user_key("u2"), &value_of("u2", 2)]);
+    let dead = wait_for(&users, LONG, "frozen: the task ended", |s| {
+        task_ended(s.freshness())
+    })
+    .await;
+    assert_eq!(ids(&dead), list(&["u1@1"]), "frozen, never cleared");
+    let why = users.last_error().expect("the cache says why");
+    assert!(why.contains("task ended"), "{why}");
+
+    backend.armed.store(false, Ordering::SeqCst);
+    let again = discovery.service("user").await.expect("the service again");
+    for cache in [&again, &users] {
+        wait_for(cache, LONG, "live again with both", |s| {
+            s.freshness().is_live() && ids(s) == list(&["u1@1", "u2@2"])
+        })
+        .await;
+    }
+    report(
+        "a_cache_whose_task_panicked_says_so_and_comes_back_when_asked_again",
+        started,
+    );
+}
+
+/// Issue: a `Discovery` made on one runtime (a start-up `block_on`, another test) kept a
+/// `Live` cache after that runtime shut down. The etcd connection lives on a runtime of its
+/// own here, as an application's would.
+#[test]
+fn a_cache_whose_runtime_shut_down_says_so_and_comes_back_when_asked_again() {
+    let started = Instant::now();
+    let etcd = EtcdCluster::single();
+    etcd.etcdctl(&["put", &user_key("u1"), &value_of("u1", 1)]);
+    let connection = runtime();
+    let backend = connection
+        .block_on(EtcdBackend::connect(etcd.endpoints(), EtcdOptions::new()))
+        .expect("connect");
+    let discovery = discovery(backend);
+
+    let first = runtime();
+    let users: ServiceCache = first
+        .block_on(discovery.service("user"))
+        .expect("first list");
+    assert!(users.freshness().is_live());
+    drop(first);
+    assert!(
+        task_ended(users.freshness()),
+        "the runtime is gone, yet the cache says {:?}",
+        users.freshness()
+    );
+    assert_eq!(ids(&users.snapshot()), list(&["u1@1"]), "never cleared");
+
+    let second = runtime();
+    second.block_on(async {
+        let again = discovery.service("user").await.expect("the service again");
+        etcd.etcdctl(&["put", &user_key("u2"), &value_of("u2", 2)]);
+        for cache in [&again, &users] {
+            wait_for(cache, LONG, "live again with both", |s| {
+                s.freshness().is_live() && ids(s) == list(&["u1@1", "u2@2"])
+            })
+            .await;
+        }
+    });
+    drop(connection);
+    report(
+        "a_cache_whose_runtime_shut_down_says_so_and_comes_back_when_asked_again",
+        started,
+    );
+}
+
+/// Issue: a registration whose runtime shut down kept saying `Registered` while nothing kept
+/// its lease alive. Now it says `TaskEnded`, and the key expires within one TTL.
+#[test]
+fn a_registration_whose_runtime_shut_down_says_so() {
+    let started = Instant::now();
+    let etcd = EtcdCluster::single();
+    let connection = runtime();
+    let backend = connection
+        .block_on(EtcdBackend::connect(etcd.endpoints(), EtcdOptions::new()))
+        .expect("connect");
+    let ttl = Duration::from_secs(2);
+
+    let provider = runtime();
+    let registration = provider
+        .block_on(
+            Registration::with_backend(backend, instance("user", "u1", 1))
+                .namespace(NS)
+                .ttl(ttl)
+                .register(),
+        )
+        .expect("registered");
+    let status = registration.status();
+    assert!(matches!(
+        *status.borrow(),
+        RegistrationStatus::Registered { .. }
+    ));
+    drop(provider);
+    assert_eq!(*status.borrow(), RegistrationStatus::TaskEnded);
+
+    connection.block_on(eventually(ttl * 3, "the key expires", || {
+        get_key(&etcd, &user_key("u1")).is_none().then_some(())
+    }));
+    report("a_registration_whose_runtime_shut_down_says_so", started);
+}
+
