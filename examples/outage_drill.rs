@@ -81,10 +81,7 @@ async fn real_etcd(path: PathBuf) -> Result<(), Error> {
         tokio::task::spawn_blocking(move || etcd_process::EtcdCluster::start_with(bins, 1)).await?,
     );
     let endpoints = cluster.endpoints();
-    let options = EtcdOptions::new()
-        .connect_timeout(Duration::from_secs(1))
-        .request_timeout(Duration::from_secs(2))
-        .keep_alive(Duration::from_secs(1), Duration::from_secs(1));
+    let options = EtcdOptions::new().connect_timeout(Duration::from_secs(1));
     let clock = Clock::new();
     clock.say(&format!("etcd started at {}", endpoints.join(",")));
 

@@ -41,7 +41,6 @@ fn fast_options() -> EtcdOptions {
     EtcdOptions::new()
         .keep_alive(Duration::from_secs(1), Duration::from_secs(1))
         .connect_timeout(Duration::from_secs(1))
-        .request_timeout(Duration::from_secs(2))
 }
 
 async fn connect(endpoints: &[String], options: EtcdOptions) -> EtcdBackend {

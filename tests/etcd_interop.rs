@@ -25,8 +25,7 @@ const BACKOFF: BackoffConfig = BackoffConfig {
 async fn connect(etcd: &EtcdCluster) -> EtcdBackend {
     let options = EtcdOptions::new()
         .keep_alive(Duration::from_secs(1), Duration::from_secs(1))
-        .connect_timeout(Duration::from_secs(1))
-        .request_timeout(Duration::from_secs(2));
+        .connect_timeout(Duration::from_secs(1));
     EtcdBackend::connect(etcd.endpoints(), options)
         .await
         .expect("connect to etcd")

@@ -242,3 +242,92 @@ fn a_registration_whose_runtime_shut_down_says_so() {
     report("a_registration_whose_runtime_shut_down_says_so", started);
 }
 
+/// Issue: the default HTTP/2 keep-alive pinged every 3 s, faster than a default etcd accepts
+/// (`--grpc-keepalive-min-time` 5 s): etcd answered with GOAWAY and every watch broke about
+/// every 15 s. With the defaults, an idle watch on a default etcd stays up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_keep_alive_is_one_a_default_etcd_accepts() {
+    let started = Instant::now();
+    let etcd = EtcdCluster::single();
+    etcd.etcdctl(&["put", &user_key("u1"), &value_of("u1", 1)]);
+    let backend = EtcdBackend::connect(etcd.endpoints(), EtcdOptions::new())
+        .await
+        .expect("connect");
+    let users = Discovery::with_backend(backend)
+        .namespace(NS)
+        // Longer than the observation: no progress request, so only pings cross the idle
+        // connection, as in a quiet production cache with a long stall bound.
+        .stall_timeout(Duration::from_secs(60))
+        .build()
+        .expect("valid config")
+        .service("user")
+        .await
+        .expect("first list");
+    let recorder = Recorder::start(&users);
+    // etcd closes a connection after its third ping strike: 3 s pings were gone within ~12 s.
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    etcd.etcdctl(&["put", &user_key("u2"), &value_of("u2", 2)]);
+    wait_for(&users, LONG, "the put arrives", |s| s.len() == 2).await;
+    assert_eq!(
+        users.stats().watch_restarts,
+        0,
+        "the watch broke while idle"
+    );
+    assert_eq!(users.stats().failures, 0, "{:?}", users.last_error());
+    assert!(
+        recorder.snapshots().iter().all(|s| s.freshness().is_live()),
+        "froze while idle"
+    );
+    report(
+        "the_default_keep_alive_is_one_a_default_etcd_accepts",
+        started,
+    );
+}
+
+/// Issue: `request_timeout` on the cache and on the registration had no effect above 5 s,
+/// because the etcd backend cut every call at its own 5 s. An etcd that takes 6.5 s to answer
+/// (stopped, then continued) is now waited for when the setting says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_timeout_is_the_one_bound_on_a_request() {
+    let started = Instant::now();
+    let etcd = EtcdCluster::single();
+    etcd.etcdctl(&["put", &user_key("u1"), &value_of("u1", 1)]);
+    let backend = EtcdBackend::connect(etcd.endpoints(), EtcdOptions::new())
+        .await
+        .expect("connect");
+    let discovery = Discovery::with_backend(backend.clone())
+        .namespace(NS)
+        .request_timeout(Duration::from_secs(10))
+        .build()
+        .expect("valid config");
+    // Connected before etcd stops: what is measured is the request, not the dial.
+    discovery.service("warm-up").await.expect("first list");
+
+    etcd.stop(0);
+    let users = discovery.service_now("user").expect("a cache");
+    let registering = tokio::spawn(
+        Registration::with_backend(backend, instance("order", "o1", 1))
+            .namespace(NS)
+            .request_timeout(Duration::from_secs(10))
+            .register(),
+    );
+    tokio::time::sleep(Duration::from_millis(6500)).await;
+    etcd.cont(0);
+
+    wait_for(&users, LONG, "listed once etcd answers", |s| {
+        s.freshness().is_live() && ids(s) == list(&["u1@1"])
+    })
+    .await;
+    assert_eq!(
+        users.stats().failures,
+        0,
+        "the list was cut short: {:?}",
+        users.last_error()
+    );
+    let registration = registering.await.expect("no panic");
+    assert!(
+        registration.is_ok(),
+        "the registration was cut short: {registration:?}"
+    );
+    report("request_timeout_is_the_one_bound_on_a_request", started);
+}

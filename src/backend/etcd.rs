@@ -17,7 +17,14 @@ use super::{
     ProgressRequester, PutCondition, PutOutcome, Watch, WatchMessage,
 };
 
-/// How to connect to etcd. Every setting has a default suited to production.
+/// How to connect to etcd. Every setting has a default suited to production and accepted by
+/// etcd's own defaults.
+///
+/// There is no request timeout here: whoever makes a request bounds it, so one setting has one
+/// meaning. A cache bounds its lists and watch creations by
+/// [`DiscoveryBuilder::request_timeout`](crate::DiscoveryBuilder::request_timeout), a
+/// registration its calls by
+/// [`RegistrationBuilder::request_timeout`](crate::RegistrationBuilder::request_timeout).
 ///
 /// ```
 /// use std::time::Duration;
@@ -25,14 +32,13 @@ use super::{
 ///
 /// let options = EtcdOptions::new()
 ///     .connect_timeout(Duration::from_secs(2))
-///     .keep_alive(Duration::from_secs(2), Duration::from_secs(2))
+///     .keep_alive(Duration::from_secs(10), Duration::from_secs(5))
 ///     .user("discovery", "secret");
 /// # let _ = options;
 /// ```
 #[derive(Clone)]
 pub struct EtcdOptions {
     connect_timeout: Duration,
-    request_timeout: Duration,
     keep_alive_interval: Duration,
     keep_alive_timeout: Duration,
     require_leader: bool,
@@ -43,9 +49,8 @@ impl Default for EtcdOptions {
     fn default() -> Self {
         Self {
             connect_timeout: Duration::from_secs(5),
-            request_timeout: Duration::from_secs(5),
-            keep_alive_interval: Duration::from_secs(3),
-            keep_alive_timeout: Duration::from_secs(3),
+            keep_alive_interval: DEFAULT_KEEP_ALIVE_INTERVAL,
+            keep_alive_timeout: DEFAULT_KEEP_ALIVE_TIMEOUT,
             require_leader: true,
             user: None,
         }
@@ -56,7 +61,6 @@ impl fmt::Debug for EtcdOptions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("EtcdOptions")
             .field("connect_timeout", &self.connect_timeout)
-            .field("request_timeout", &self.request_timeout)
             .field("keep_alive_interval", &self.keep_alive_interval)
             .field("keep_alive_timeout", &self.keep_alive_timeout)
             .field("require_leader", &self.require_leader)
@@ -66,8 +70,8 @@ impl fmt::Debug for EtcdOptions {
 }
 
 impl EtcdOptions {
-    /// The defaults: connect and request timeouts 5 s, HTTP/2 keep-alive every 3 s with a 3 s
-    /// timeout, leader required, no authentication.
+    /// The defaults: connect timeout 5 s, HTTP/2 keep-alive every 10 s with a 5 s timeout on
+    /// connections with an open stream, leader required, no authentication.
     pub fn new() -> Self {
         Self::default()
     }
@@ -78,18 +82,18 @@ impl EtcdOptions {
         self
     }
 
-    /// Bound on every unary request and on the creation of a watch (default 5 s). Watch streams
-    /// themselves are not bounded by it: they live as long as etcd answers.
-    pub fn request_timeout(mut self, timeout: Duration) -> Self {
-        self.request_timeout = timeout;
-        self
-    }
-
-    /// HTTP/2 keep-alive: a ping every `interval`, the connection dropped when one is not
-    /// answered within `timeout` (defaults 3 s and 3 s). This is what notices a hung member (or
-    /// a network path that went dark) even while nothing else is sent. A member cut off from
-    /// the rest of its cluster still answers pings: [`require_leader`](Self::require_leader) is
-    /// what notices that.
+    /// HTTP/2 keep-alive: a ping every `interval` while a stream (a watch, a lease keep-alive)
+    /// is open, the connection dropped when one is not answered within `timeout` (defaults 10 s
+    /// and 5 s). This notices a hung member (or a network path that went dark) even while
+    /// nothing else is sent. A member cut off from the rest of its cluster still answers pings:
+    /// [`require_leader`](Self::require_leader) is what notices that.
+    ///
+    /// **etcd refuses pings more often than its `--grpc-keepalive-min-time` (default 5 s)**: it
+    /// answers a client that pings faster with a GOAWAY (`too_many_pings`), which breaks every
+    /// watch on the connection about every 15 s. Keep `interval` at or above that setting of your
+    /// etcd; the default leaves room for timer jitter. A hung etcd is caught sooner by the
+    /// cache's stall bound ([`DiscoveryBuilder::stall_timeout`](crate::DiscoveryBuilder::stall_timeout),
+    /// 10 s by default) than by a shorter ping interval.
     pub fn keep_alive(mut self, interval: Duration, timeout: Duration) -> Self {
         self.keep_alive_interval = interval;
         self.keep_alive_timeout = timeout;
@@ -114,7 +118,9 @@ impl EtcdOptions {
         let mut options = ConnectOptions::new()
             .with_connect_timeout(self.connect_timeout)
             .with_keep_alive(self.keep_alive_interval, self.keep_alive_timeout)
-            .with_keep_alive_while_idle(true)
+            // A connection with no open stream has no watch to watch over, and etcd does not
+            // accept pings on one (its enforcement policy does not permit them without streams).
+            .with_keep_alive_while_idle(false)
             .with_require_leader(self.require_leader);
         if let Some((name, password)) = &self.user {
             options = options
@@ -124,6 +130,11 @@ impl EtcdOptions {
         options
     }
 }
+
+/// HTTP/2 keep-alive ping interval: above etcd's default `--grpc-keepalive-min-time` (5 s).
+const DEFAULT_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// How long an unanswered ping may take before the connection is dropped.
+const DEFAULT_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A [`Backend`] on a real etcd cluster.
 ///
@@ -140,17 +151,18 @@ impl EtcdOptions {
 /// # let _ = users;
 /// # Ok(()) }
 /// ```
+///
+/// Its requests carry no timeout of their own: the caches and registrations made from it bound
+/// each call by their own `request_timeout`. Code that calls the [`Backend`] methods directly
+/// bounds them itself (with `tokio::time::timeout`, say).
 #[derive(Clone)]
 pub struct EtcdBackend {
     client: Client,
-    request_timeout: Duration,
 }
 
 impl fmt::Debug for EtcdBackend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("EtcdBackend")
-            .field("request_timeout", &self.request_timeout)
-            .finish_non_exhaustive()
+        f.debug_struct("EtcdBackend").finish_non_exhaustive()
     }
 }
 
@@ -176,54 +188,28 @@ impl EtcdBackend {
                 "no etcd endpoint given",
             ));
         }
+        // Lazy, unless credentials are checked: then this authenticates, bounded like a dial.
         let connect = Client::connect(endpoints, Some(options.connect_options()));
-        let client = tokio::time::timeout(options.request_timeout, connect)
+        let client = tokio::time::timeout(options.connect_timeout, connect)
             .await
             .map_err(|_| BackendError::new(BackendErrorKind::Timeout, "connecting to etcd"))?
             .map_err(map_error)?;
-        Ok(Self {
-            client,
-            request_timeout: options.request_timeout,
-        })
+        Ok(Self { client })
     }
 
-    /// Uses a client the application already has. Its own options apply; the request timeout
-    /// is 5 s (see [`with_request_timeout`](Self::with_request_timeout)).
+    /// Uses a client the application already has. Its own options apply.
     ///
     /// Build that client with `ConnectOptions::with_require_leader(true)` (and an HTTP/2
     /// keep-alive): without it, a member cut off from the rest of its cluster keeps answering
     /// from its stale state, and the cache stays live on it instead of freezing.
     /// [`connect`](Self::connect) sets both.
     pub fn from_client(client: Client) -> Self {
-        Self {
-            client,
-            request_timeout: EtcdOptions::default().request_timeout,
-        }
-    }
-
-    /// Sets the bound on unary requests and watch creation.
-    pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
-        self.request_timeout = timeout;
-        self
+        Self { client }
     }
 
     /// The underlying etcd-client handle.
     pub fn client(&self) -> &Client {
         &self.client
-    }
-
-    async fn bounded<T>(
-        &self,
-        what: &'static str,
-        call: impl Future<Output = Result<T, etcd_client::Error>>,
-    ) -> Result<T, BackendError> {
-        match tokio::time::timeout(self.request_timeout, call).await {
-            Ok(result) => result.map_err(map_error),
-            Err(_) => Err(BackendError::new(
-                BackendErrorKind::Timeout,
-                format!("{what} took longer than {:?}", self.request_timeout),
-            )),
-        }
     }
 }
 
@@ -232,12 +218,10 @@ impl Backend for EtcdBackend {
         let prefix = prefix.to_vec();
         Box::pin(async move {
             let mut client = self.client.clone();
-            let response = self
-                .bounded(
-                    "list",
-                    client.get(prefix, Some(GetOptions::new().with_prefix())),
-                )
-                .await?;
+            let response = client
+                .get(prefix, Some(GetOptions::new().with_prefix()))
+                .await
+                .map_err(map_error)?;
             Ok(ListResponse {
                 header: header(response.header())?,
                 kvs: response.kvs().iter().map(key_value).collect(),
@@ -263,7 +247,7 @@ impl Backend for EtcdBackend {
                 let first = responses.message().await?;
                 Ok::<_, etcd_client::Error>((sender, responses, first))
             };
-            let (sender, responses, first) = self.bounded("watch creation", created).await?;
+            let (sender, responses, first) = created.await.map_err(map_error)?;
             let created = first.ok_or_else(|| BackendError::unavailable("watch closed at once"))?;
             if created.canceled() {
                 return Err(cancelled(&created));
@@ -297,9 +281,7 @@ impl Backend for EtcdBackend {
         Box::pin(async move {
             let mut client = self.client.clone();
             let seconds = ttl.as_secs_f64().ceil().max(1.0) as i64;
-            let response = self
-                .bounded("lease grant", client.lease_grant(seconds, None))
-                .await?;
+            let response = client.lease_grant(seconds, None).await.map_err(map_error)?;
             Ok(response.id())
         })
     }
@@ -313,20 +295,13 @@ impl Backend for EtcdBackend {
                 responses.message().await
             };
             // The stream sends one request when it opens; its first answer is the renewal.
-            match tokio::time::timeout(self.request_timeout, renew).await {
-                Ok(Ok(Some(response))) => Ok(Duration::from_secs(response.ttl().max(0) as u64)),
-                Ok(Ok(None)) => Err(BackendError::unavailable("keep-alive stream closed")),
+            match renew.await {
+                Ok(Some(response)) => Ok(Duration::from_secs(response.ttl().max(0) as u64)),
+                Ok(None) => Err(BackendError::unavailable("keep-alive stream closed")),
                 // etcd-client reads the first answer itself and reports an unknown lease as an
                 // error; the contract says a lease that no longer exists renews to zero.
-                Ok(Err(error)) if lease_not_found(&error) => Ok(Duration::ZERO),
-                Ok(Err(error)) => Err(map_error(error)),
-                Err(_) => Err(BackendError::new(
-                    BackendErrorKind::Timeout,
-                    format!(
-                        "lease keep-alive took longer than {:?}",
-                        self.request_timeout
-                    ),
-                )),
+                Err(error) if lease_not_found(&error) => Ok(Duration::ZERO),
+                Err(error) => Err(map_error(error)),
             }
         })
     }
@@ -360,7 +335,7 @@ impl Backend for EtcdBackend {
             let txn = txn
                 .and_then([EtcdTxnOp::put(key.clone(), value, options)])
                 .or_else([EtcdTxnOp::get(key, None)]);
-            let response = self.bounded("conditional put", client.txn(txn)).await?;
+            let response = client.txn(txn).await.map_err(map_error)?;
             if response.succeeded() {
                 return Ok(PutOutcome::Written {
                     revision: header(response.header())?.revision,
@@ -377,10 +352,7 @@ impl Backend for EtcdBackend {
     fn revoke(&self, lease: i64) -> BoxFuture<'_, Result<(), BackendError>> {
         Box::pin(async move {
             let mut client = self.client.clone();
-            match self
-                .bounded("lease revoke", client.lease_revoke(lease))
-                .await
-            {
+            match client.lease_revoke(lease).await.map_err(map_error) {
                 Ok(_) => Ok(()),
                 // Already gone (expired or revoked): what revoking wanted.
                 Err(e) if e.kind == BackendErrorKind::Rejected => Ok(()),
