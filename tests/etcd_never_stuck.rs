@@ -14,7 +14,7 @@ use futures_util::future::BoxFuture;
 use futures_util::{FutureExt, StreamExt};
 
 use etcd_registry::backend::{
-    BackendError, ListResponse, PutCondition, PutOutcome, Watch, WatchMessage,
+    BackendError, KeysAt, ListResponse, PutCondition, PutOutcome, Watch, WatchMessage,
 };
 use etcd_registry::{
     Backend, BackoffConfig, Discovery, EtcdBackend, EtcdOptions, FreezeCause, Freshness,
@@ -117,6 +117,10 @@ impl Backend for Panicky {
 
     fn revoke(&self, lease: i64) -> BoxFuture<'_, Result<(), BackendError>> {
         self.inner.revoke(lease)
+    }
+
+    fn keys_at(&self, prefix: &[u8], revision: i64) -> BoxFuture<'_, Result<KeysAt, BackendError>> {
+        self.inner.keys_at(prefix, revision)
     }
 }
 

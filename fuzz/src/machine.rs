@@ -47,7 +47,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use etcd_registry::backend::{Event, EventKind, Header, KeyValue, ListResponse};
+use etcd_registry::backend::{
+    Event, EventKind, Header, KeyRevision, KeyValue, KeysAt, ListResponse,
+};
 use etcd_registry::instance::Instance;
 use etcd_registry::snapshot::{FreezeCause, Snapshot};
 use etcd_registry::sync::{Action, BackoffConfig, Input, Machine, Stats};
@@ -111,6 +113,15 @@ pub enum Op {
     Failed(Cause),
     /// [`Input::TimerFired`].
     TimerFired,
+    /// [`Input::Verified`]: etcd's keys at some revision (a key given twice counts once).
+    Verified {
+        /// The response header.
+        header: Hdr,
+        /// The keys with their mod revisions (from the kvs; values are ignored).
+        keys: Vec<Kv>,
+    },
+    /// [`Input::HistoryShorter`].
+    HistoryShorter,
 }
 
 /// A mirror of [`Header`].
@@ -286,6 +297,21 @@ pub fn input(op: &Op) -> Input {
         },
         Op::Failed(c) => Input::Failed(cause(*c)),
         Op::TimerFired => Input::TimerFired,
+        Op::Verified { header: h, keys } => {
+            let mut by_key = BTreeMap::new();
+            for k in keys.iter().take(MAX_KVS) {
+                let k = kv(k, true);
+                by_key.entry(k.key.clone()).or_insert(k.mod_revision);
+            }
+            Input::Verified(KeysAt {
+                header: header(*h),
+                keys: by_key
+                    .into_iter()
+                    .map(|(key, mod_revision)| KeyRevision { key, mod_revision })
+                    .collect(),
+            })
+        }
+        Op::HistoryShorter => Input::HistoryShorter,
     }
 }
 
@@ -317,7 +343,14 @@ pub fn run(steps: &[Step]) {
 
 /// Whether an input answers an action of the machine (`List`, `Watch`, `Sleep`).
 fn is_answer(op: &Op) -> bool {
-    matches!(op, Op::Listed { .. } | Op::WatchStarted(_) | Op::TimerFired)
+    matches!(
+        op,
+        Op::Listed { .. }
+            | Op::WatchStarted(_)
+            | Op::TimerFired
+            | Op::Verified { .. }
+            | Op::HistoryShorter
+    )
 }
 
 /// The instances of a snapshot by id.
@@ -439,7 +472,12 @@ impl Harness {
         }
 
         // ---- invariant 1: a failure freezes the instance set
-        let may_change = |i: &Input| !matches!(i, Input::Failed(_) | Input::TimerFired);
+        let may_change = |i: &Input| {
+            !matches!(
+                i,
+                Input::Failed(_) | Input::TimerFired | Input::Verified(_) | Input::HistoryShorter
+            )
+        };
         let mut reanchor = false;
         if let Some(k) = inputs.iter().position(|i| matches!(i, Input::Failed(_))) {
             if inputs[..k].iter().any(may_change) {
@@ -635,6 +673,7 @@ fn assert_counters_only_grow(a: &Stats, b: &Stats) {
         ("events_skipped", a.events_skipped, b.events_skipped),
         ("decode_errors", a.decode_errors, b.decode_errors),
         ("failures", a.failures, b.failures),
+        ("verifications", a.verifications, b.verifications),
     ];
     for (name, before, after) in pairs {
         assert!(after >= before, "{name} went down: {before} -> {after}");

@@ -13,8 +13,8 @@ use futures_util::future::BoxFuture;
 use tokio::sync::Mutex as AsyncMutex;
 
 use super::{
-    Backend, BackendError, BackendErrorKind, Event, EventKind, Header, KeyValue, ListResponse,
-    ProgressRequester, PutCondition, PutOutcome, Watch, WatchMessage,
+    Backend, BackendError, BackendErrorKind, Event, EventKind, Header, KeyRevision, KeyValue,
+    KeysAt, ListResponse, ProgressRequester, PutCondition, PutOutcome, Watch, WatchMessage,
 };
 
 /// How to connect to etcd. Every setting has a default suited to production and accepted by
@@ -225,6 +225,29 @@ impl Backend for EtcdBackend {
             Ok(ListResponse {
                 header: header(response.header())?,
                 kvs: response.kvs().iter().map(key_value).collect(),
+            })
+        })
+    }
+
+    fn keys_at(&self, prefix: &[u8], revision: i64) -> BoxFuture<'_, Result<KeysAt, BackendError>> {
+        let prefix = prefix.to_vec();
+        Box::pin(async move {
+            let mut client = self.client.clone();
+            let options = GetOptions::new()
+                .with_prefix()
+                .with_keys_only()
+                .with_revision(revision);
+            let response = client.get(prefix, Some(options)).await.map_err(map_error)?;
+            Ok(KeysAt {
+                header: header(response.header())?,
+                keys: response
+                    .kvs()
+                    .iter()
+                    .map(|kv| KeyRevision {
+                        key: kv.key().to_vec(),
+                        mod_revision: kv.mod_revision(),
+                    })
+                    .collect(),
             })
         })
     }
@@ -477,6 +500,20 @@ fn map_error(error: etcd_client::Error) -> BackendError {
             }
             Code::DeadlineExceeded => BackendErrorKind::Timeout,
             Code::Unauthenticated | Code::PermissionDenied => BackendErrorKind::Auth,
+            Code::OutOfRange
+                if status
+                    .message()
+                    .contains("required revision has been compacted") =>
+            {
+                BackendErrorKind::Compacted
+            }
+            Code::OutOfRange
+                if status
+                    .message()
+                    .contains("required revision is a future revision") =>
+            {
+                BackendErrorKind::FutureRevision
+            }
             Code::InvalidArgument
             | Code::NotFound
             | Code::AlreadyExists

@@ -22,7 +22,7 @@ use tokio::time::Instant;
 
 use self::store::{Item, State, Stored};
 use super::{
-    Backend, BackendError, BackendErrorKind, KeyValue, ListResponse, ProgressRequester,
+    Backend, BackendError, BackendErrorKind, KeyValue, KeysAt, ListResponse, ProgressRequester,
     PutCondition, PutOutcome, Watch,
 };
 
@@ -507,7 +507,7 @@ impl MemoryBackend {
     pub fn restore(&self, backup: MemoryState) {
         {
             let mut state = self.lock();
-            state.restore(backup, Instant::now());
+            state.restore(backup, Instant::now(), false);
         }
         self.shared.reaper_wake.notify_one();
     }
@@ -518,7 +518,17 @@ impl MemoryBackend {
     pub fn wipe(&self) {
         let mut state = self.lock();
         let empty = state.empty_snapshot();
-        state.restore(empty, Instant::now());
+        state.restore(empty, Instant::now(), false);
+    }
+
+    /// [`wipe`](Self::wipe), but the cluster id stays: an etcd whose data directory was deleted
+    /// and that was started again with unchanged flags (same name, peer URLs and cluster
+    /// token), or restored from a snapshot with the default token. Its new history reuses
+    /// revisions the old one had; only what it holds at them tells the two apart.
+    pub fn wipe_keeping_identity(&self) {
+        let mut state = self.lock();
+        let empty = state.empty_snapshot();
+        state.restore(empty, Instant::now(), true);
     }
 
     // ----- serving ------------------------------------------------------------------------
@@ -581,6 +591,19 @@ impl Backend for MemoryBackend {
                 Ok(ListResponse {
                     header: state.header(),
                     kvs: state.range(&prefix),
+                })
+            })
+            .await
+        })
+    }
+
+    fn keys_at(&self, prefix: &[u8], revision: i64) -> BoxFuture<'_, Result<KeysAt, BackendError>> {
+        let prefix = prefix.to_vec();
+        Box::pin(async move {
+            self.serve(|state| {
+                Ok(KeysAt {
+                    header: state.header(),
+                    keys: state.keys_at(&prefix, revision)?,
                 })
             })
             .await

@@ -76,6 +76,24 @@ pub struct ListResponse {
     pub kvs: Vec<KeyValue>,
 }
 
+/// One key as it was at some revision, without its value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRevision {
+    /// The key.
+    pub key: Vec<u8>,
+    /// The revision of the key's last change at or before the revision asked about.
+    pub mod_revision: i64,
+}
+
+/// The answer to [`Backend::keys_at`]: every key under a prefix as of one past revision.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct KeysAt {
+    /// The response header (its revision is the store's current one, not the one asked about).
+    pub header: Header,
+    /// The keys, in key order.
+    pub keys: Vec<KeyRevision>,
+}
+
 /// One message of a watch stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WatchMessage {
@@ -112,6 +130,12 @@ pub enum BackendErrorKind {
     Auth,
     /// The request itself was refused (bad argument, key or lease not found, conflict).
     Rejected,
+    /// A read at a revision that compaction has removed (`mvcc: required revision has been
+    /// compacted`).
+    Compacted,
+    /// A read at a revision the store has not reached (`mvcc: required revision is a future
+    /// revision`): its history is shorter than the reader thought.
+    FutureRevision,
     /// Anything else.
     Other,
 }
@@ -234,9 +258,26 @@ pub trait Backend: Send + Sync + 'static {
     /// Revokes `lease`, deleting every key attached to it. Revoking a lease that no longer
     /// exists is not an error.
     fn revoke(&self, lease: i64) -> BoxFuture<'_, Result<(), BackendError>>;
+
+    /// Every key that starts with `prefix` as it was at `revision`, with the revision of its
+    /// last change, without values (etcd: a keys-only range read at that revision).
+    ///
+    /// A cache asks this after every interruption, before it resumes its watch at
+    /// `revision + 1`: if etcd was wiped or restored under the same cluster id and its new
+    /// history has passed `revision`, the keys differ from the ones the cache applied, and it
+    /// lists afresh instead of following a watch on a history it never saw.
+    ///
+    /// # Errors
+    /// [`BackendErrorKind::Compacted`] when `revision` was compacted away;
+    /// [`BackendErrorKind::FutureRevision`] when the store has not reached `revision`.
+    fn keys_at(&self, prefix: &[u8], revision: i64) -> BoxFuture<'_, Result<KeysAt, BackendError>>;
 }
 
 impl<B: Backend + ?Sized> Backend for Arc<B> {
+    fn keys_at(&self, prefix: &[u8], revision: i64) -> BoxFuture<'_, Result<KeysAt, BackendError>> {
+        (**self).keys_at(prefix, revision)
+    }
+
     fn list(&self, prefix: &[u8]) -> BoxFuture<'_, Result<ListResponse, BackendError>> {
         (**self).list(prefix)
     }

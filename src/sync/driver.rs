@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use tokio::time::{Instant, Sleep, sleep, sleep_until, timeout};
 use tracing::Instrument;
 
-use crate::backend::{Backend, BackendError, ListResponse, Watch};
+use crate::backend::{Backend, BackendError, BackendErrorKind, KeysAt, ListResponse, Watch};
 use crate::cache::Shared;
 use crate::metrics;
 use crate::snapshot::FreezeCause;
@@ -39,6 +39,10 @@ enum Op {
     Idle,
     List(
         BoxFuture<'static, Result<ListResponse, BackendError>>,
+        Pin<Box<Sleep>>,
+    ),
+    Verify(
+        BoxFuture<'static, Result<KeysAt, BackendError>>,
         Pin<Box<Sleep>>,
     ),
     Connect(
@@ -186,6 +190,14 @@ impl Driver {
                     deadline(),
                 );
             }
+            Action::Verify { revision } => {
+                let backend = self.backend.clone();
+                let prefix = self.prefix.clone();
+                *op = Op::Verify(
+                    async move { backend.keys_at(&prefix, revision).await }.boxed(),
+                    deadline(),
+                );
+            }
             Action::Watch { from_revision } => {
                 let backend = self.backend.clone();
                 let prefix = self.prefix.clone();
@@ -215,6 +227,23 @@ async fn wait(op: &mut Op, config: &DriverConfig, error: &mut Option<String>) ->
                     Err(e) => failed(e, error),
                 },
                 _ = deadline => timed_out("list", error),
+            };
+            *op = Op::Idle;
+            outcome
+        }
+        Op::Verify(keys, deadline) => {
+            let outcome = tokio::select! {
+                result = keys => match result {
+                    Ok(keys) => Outcome::Inputs(vec![Input::Verified(keys)]),
+                    Err(e) if e.kind == BackendErrorKind::Compacted => {
+                        Outcome::Inputs(vec![Input::Compacted { compact_revision: 0 }])
+                    }
+                    Err(e) if e.kind == BackendErrorKind::FutureRevision => {
+                        Outcome::Inputs(vec![Input::HistoryShorter])
+                    }
+                    Err(e) => failed(e, error),
+                },
+                _ = deadline => timed_out("history check", error),
             };
             *op = Op::Idle;
             outcome

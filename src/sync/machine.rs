@@ -9,9 +9,12 @@
 //!            ┌──────── Failed ─────────┐ (freeze, back off)
 //!            ▼                         │
 //!  start ─▶ Listing ──Listed──▶ WatchStarting ──WatchStarted──▶ Watching ◀─┐
-//!            ▲  ▲                      │                         │   │     │ WatchBatch /
+//!            ▲  ▲                      ▲ │                       │   │     │ WatchBatch /
 //!            │  └── Compacted / history went back / cluster changed ┘   └─────┘ Progress
+//!            │  └── keys differ ── Verifying ─┘ keys match
+//!            │                        ▲
 //!            └──── TimerFired ── Sleeping ◀── Failed (from any phase)
+//!                  (relist, or verify then resume)
 //! ```
 //!
 //! What it guarantees (the numbers are the invariants of ARCHITECTURE.md §4):
@@ -25,12 +28,16 @@
 //! 5. A compacted watch leads to one relist, applied as one new snapshot.
 //! 6. A header revision below the applied one, or a new cluster id, leads to a relist.
 //! 7. An undecodable entry is skipped and counted; the rest of the batch applies.
+//!
+//! 11. After any interruption the watch resumes only once etcd's keys at the applied revision
+//!     are the ones the machine applied ([`Action::Verify`]): an etcd wiped or restored under
+//!     the same cluster id whose new history has passed that revision is noticed, and relisted.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::backend::{Event, EventKind, Header, KeyValue, ListResponse, WatchMessage};
+use crate::backend::{Event, EventKind, Header, KeyValue, KeysAt, ListResponse, WatchMessage};
 use crate::backoff::{Backoff, BackoffConfig};
 use crate::codec::{Codec, Decoded};
 use crate::instance::Instance;
@@ -66,6 +73,11 @@ pub enum Input {
     Failed(FreezeCause),
     /// The sleep asked for by [`Action::Sleep`] is over.
     TimerFired,
+    /// The answer to [`Action::Verify`]: the keys under the prefix as of the applied revision.
+    Verified(KeysAt),
+    /// The answer to [`Action::Verify`] was that etcd has not reached the applied revision: its
+    /// history is shorter than the one applied (etcd went back in time).
+    HistoryShorter,
 }
 
 impl From<WatchMessage> for Input {
@@ -83,6 +95,13 @@ impl From<WatchMessage> for Input {
 pub enum Action {
     /// List the prefix (dropping any current watch).
     List,
+    /// Read the keys under the prefix as of this revision (the applied one), keys only, and
+    /// feed [`Input::Verified`]; a compacted revision is [`Input::Compacted`], a future one
+    /// [`Input::HistoryShorter`]. Asked before resuming a watch after an interruption.
+    Verify {
+        /// The revision to read at.
+        revision: i64,
+    },
     /// Watch the prefix from this revision (dropping any current watch).
     Watch {
         /// The first revision to deliver.
@@ -112,6 +131,8 @@ pub struct Stats {
     pub decode_errors: u64,
     /// Failures that froze or kept the snapshot frozen.
     pub failures: u64,
+    /// Checks of etcd's history before resuming a watch: one keys-only read each.
+    pub verifications: u64,
 }
 
 /// What one input did.
@@ -126,12 +147,24 @@ enum Stepped {
 enum Phase {
     /// Waiting for a list.
     Listing,
+    /// Waiting for the keys at the applied revision, to trust a resumed watch.
+    Verifying,
     /// Waiting for a watch to be accepted.
     WatchStarting,
     /// Following a watch that was accepted at `since`.
     Watching { since: Instant },
     /// Waiting out a backoff; then list again, or watch again.
     Sleeping { relist: bool },
+}
+
+/// One key under the prefix, as last applied.
+#[derive(Debug, Clone, PartialEq)]
+struct Entry {
+    /// The revision of the key's last change.
+    mod_revision: i64,
+    /// `None` for a key that is there but describes no instance (it does not decode, or it
+    /// decodes as a delete).
+    instance: Option<Arc<Instance>>,
 }
 
 /// The sans-IO list/watch machine for one service.
@@ -141,8 +174,8 @@ pub struct Machine {
     codec: Codec,
     backoff: Backoff,
     phase: Phase,
-    /// The decoded instances, by etcd key.
-    instances: BTreeMap<Box<[u8]>, Arc<Instance>>,
+    /// Every key under the prefix as last applied, with what it decoded to.
+    entries: BTreeMap<Box<[u8]>, Entry>,
     /// The last revision applied; 0 before the first list.
     revision: i64,
     cluster_id: Option<u64>,
@@ -152,6 +185,9 @@ pub struct Machine {
     changed: bool,
     /// Regressions seen since the last healthy watch; the second one in a row backs off first.
     regressions: u32,
+    /// A verification found etcd's keys at the applied revision differ: the next list is a
+    /// reset even if its revision is higher.
+    rewritten: bool,
     listed: bool,
     watched: bool,
     quarantined: HashSet<Box<[u8]>>,
@@ -179,12 +215,13 @@ impl Machine {
             codec,
             backoff: Backoff::new(backoff, seed),
             phase: Phase::Listing,
-            instances: BTreeMap::new(),
+            entries: BTreeMap::new(),
             revision: 0,
             cluster_id: None,
             freshness,
             changed: false,
             regressions: 0,
+            rewritten: false,
             listed: false,
             watched: false,
             quarantined: HashSet::new(),
@@ -297,7 +334,7 @@ impl Machine {
                 Accepted(None)
             }
             (
-                Phase::WatchStarting | Phase::Watching { .. },
+                Phase::Verifying | Phase::WatchStarting | Phase::Watching { .. },
                 Input::Compacted { compact_revision },
             ) => {
                 tracing::info!(
@@ -310,7 +347,7 @@ impl Machine {
                 Accepted(Some(Action::List))
             }
             (
-                Phase::Listing | Phase::WatchStarting | Phase::Watching { .. },
+                Phase::Listing | Phase::Verifying | Phase::WatchStarting | Phase::Watching { .. },
                 Input::Failed(cause),
             ) => Accepted(Some(self.on_failed(now, cause))),
             (Phase::Sleeping { relist }, Input::TimerFired) => {
@@ -318,17 +355,64 @@ impl Machine {
                     self.phase = Phase::Listing;
                     Action::List
                 } else {
+                    // Whatever interrupted the watch, etcd may have been wiped or restored
+                    // meanwhile under the same cluster id: check what it holds at the applied
+                    // revision before trusting a watch from the next one.
+                    self.phase = Phase::Verifying;
+                    self.stats.verifications += 1;
+                    Action::Verify {
+                        revision: self.revision,
+                    }
+                }))
+            }
+            (Phase::Verifying, Input::Verified(keys)) => {
+                if self.went_back(keys.header) {
+                    return Accepted(Some(self.on_regression(now, keys.header)));
+                }
+                Accepted(Some(if self.holds(&keys) {
                     self.phase = Phase::WatchStarting;
                     Action::Watch {
                         from_revision: self.revision.saturating_add(1),
                     }
+                } else {
+                    tracing::warn!(
+                        service = %self.service,
+                        revision = self.revision,
+                        cluster_id = keys.header.cluster_id,
+                        "etcd holds other keys at the applied revision than were applied: its history was rewritten under the same identity (wiped or restored); relisting"
+                    );
+                    self.rewritten = true;
+                    self.phase = Phase::Listing;
+                    Action::List
                 }))
+            }
+            (Phase::Verifying, Input::HistoryShorter) => {
+                tracing::warn!(
+                    service = %self.service,
+                    revision = self.revision,
+                    "etcd has not reached the applied revision: its history went back; relisting"
+                );
+                self.phase = Phase::Listing;
+                Accepted(Some(Action::List))
             }
             (phase, input) => {
                 tracing::trace!(service = %self.service, ?phase, ?input, "input ignored in this phase");
                 Stepped::Ignored
             }
         }
+    }
+
+    /// Whether etcd's keys at the applied revision are exactly the ones applied (same keys, each
+    /// changed last at the same revision). Both sides are in key order.
+    fn holds(&self, keys: &KeysAt) -> bool {
+        keys.keys.len() == self.entries.len()
+            && keys
+                .keys
+                .iter()
+                .zip(&self.entries)
+                .all(|(theirs, (key, ours))| {
+                    *theirs.key == **key && theirs.mod_revision == ours.mod_revision
+                })
     }
 
     /// Whether a response says etcd's history is not the one we applied.
@@ -364,7 +448,7 @@ impl Machine {
         let header = list.header;
         if self.listed {
             self.stats.relists += 1;
-            if self.went_back(header) {
+            if self.went_back(header) || std::mem::take(&mut self.rewritten) {
                 self.stats.resets += 1;
                 tracing::warn!(
                     service = %self.service,
@@ -380,20 +464,16 @@ impl Machine {
         }
         let mut fresh = BTreeMap::new();
         for kv in list.kvs {
-            match self.decode(&kv) {
-                Some(Decoded::Put(instance)) => {
-                    let instance = match self.instances.get(&*kv.key) {
-                        Some(old) if **old == instance => old.clone(),
-                        _ => Arc::new(instance),
-                    };
-                    fresh.insert(kv.key.into_boxed_slice(), instance);
-                }
-                Some(Decoded::Delete) | None => {}
-            }
+            let instance = self.decode_instance(&kv);
+            let entry = Entry {
+                mod_revision: kv.mod_revision,
+                instance,
+            };
+            fresh.insert(kv.key.into_boxed_slice(), entry);
         }
-        if fresh != self.instances || header.revision != self.revision {
+        if fresh != self.entries || header.revision != self.revision {
             self.changed = true;
-            self.instances = fresh;
+            self.entries = fresh;
         }
         // The first list always publishes, even an empty one: its freshness turns live below.
         self.revision = header.revision;
@@ -419,32 +499,41 @@ impl Machine {
             // Even an event that leaves the instances as they were moves the revision, and the
             // published revision promises every change up to it is included: publish.
             self.changed = true;
-            let decoded = match event.kind {
-                EventKind::Put => self.decode(&event.kv),
+            match event.kind {
+                EventKind::Put => {
+                    let instance = self.decode_instance(&event.kv);
+                    let entry = Entry {
+                        mod_revision: rev,
+                        instance,
+                    };
+                    // An entry that no longer decodes no longer describes a reachable instance:
+                    // it goes from the snapshot, exactly as a relist would drop it, so watch and
+                    // list agree; the key stays known, for verifying etcd's history.
+                    self.entries.insert(event.kv.key.into_boxed_slice(), entry);
+                }
                 EventKind::Delete => {
                     self.quarantined.remove(&*event.kv.key);
-                    Some(Decoded::Delete)
-                }
-            };
-            match decoded {
-                Some(Decoded::Put(instance)) => match self.instances.get(&*event.kv.key) {
-                    Some(old) if **old == instance => {}
-                    _ => {
-                        self.instances
-                            .insert(event.kv.key.into_boxed_slice(), Arc::new(instance));
-                        self.changed = true;
-                    }
-                },
-                // An entry that no longer decodes no longer describes a reachable instance: it
-                // goes, exactly as a relist would drop it, so watch and list agree.
-                Some(Decoded::Delete) | None => {
-                    if self.instances.remove(&*event.kv.key).is_some() {
-                        self.changed = true;
-                    }
+                    self.entries.remove(&*event.kv.key);
                 }
             }
         }
         self.revision = top;
+    }
+
+    /// What `kv` describes now: its instance (the one already held, when equal, so unchanged
+    /// instances keep their allocation), or `None` when it describes none.
+    fn decode_instance(&mut self, kv: &KeyValue) -> Option<Arc<Instance>> {
+        let Some(Decoded::Put(instance)) = self.decode(kv) else {
+            return None;
+        };
+        let held = self
+            .entries
+            .get(&*kv.key)
+            .and_then(|entry| entry.instance.as_ref());
+        Some(match held {
+            Some(old) if **old == instance => old.clone(),
+            _ => Arc::new(instance),
+        })
     }
 
     fn decode(&mut self, kv: &KeyValue) -> Option<Decoded> {
@@ -512,7 +601,11 @@ impl Machine {
     /// so idle caches do not wake their subscribers.)
     fn publish(&mut self) -> Option<Arc<Snapshot>> {
         let snapshot = if self.changed {
-            let instances = self.instances.values().cloned().collect();
+            let instances = self
+                .entries
+                .values()
+                .filter_map(|entry| entry.instance.clone())
+                .collect();
             Snapshot::new(
                 self.service.clone(),
                 self.revision,

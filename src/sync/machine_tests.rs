@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::backend::{Event, EventKind, Header, KeyValue, ListResponse};
+use crate::backend::{Event, EventKind, Header, KeyRevision, KeyValue, KeysAt, ListResponse};
 use crate::codec::{Codec, KeyLayout};
 use crate::snapshot::{FreezeCause, Freshness, Snapshot};
 
@@ -66,6 +66,22 @@ fn listed(rev: i64, kvs: Vec<KeyValue>) -> Input {
     })
 }
 
+/// etcd's keys-only answer at some revision: `(id, mod revision)` pairs, in key order.
+fn keys_at(rev: i64, keys: &[(&str, i64)]) -> Input {
+    let mut keys: Vec<KeyRevision> = keys
+        .iter()
+        .map(|&(id, mod_revision)| KeyRevision {
+            key: key(id),
+            mod_revision,
+        })
+        .collect();
+    keys.sort_by(|a, b| a.key.cmp(&b.key));
+    Input::Verified(KeysAt {
+        header: hdr(rev),
+        keys,
+    })
+}
+
 fn batch(rev: i64, events: Vec<Event>) -> Input {
     Input::WatchBatch {
         header: hdr(rev),
@@ -78,6 +94,7 @@ fn batch(rev: i64, events: Vec<Event>) -> Input {
 enum Next {
     Nothing,
     List,
+    Verify(i64),
     Watch(i64),
     /// A sleep no longer than this.
     SleepAtMost(Duration),
@@ -134,6 +151,27 @@ impl Harness {
         h
     }
 
+    /// Sleeping after a failure: the timer fires, the machine checks etcd's keys at the applied
+    /// revision, finds what it applied, and resumes the watch right after it.
+    #[track_caller]
+    fn resume(&mut self) {
+        let applied = self.machine.revision();
+        self.expect(Input::TimerFired, Next::Verify(applied));
+        let held = Input::Verified(KeysAt {
+            header: hdr(applied),
+            keys: self
+                .machine
+                .entries
+                .iter()
+                .map(|(key, entry)| KeyRevision {
+                    key: key.to_vec(),
+                    mod_revision: entry.mod_revision,
+                })
+                .collect(),
+        });
+        self.expect(held, Next::Watch(applied + 1));
+    }
+
     fn advance(&mut self, d: Duration) {
         self.now += d;
     }
@@ -149,6 +187,7 @@ impl Harness {
                     self.published.push(s);
                 }
                 Action::List => next = Next::List,
+                Action::Verify { revision } => next = Next::Verify(revision),
                 Action::Watch { from_revision } => next = Next::Watch(from_revision),
                 Action::Sleep(d) => next = Next::SleepAtMost(d),
             }
@@ -361,14 +400,15 @@ fn failure_freezes_without_clearing_and_resumes_after_the_applied_revision() {
     // More failures while frozen: nothing new is published, `since` stays.
     let published = h.published.len();
     for _ in 0..5 {
-        h.expect(Input::TimerFired, Next::Watch(12));
+        h.resume();
         h.advance(Duration::from_secs(1));
         h.feed(Input::Failed(FreezeCause::Timeout));
     }
     assert_eq!(h.published.len(), published);
     assert!(matches!(h.last().freshness(), Freshness::Frozen { since, .. } if since == frozen_at));
     // Back: the watch resumes at revision 12, no relist, and the snapshot turns live.
-    h.expect(Input::TimerFired, Next::Watch(12));
+    h.resume();
+    assert_eq!(h.machine.stats().verifications, 6);
     h.expect(Input::WatchStarted(hdr(30)), Next::Nothing);
     assert!(h.last().freshness().is_live());
     assert_eq!(h.ids(), live);
@@ -450,8 +490,8 @@ fn history_going_back_relists_and_the_reset_is_counted() {
         Input::Failed(FreezeCause::Unavailable),
         Next::SleepAtMost(Duration::from_millis(100)),
     );
-    h.expect(Input::TimerFired, Next::Watch(21));
-    h.expect(Input::WatchStarted(hdr(12)), Next::List);
+    h.expect(Input::TimerFired, Next::Verify(20));
+    h.expect(keys_at(12, &[("a", 10)]), Next::List);
     h.expect(listed(12, vec![kv("a", 80, 10)]), Next::Watch(13));
     assert_eq!(h.ids(), ids(&["a@10.0.0.1:80"]));
     assert_eq!(
@@ -587,7 +627,7 @@ fn a_long_healthy_watch_resets_the_backoff() {
     // Eight failures in a row push the envelope to the cap.
     for _ in 0..8 {
         h.feed(Input::Failed(FreezeCause::Unavailable));
-        h.expect(Input::TimerFired, Next::Watch(11));
+        h.resume();
     }
     h.expect(Input::WatchStarted(hdr(10)), Next::Nothing);
     // A short healthy spell keeps the envelope high: over many seeds some sleep would exceed
@@ -637,6 +677,7 @@ fn revision_never_goes_down_without_a_counted_reset() {
         batch(21, vec![put("c", 1, 21)]),
         Input::Failed(FreezeCause::Unavailable),
         Input::TimerFired,
+        keys_at(25, &[("a", 10), ("b", 12), ("c", 21)]),
         Input::WatchStarted(hdr(25)),
         batch(25, vec![del("c", 19)]),
     ];
@@ -727,4 +768,114 @@ fn a_watch_that_keeps_disagreeing_with_the_list_backs_off() {
         h.expect(Input::TimerFired, Next::List);
     }
     assert!(h.machine.stats().resets >= 4);
+}
+
+#[test]
+fn a_resumed_watch_is_trusted_only_once_etcd_holds_what_was_applied() {
+    // Applied: a@10, b@10, c@11, a garbage key g@12 and a key d deleted at 13. etcd's keys at
+    // 13 are the same (the garbage key too): the watch resumes at 14, nothing relisted.
+    let mut h = Harness::watching(&["a", "b"]);
+    h.expect(
+        batch(11, vec![put("c", 3, 11), put("d", 4, 11)]),
+        Next::Nothing,
+    );
+    h.feed(Input::WatchBatch {
+        header: hdr(12),
+        events: vec![Event {
+            kind: EventKind::Put,
+            kv: garbage("g", 12),
+        }],
+    });
+    h.expect(batch(13, vec![del("d", 13)]), Next::Nothing);
+    h.feed(Input::Failed(FreezeCause::Unavailable));
+    h.expect(Input::TimerFired, Next::Verify(13));
+    let same = keys_at(13, &[("a", 10), ("b", 10), ("c", 11), ("g", 12)]);
+    h.expect(same, Next::Watch(14));
+    assert_eq!(h.machine.stats().relists, 0);
+    assert_eq!(h.machine.stats().verifications, 1);
+}
+
+#[test]
+fn history_rewritten_under_the_same_identity_relists_and_counts_a_reset() {
+    // The caller applied u1@2 and u2@3. etcd was wiped and restarted with the same flags (same
+    // cluster id); its new history has u3@2 and other keys up to 4.
+    let mut h = Harness::new();
+    h.expect(
+        listed(3, vec![kv("u1", 1, 2), kv("u2", 2, 3)]),
+        Next::Watch(4),
+    );
+    h.expect(Input::WatchStarted(hdr(3)), Next::Nothing);
+    h.feed(Input::Failed(FreezeCause::Unavailable));
+    h.expect(Input::TimerFired, Next::Verify(3));
+    h.expect(keys_at(4, &[("u3", 2)]), Next::List);
+    assert_eq!(
+        h.ids(),
+        ids(&["u1@10.0.0.1:1", "u2@10.0.0.1:2"]),
+        "frozen, not cleared"
+    );
+    h.expect(listed(4, vec![kv("u3", 3, 2)]), Next::Watch(5));
+    assert_eq!(h.ids(), ids(&["u3@10.0.0.1:3"]));
+    assert_eq!(h.last().revision(), 4);
+    let stats = h.machine.stats();
+    assert_eq!((stats.relists, stats.resets), (1, 1), "{stats:?}");
+
+    // Same keys but one changed at another revision is a rewrite too.
+    let mut h = Harness::watching(&["a", "b"]);
+    h.feed(Input::Failed(FreezeCause::Unavailable));
+    h.expect(Input::TimerFired, Next::Verify(10));
+    h.expect(keys_at(12, &[("a", 10), ("b", 9)]), Next::List);
+    // And so is a key the cache never saw.
+    let mut h = Harness::watching(&["a"]);
+    h.feed(Input::Failed(FreezeCause::Unavailable));
+    h.expect(Input::TimerFired, Next::Verify(10));
+    h.expect(keys_at(12, &[("a", 10), ("z", 7)]), Next::List);
+}
+
+#[test]
+fn a_history_check_that_cannot_answer_relists_or_retries() {
+    // etcd has not reached the applied revision: its history went back; the list resets.
+    let mut h = Harness::watching(&["a"]);
+    h.feed(Input::Failed(FreezeCause::Unavailable));
+    h.expect(Input::TimerFired, Next::Verify(10));
+    h.expect(Input::HistoryShorter, Next::List);
+    h.expect(listed(4, vec![]), Next::Watch(5));
+    assert_eq!(h.machine.stats().resets, 1);
+
+    // The applied revision was compacted: one relist, not a reset (the revision goes up).
+    let mut h = Harness::watching(&["a"]);
+    h.feed(Input::Failed(FreezeCause::Unavailable));
+    h.expect(Input::TimerFired, Next::Verify(10));
+    h.expect(
+        Input::Compacted {
+            compact_revision: 0,
+        },
+        Next::List,
+    );
+    h.expect(listed(30, vec![kv("a", 80, 10)]), Next::Watch(31));
+    let stats = h.machine.stats();
+    assert_eq!((stats.relists, stats.resets), (1, 0), "{stats:?}");
+
+    // The check itself fails: frozen still, back off, and check again next time.
+    let mut h = Harness::watching(&["a"]);
+    h.feed(Input::Failed(FreezeCause::Unavailable));
+    h.expect(Input::TimerFired, Next::Verify(10));
+    h.expect(
+        Input::Failed(FreezeCause::Timeout),
+        Next::SleepAtMost(Duration::from_millis(200)),
+    );
+    assert!(!h.last().freshness().is_live());
+    h.expect(Input::TimerFired, Next::Verify(10));
+
+    // A check answered by another cluster is a regression, like a watch header would be.
+    let mut h = Harness::watching(&["a"]);
+    h.feed(Input::Failed(FreezeCause::Unavailable));
+    h.expect(Input::TimerFired, Next::Verify(10));
+    let other = Input::Verified(KeysAt {
+        header: Header {
+            revision: 50,
+            cluster_id: CLUSTER + 1,
+        },
+        keys: vec![],
+    });
+    h.expect(other, Next::List);
 }

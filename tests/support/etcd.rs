@@ -712,6 +712,26 @@ impl EtcdCluster {
         self.wait_healthy_or_panic(&[0]);
     }
 
+    /// Single member only: kills it, deletes its data and starts it again with unchanged flags
+    /// (same name, peer URL and cluster token), as an operator rebuilding a member would: the
+    /// cluster id stays the same while the revision starts over at 1.
+    pub fn wipe_and_restart_same_identity(&self) {
+        {
+            let mut ms = lock(&self.members);
+            assert_eq!(
+                ms.len(),
+                1,
+                "wipe_and_restart_same_identity is for a single member"
+            );
+            ms[0].kill();
+            let _ = fs::remove_dir_all(&ms[0].data_dir);
+            let token = lock(&self.token).clone();
+            let initial = initial_cluster(&ms);
+            self.spawn(&mut ms[0], &initial, &token, "new");
+        }
+        self.wait_healthy_or_panic(&[0]);
+    }
+
     /// Saves a snapshot of a live member to a new file in the harness's temp dir.
     pub fn backup(&self) -> Backup {
         let path = self.root.join(format!("{}.db", unique("backup")));

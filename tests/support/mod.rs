@@ -105,4 +105,5 @@ impl Drop for Recorder {
 }
 pub mod alloc;
 pub mod etcd;
+pub mod proxy;
 pub mod wait;

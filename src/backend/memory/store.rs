@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use super::{MemoryState, SnapshotLease, TxnOp};
 use crate::backend::{
-    BackendError, BackendErrorKind, Event, EventKind, Header, KeyValue, WatchMessage,
+    BackendError, BackendErrorKind, Event, EventKind, Header, KeyRevision, KeyValue, WatchMessage,
 };
 
 /// One item of a watch stream.
@@ -107,8 +107,12 @@ pub(super) struct State {
     pub(super) cluster_id: u64,
     /// The highest cluster id this backend ever had, so a new one is always different.
     highest_cluster_id: u64,
-    /// Events of each revision at or after `compact_revision`.
+    /// Events of each revision after `base_revision`.
     history: BTreeMap<i64, Vec<Event>>,
+    /// Every key with its mod revision as of `base_revision`: with `history`, the keyspace at
+    /// any revision still readable (what [`keys_at`](Self::keys_at) answers from).
+    base: BTreeMap<Vec<u8>, i64>,
+    base_revision: i64,
     leases: BTreeMap<i64, Lease>,
     next_lease_id: i64,
     watchers: BTreeMap<u64, Watcher>,
@@ -142,6 +146,8 @@ impl State {
             cluster_id: INITIAL_CLUSTER_ID,
             highest_cluster_id: INITIAL_CLUSTER_ID,
             history: BTreeMap::new(),
+            base: BTreeMap::new(),
+            base_revision: 1,
             leases: BTreeMap::new(),
             next_lease_id: FIRST_LEASE_ID,
             watchers: BTreeMap::new(),
@@ -266,8 +272,54 @@ impl State {
             return Err(rejected("mvcc: required revision is a future revision"));
         }
         self.compact_revision = revision;
-        self.history = self.history.split_off(&revision);
+        let kept = self.history.split_off(&revision);
+        for events in std::mem::replace(&mut self.history, kept).into_values() {
+            fold(&mut self.base, &events);
+        }
+        self.base_revision = revision - 1;
         Ok(())
+    }
+
+    /// Every key under `prefix` with its mod revision as of `revision`, as etcd's keys-only
+    /// range read at that revision answers it.
+    pub(super) fn keys_at(
+        &self,
+        prefix: &[u8],
+        revision: i64,
+    ) -> Result<Vec<KeyRevision>, BackendError> {
+        if revision > self.revision {
+            return Err(BackendError::new(
+                BackendErrorKind::FutureRevision,
+                "mvcc: required revision is a future revision",
+            ));
+        }
+        let under = |key: &[u8]| key.starts_with(prefix);
+        if revision == self.revision {
+            return Ok(self
+                .kvs
+                .iter()
+                .filter(|(key, _)| under(key))
+                .map(|(key, stored)| KeyRevision {
+                    key: key.clone(),
+                    mod_revision: stored.mod_revision,
+                })
+                .collect());
+        }
+        if revision < self.compact_revision || revision < self.base_revision {
+            return Err(BackendError::new(
+                BackendErrorKind::Compacted,
+                "mvcc: required revision has been compacted",
+            ));
+        }
+        let mut keys = self.base.clone();
+        for events in self.history.range(..=revision).map(|(_, events)| events) {
+            fold(&mut keys, events);
+        }
+        Ok(keys
+            .into_iter()
+            .filter(|(key, _)| under(key))
+            .map(|(key, mod_revision)| KeyRevision { key, mod_revision })
+            .collect())
     }
 
     // ----- leases -------------------------------------------------------------------------
@@ -452,10 +504,21 @@ impl State {
 
     /// Replaces the store with `snapshot`, as an etcd restored from a backup: new cluster id,
     /// no history, every watch broken, every lease's deadline reset to a full TTL.
-    pub(super) fn restore(&mut self, snapshot: MemoryState, now: Instant) {
+    /// Replaces the store with `snapshot`, as etcd restored from it and restarted. With
+    /// `keep_identity` the cluster id stays (etcd restored or rebuilt with unchanged flags);
+    /// otherwise it is one this backend never had.
+    pub(super) fn restore(&mut self, snapshot: MemoryState, now: Instant, keep_identity: bool) {
         self.break_watches("etcd restarted from a backup");
-        self.cluster_id = self.highest_cluster_id.max(snapshot.cluster_id) + 1;
-        self.highest_cluster_id = self.cluster_id;
+        if !keep_identity {
+            self.cluster_id = self.highest_cluster_id.max(snapshot.cluster_id) + 1;
+            self.highest_cluster_id = self.cluster_id;
+        }
+        self.base = snapshot
+            .kvs
+            .iter()
+            .map(|(key, stored)| (key.clone(), stored.mod_revision))
+            .collect();
+        self.base_revision = snapshot.revision;
         self.kvs = snapshot.kvs;
         self.revision = snapshot.revision;
         self.history.clear();
@@ -489,6 +552,20 @@ impl State {
             cluster_id: self.cluster_id,
             leases: BTreeMap::new(),
             next_lease_id: self.next_lease_id,
+        }
+    }
+}
+
+/// Applies one revision's events to a key → mod revision map.
+fn fold(keys: &mut BTreeMap<Vec<u8>, i64>, events: &[Event]) {
+    for event in events {
+        match event.kind {
+            EventKind::Put => {
+                keys.insert(event.kv.key.clone(), event.kv.mod_revision);
+            }
+            EventKind::Delete => {
+                keys.remove(&event.kv.key);
+            }
         }
     }
 }

@@ -754,3 +754,58 @@ async fn a_huge_ttl_does_not_overflow() {
     tokio::time::sleep(Duration::from_secs(3600)).await;
     assert_eq!(keys_of(&etcd, ""), ["k"]);
 }
+
+/// `(key, mod revision)` pairs of a keys-only read at `revision`, or the error kind.
+async fn keys_at(
+    backend: &MemoryBackend,
+    prefix: &str,
+    revision: i64,
+) -> Result<Vec<(String, i64)>, BackendErrorKind> {
+    backend
+        .keys_at(prefix.as_bytes(), revision)
+        .await
+        .map(|answer| {
+            answer
+                .keys
+                .into_iter()
+                .map(|k| (String::from_utf8(k.key).expect("utf-8"), k.mod_revision))
+                .collect()
+        })
+        .map_err(|e| e.kind)
+}
+
+#[tokio::test]
+async fn keys_at_reads_the_past_like_etcd() {
+    let etcd = MemoryBackend::new();
+    etcd.put("p/a", "1"); // 2
+    etcd.put("p/b", "1"); // 3
+    etcd.put("q/x", "1"); // 4
+    etcd.put("p/a", "2"); // 5
+    etcd.delete("p/b"); // 6
+    let at = |rev| keys_at(&etcd, "p/", rev);
+    assert_eq!(at(1).await, Ok(vec![]));
+    assert_eq!(at(3).await, Ok(vec![("p/a".into(), 2), ("p/b".into(), 3)]));
+    assert_eq!(at(5).await, Ok(vec![("p/a".into(), 5), ("p/b".into(), 3)]));
+    assert_eq!(at(6).await, Ok(vec![("p/a".into(), 5)]));
+    assert_eq!(at(7).await, Err(BackendErrorKind::FutureRevision));
+    etcd.compact(5).expect("compact");
+    assert_eq!(at(4).await, Err(BackendErrorKind::Compacted));
+    assert_eq!(at(5).await, Ok(vec![("p/a".into(), 5), ("p/b".into(), 3)]));
+    assert_eq!(at(6).await, Ok(vec![("p/a".into(), 5)]));
+}
+
+#[tokio::test]
+async fn a_wipe_keeping_identity_reuses_revisions_under_the_same_cluster_id() {
+    let etcd = MemoryBackend::new();
+    etcd.put("p/u1", "1"); // 2
+    etcd.put("p/u2", "1"); // 3
+    let id = etcd.cluster_id();
+    etcd.wipe_keeping_identity();
+    assert_eq!(etcd.cluster_id(), id);
+    assert_eq!(keys_at(&etcd, "p/", 1).await, Ok(vec![]));
+    etcd.put("p/u3", "1"); // 2 again
+    etcd.put("x", "1"); // 3 again
+    assert_eq!(keys_at(&etcd, "p/", 3).await, Ok(vec![("p/u3".into(), 2)]));
+    etcd.wipe();
+    assert_ne!(etcd.cluster_id(), id, "a plain wipe is another cluster");
+}
