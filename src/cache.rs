@@ -22,7 +22,7 @@ pub(crate) struct Shared {
     pub(crate) current: ArcSwap<Snapshot>,
     pub(crate) changes: watch::Sender<Arc<Snapshot>>,
     pub(crate) stats: Mutex<Stats>,
-    pub(crate) last_error: Mutex<Option<String>>,
+    pub(crate) last_error: Mutex<Option<(String, Option<FreezeCause>)>>,
     /// Whether a sync task runs for this cache: set when one is spawned, cleared when it ends
     /// without being stopped (its runtime shut down, or it panicked).
     running: AtomicBool,
@@ -68,11 +68,12 @@ impl Shared {
                 cause: FreezeCause::TaskEnded,
             },
         );
-        self.set_last_error(Some(
+        self.set_last_error(Some((
             "the sync task ended (its tokio runtime shut down, or it panicked); \
              ask Discovery::service for the service again to restart it"
                 .to_owned(),
-        ));
+            Some(FreezeCause::TaskEnded),
+        )));
         tracing::warn!(
             service = %self.service,
             revision = current.revision(),
@@ -95,7 +96,8 @@ impl Shared {
         *self.stats.lock().unwrap_or_else(PoisonError::into_inner) = stats;
     }
 
-    pub(crate) fn set_last_error(&self, error: Option<String>) {
+    /// Records the last failure and the freeze cause it came with, if any (`None` clears).
+    pub(crate) fn set_last_error(&self, error: Option<(String, Option<FreezeCause>)>) {
         *self
             .last_error
             .lock()
@@ -106,7 +108,18 @@ impl Shared {
         self.last_error
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+            .as_ref()
+            .map(|(message, _)| message.clone())
+    }
+
+    /// The freeze cause of the last failure, even before the first list (when the snapshot
+    /// still says `NotListed`).
+    pub(crate) fn last_failure_cause(&self) -> Option<FreezeCause> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .and_then(|(_, cause)| *cause)
     }
 }
 

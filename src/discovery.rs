@@ -12,6 +12,7 @@ use crate::backoff::BackoffConfig;
 use crate::cache::{Handle, ServiceCache, Shared};
 use crate::codec::{Codec, KeyLayout};
 use crate::error::{Error, Result};
+use crate::snapshot::FreezeCause;
 use crate::sync::driver::{self, DriverConfig};
 use crate::sync::machine::Machine;
 
@@ -118,9 +119,19 @@ impl Discovery {
             changes.wait_for(|snapshot| snapshot.freshness().is_live() || snapshot.revision() > 0),
         )
         .await;
+        let shared = &cache.handle().shared;
         match listed {
             Ok(Ok(_)) => Ok(cache),
             Ok(Err(_)) => Err(Error::Shutdown),
+            // Waiting longer would not have helped: say what is wrong instead.
+            Err(_) if shared.last_failure_cause() == Some(FreezeCause::ResponseTooLarge) => {
+                Err(Error::ResponseTooLarge {
+                    service: service.to_owned(),
+                    detail: shared
+                        .last_error()
+                        .unwrap_or_else(|| "no detail".to_owned()),
+                })
+            }
             Err(_) => Err(Error::FirstListTimeout {
                 service: service.to_owned(),
                 after: config.first_list_timeout,

@@ -32,6 +32,20 @@ pub enum Error {
         /// The last failure seen while trying, if any.
         last_error: String,
     },
+    /// etcd's answer for a service was larger than the client accepts, so no amount of waiting
+    /// helps: a watch catching up on more than the response limit at once, or one value over
+    /// it. The cache stays frozen with
+    /// [`FreezeCause::ResponseTooLarge`](crate::FreezeCause::ResponseTooLarge) and keeps trying.
+    #[error(
+        "etcd's answer for service {service:?} is larger than this client accepts ({detail}); \
+         this is not a reachability problem: look for oversized values under the service's prefix"
+    )]
+    ResponseTooLarge {
+        /// The service being listed.
+        service: String,
+        /// What the transport said, with the sizes.
+        detail: String,
+    },
     /// The instance's key is held by another live registration (another lease). Pick another
     /// instance id, stop the other instance, or register with
     /// [`RegistrationBuilder::replace`](crate::RegistrationBuilder::replace) to take the key over.

@@ -34,6 +34,10 @@ pub enum FreezeCause {
     /// `service_now`) is asked for the service again, which starts a new task for every handle
     /// of this cache.
     TaskEnded,
+    /// etcd's answer was larger than the client accepts (see
+    /// [`BackendErrorKind::TooLarge`](crate::backend::BackendErrorKind::TooLarge)); the cache's
+    /// `last_error` names the sizes.
+    ResponseTooLarge,
     /// Any other failure.
     Other,
 }
@@ -45,6 +49,7 @@ impl From<BackendErrorKind> for FreezeCause {
             BackendErrorKind::NoLeader => FreezeCause::NoLeader,
             BackendErrorKind::Timeout => FreezeCause::Timeout,
             BackendErrorKind::Auth => FreezeCause::Auth,
+            BackendErrorKind::TooLarge => FreezeCause::ResponseTooLarge,
             _ => FreezeCause::Other,
         }
     }
@@ -61,6 +66,7 @@ impl fmt::Display for FreezeCause {
             FreezeCause::Auth => "authentication failed",
             FreezeCause::HistoryBehind => "etcd's history is behind the applied revision",
             FreezeCause::TaskEnded => "the sync task ended",
+            FreezeCause::ResponseTooLarge => "a response from etcd was too large",
             FreezeCause::Other => "backend error",
         })
     }

@@ -491,3 +491,105 @@ fn a_cache_outside_a_runtime_is_an_error_not_a_panic() {
         other => panic!("expected a configuration error, got {other:?}"),
     }
 }
+
+/// A backend whose lists are always over the response limit, as a real one answers a prefix
+/// too large for it: everything else is the memory model.
+struct TooLargeLists(MemoryBackend);
+
+impl etcd_registry::Backend for TooLargeLists {
+    fn list(
+        &self,
+        _prefix: &[u8],
+    ) -> futures_util::future::BoxFuture<
+        '_,
+        Result<etcd_registry::backend::ListResponse, etcd_registry::backend::BackendError>,
+    > {
+        Box::pin(async {
+            Err(etcd_registry::backend::BackendError::new(
+                etcd_registry::backend::BackendErrorKind::TooLarge,
+                "decoded message length too large: found 4682382 bytes, the limit is: 4194304 bytes",
+            ))
+        })
+    }
+
+    fn watch(
+        &self,
+        prefix: &[u8],
+        from_revision: i64,
+    ) -> futures_util::future::BoxFuture<
+        '_,
+        Result<etcd_registry::backend::Watch, etcd_registry::backend::BackendError>,
+    > {
+        etcd_registry::Backend::watch(&self.0, prefix, from_revision)
+    }
+
+    fn keys_at(
+        &self,
+        prefix: &[u8],
+        revision: i64,
+    ) -> futures_util::future::BoxFuture<
+        '_,
+        Result<etcd_registry::backend::KeysAt, etcd_registry::backend::BackendError>,
+    > {
+        etcd_registry::Backend::keys_at(&self.0, prefix, revision)
+    }
+
+    fn grant(
+        &self,
+        ttl: Duration,
+    ) -> futures_util::future::BoxFuture<'_, Result<i64, etcd_registry::backend::BackendError>>
+    {
+        etcd_registry::Backend::grant(&self.0, ttl)
+    }
+
+    fn keep_alive(
+        &self,
+        lease: i64,
+    ) -> futures_util::future::BoxFuture<'_, Result<Duration, etcd_registry::backend::BackendError>>
+    {
+        etcd_registry::Backend::keep_alive(&self.0, lease)
+    }
+
+    fn put(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        lease: i64,
+        condition: etcd_registry::backend::PutCondition,
+    ) -> futures_util::future::BoxFuture<
+        '_,
+        Result<etcd_registry::backend::PutOutcome, etcd_registry::backend::BackendError>,
+    > {
+        etcd_registry::Backend::put(&self.0, key, value, lease, condition)
+    }
+
+    fn revoke(
+        &self,
+        lease: i64,
+    ) -> futures_util::future::BoxFuture<'_, Result<(), etcd_registry::backend::BackendError>> {
+        etcd_registry::Backend::revoke(&self.0, lease)
+    }
+}
+
+/// Issue: a list over the response limit failed `service()` with advice to check that etcd is
+/// reachable or to raise the first-list timeout, neither of which helps. It says what is wrong.
+#[tokio::test(start_paused = true)]
+async fn a_list_too_large_for_the_client_is_an_error_that_says_so() {
+    let err = Discovery::with_backend(TooLargeLists(MemoryBackend::new()))
+        .namespace(NS)
+        .first_list_timeout(Duration::from_secs(3))
+        .build()
+        .unwrap()
+        .service("user")
+        .await
+        .expect_err("no list fits");
+    let text = err.to_string();
+    assert!(!text.contains("reachable"), "{text}");
+    match err {
+        Error::ResponseTooLarge { service, detail } => {
+            assert_eq!(service, "user");
+            assert!(detail.contains("4682382 bytes"), "{detail}");
+        }
+        other => panic!("unexpected error {other:?}"),
+    }
+}

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn,
-    TxnOp as EtcdTxnOp, TxnOpResponse, WatchOptions, WatchResponse,
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KvClient, PutOptions, Txn,
+    TxnOp as EtcdTxnOp, TxnOpResponse, WatchClient, WatchOptions, WatchResponse,
 };
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
@@ -131,6 +131,26 @@ impl EtcdOptions {
     }
 }
 
+/// Keys per page of a list. Small enough that a page of large values still fits
+/// [`MAX_RESPONSE_BYTES`], large enough that a big service lists in few round trips.
+const LIST_PAGE: i64 = 1000;
+/// The largest list page or watch response accepted. tonic's default is 4 MiB, which a watch
+/// catching up after an outage can exceed (etcd batches many revisions into one response).
+const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
+
+/// The smallest key after every key that starts with `prefix` (etcd's range end for a prefix
+/// read); `[0]` (the end of the keyspace) when there is none.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
 /// HTTP/2 keep-alive ping interval: above etcd's default `--grpc-keepalive-min-time` (5 s).
 const DEFAULT_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
 /// How long an unanswered ping may take before the connection is dropped.
@@ -158,6 +178,9 @@ const DEFAULT_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Clone)]
 pub struct EtcdBackend {
     client: Client,
+    /// `client`'s key-value and watch clients, with the response size limit raised.
+    kv: KvClient,
+    watch: WatchClient,
 }
 
 impl fmt::Debug for EtcdBackend {
@@ -194,7 +217,7 @@ impl EtcdBackend {
             .await
             .map_err(|_| BackendError::new(BackendErrorKind::Timeout, "connecting to etcd"))?
             .map_err(map_error)?;
-        Ok(Self { client })
+        Ok(Self::from_client(client))
     }
 
     /// Uses a client the application already has. Its own options apply.
@@ -204,7 +227,13 @@ impl EtcdBackend {
     /// from its stale state, and the cache stays live on it instead of freezing.
     /// [`connect`](Self::connect) sets both.
     pub fn from_client(client: Client) -> Self {
-        Self { client }
+        let kv = client
+            .kv_client()
+            .max_decoding_message_size(MAX_RESPONSE_BYTES);
+        let watch = client
+            .watch_client()
+            .max_decoding_message_size(MAX_RESPONSE_BYTES);
+        Self { client, kv, watch }
     }
 
     /// The underlying etcd-client handle.
@@ -213,26 +242,84 @@ impl EtcdBackend {
     }
 }
 
+impl EtcdBackend {
+    /// Opens a watch and waits for etcd's answer to its creation.
+    async fn create_watch(
+        &self,
+        prefix: &[u8],
+        options: &WatchOptions,
+    ) -> Result<
+        (
+            etcd_client::WatchRequestSender,
+            etcd_client::WatchResponseStream,
+            WatchResponse,
+        ),
+        BackendError,
+    > {
+        let mut client = self.watch.clone();
+        let stream = client
+            .watch(prefix.to_vec(), Some(options.clone()))
+            .await
+            .map_err(map_error)?;
+        let (sender, mut responses) = stream.split();
+        let first = responses.message().await.map_err(map_error)?;
+        let created = first.ok_or_else(|| BackendError::unavailable("watch closed at once"))?;
+        if created.canceled() {
+            return Err(cancelled(&created));
+        }
+        Ok((sender, responses, created))
+    }
+}
+
 impl Backend for EtcdBackend {
+    /// Lists in pages of [`LIST_PAGE`] keys, every page read at the revision of the first, so
+    /// the result is one consistent state however large the prefix is: no single response has
+    /// to fit the gRPC message limit. (kube-apiserver pages its etcd lists the same way.)
     fn list(&self, prefix: &[u8]) -> BoxFuture<'_, Result<ListResponse, BackendError>> {
         let prefix = prefix.to_vec();
         Box::pin(async move {
-            let mut client = self.client.clone();
-            let response = client
-                .get(prefix, Some(GetOptions::new().with_prefix()))
-                .await
-                .map_err(map_error)?;
-            Ok(ListResponse {
-                header: header(response.header())?,
-                kvs: response.kvs().iter().map(key_value).collect(),
-            })
+            let mut kv = self.kv.clone();
+            let end = prefix_end(&prefix);
+            let mut from = prefix;
+            let mut first: Option<Header> = None;
+            let mut kvs = Vec::new();
+            loop {
+                let mut options = GetOptions::new()
+                    .with_range(end.clone())
+                    .with_limit(LIST_PAGE);
+                if let Some(first) = first {
+                    options = options.with_revision(first.revision);
+                }
+                let mut page = kv
+                    .get(from.clone(), Some(options))
+                    .await
+                    .map_err(map_error)?;
+                let page_header = header(page.header())?;
+                let more = page.more();
+                let page_kvs = page.take_kvs();
+                if let Some(last) = page_kvs.last() {
+                    // The next page starts right after the last key: the key plus a zero byte.
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                kvs.extend(page_kvs.iter().map(key_value));
+                let first = *first.get_or_insert(page_header);
+                if page_header.cluster_id != first.cluster_id {
+                    return Err(BackendError::unavailable(
+                        "the cluster changed between the pages of one list",
+                    ));
+                }
+                if !more || page_kvs.is_empty() {
+                    return Ok(ListResponse { header: first, kvs });
+                }
+            }
         })
     }
 
     fn keys_at(&self, prefix: &[u8], revision: i64) -> BoxFuture<'_, Result<KeysAt, BackendError>> {
         let prefix = prefix.to_vec();
         Box::pin(async move {
-            let mut client = self.client.clone();
+            let mut client = self.kv.clone();
             let options = GetOptions::new()
                 .with_prefix()
                 .with_keys_only()
@@ -259,22 +346,11 @@ impl Backend for EtcdBackend {
     ) -> BoxFuture<'_, Result<Watch, BackendError>> {
         let prefix = prefix.to_vec();
         Box::pin(async move {
-            let mut client = self.client.clone();
             let options = WatchOptions::new()
                 .with_prefix()
                 .with_start_revision(from_revision.max(0))
                 .with_progress_notify();
-            let created = async {
-                let stream = client.watch(prefix, Some(options)).await?;
-                let (sender, mut responses) = stream.split();
-                let first = responses.message().await?;
-                Ok::<_, etcd_client::Error>((sender, responses, first))
-            };
-            let (sender, responses, first) = created.await.map_err(map_error)?;
-            let created = first.ok_or_else(|| BackendError::unavailable("watch closed at once"))?;
-            if created.canceled() {
-                return Err(cancelled(&created));
-            }
+            let (sender, responses, created) = self.create_watch(&prefix, &options).await?;
             let header = header(created.header())?;
             let stream = responses
                 .map(|item| match item {
@@ -499,6 +575,12 @@ fn map_error(error: etcd_client::Error) -> BackendError {
                 }
             }
             Code::DeadlineExceeded => BackendErrorKind::Timeout,
+            Code::OutOfRange | Code::ResourceExhausted
+                if status.message().contains("message length too large")
+                    || status.message().contains("larger than max") =>
+            {
+                BackendErrorKind::TooLarge
+            }
             Code::Unauthenticated | Code::PermissionDenied => BackendErrorKind::Auth,
             Code::OutOfRange
                 if status

@@ -136,6 +136,9 @@ pub enum BackendErrorKind {
     /// A read at a revision the store has not reached (`mvcc: required revision is a future
     /// revision`): its history is shorter than the reader thought.
     FutureRevision,
+    /// A response was larger than the client accepts (a watch catching up on more than the
+    /// response limit at once, or a single value over it). Retrying gives the same answer.
+    TooLarge,
     /// Anything else.
     Other,
 }

@@ -138,7 +138,14 @@ impl Driver {
                 outcome = wait(&mut op, &self.config, &mut error) => outcome,
             };
             if let Some(error) = error.take() {
-                self.shared.set_last_error(Some(error));
+                let cause = match &outcome {
+                    Outcome::Inputs(inputs) => inputs.iter().rev().find_map(|input| match input {
+                        Input::Failed(cause) => Some(*cause),
+                        _ => None,
+                    }),
+                    Outcome::Established(_) => None,
+                };
+                self.shared.set_last_error(Some((error, cause)));
             }
             let before = self.machine.stats();
             let now = Instant::now().into_std();

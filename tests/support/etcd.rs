@@ -298,6 +298,8 @@ pub struct EtcdCluster {
     members: Mutex<Vec<Member>>,
     /// The `--initial-cluster-token` of the current incarnation.
     token: Mutex<String>,
+    /// Flags given to every member on top of the harness's own.
+    extra_flags: Vec<String>,
 }
 
 impl EtcdCluster {
@@ -319,8 +321,17 @@ impl EtcdCluster {
         Self::start_with(binaries(), members)
     }
 
+    /// A one-member cluster whose member also gets `flags` (e.g. `["--auth-token-ttl", "5"]`).
+    pub fn single_with_flags(flags: &[&str]) -> Self {
+        Self::start_with_flags(binaries(), 1, flags)
+    }
+
     /// [`start`](Self::start) with given binaries instead of the ones `ETCD_BIN`/`PATH` name.
     pub fn start_with(bins: &'static Binaries, members: usize) -> Self {
+        Self::start_with_flags(bins, members, &[])
+    }
+
+    fn start_with_flags(bins: &'static Binaries, members: usize, flags: &[&str]) -> Self {
         assert!(members >= 1, "a cluster needs at least one member");
         let root = std::env::temp_dir().join(unique("etcd-registry-test"));
         fs::create_dir_all(&root).expect("create etcd temp dir");
@@ -330,6 +341,7 @@ impl EtcdCluster {
             root,
             members: Mutex::new(Vec::new()),
             token: Mutex::new(String::new()),
+            extra_flags: flags.iter().map(|f| f.to_string()).collect(),
         };
         for attempt in 1..=START_ATTEMPTS {
             cluster.fresh_members(members);
@@ -402,6 +414,7 @@ impl EtcdCluster {
             .arg(token)
             .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
             .args(["--auto-compaction-retention", "0"])
+            .args(&self.extra_flags)
             .args(["--logger", "zap", "--log-outputs"])
             .arg(&m.log)
             .stdin(Stdio::null())
