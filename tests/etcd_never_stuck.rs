@@ -335,3 +335,73 @@ async fn request_timeout_is_the_one_bound_on_a_request() {
     );
     report("request_timeout_is_the_one_bound_on_a_request", started);
 }
+
+const ROOT_PASSWORD: &str = "root-pw";
+
+/// etcd with authentication on and tokens that expire after `ttl_secs` of disuse, a root user,
+/// and a writer client authenticated as root.
+async fn etcd_with_auth(ttl_secs: u32) -> (EtcdCluster, etcd_client::Client) {
+    let etcd = EtcdCluster::single_with_flags(&["--auth-token-ttl", &ttl_secs.to_string()]);
+    etcd.etcdctl(&["user", "add", &format!("root:{ROOT_PASSWORD}")]);
+    etcd.etcdctl(&["auth", "enable"]);
+    let writer = etcd_client::Client::connect(
+        etcd.endpoints(),
+        Some(
+            etcd_client::ConnectOptions::new()
+                .with_user("root", ROOT_PASSWORD)
+                .with_auto_token_refresh(true),
+        ),
+    )
+    .await
+    .expect("connect as root");
+    (etcd, writer)
+}
+
+/// Issue: etcd-client refreshes an expired token only when a unary call fails. A watch that
+/// broke after the token expired was refused (created, then cancelled) for good, and the cache
+/// stayed frozen. Now a refused watch refreshes the token, and a cache comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_broken_after_the_auth_token_expired_comes_back() {
+    let started = Instant::now();
+    let (etcd, mut writer) = etcd_with_auth(2).await;
+    writer
+        .put(user_key("u1"), value_of("u1", 1), None)
+        .await
+        .expect("put u1");
+    let options = EtcdOptions::new().user("root", ROOT_PASSWORD);
+    let backend = EtcdBackend::connect(etcd.endpoints(), options)
+        .await
+        .expect("connect as root");
+    let users = Discovery::with_backend(backend)
+        .namespace(NS)
+        .backoff(BACKOFF)
+        .stall_timeout(Duration::from_secs(2))
+        .build()
+        .expect("valid config")
+        .service("user")
+        .await
+        .expect("first list");
+
+    // Quiet past the token's TTL (no request from the cache: its stall bound is 2 s, so it
+    // asks for progress on its watch only; that goes over the open stream, not a new call).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Then the watch breaks: etcd stops answering past the stall bound, and comes back.
+    etcd.stop(0);
+    wait_for(&users, LONG, "frozen while etcd is stopped", |s| {
+        !s.freshness().is_live()
+    })
+    .await;
+    etcd.cont(0);
+    writer
+        .put(user_key("u2"), value_of("u2", 2), None)
+        .await
+        .expect("put u2");
+    wait_for(&users, LONG, "live again with u2", |s| {
+        s.freshness().is_live() && ids(s) == list(&["u1@1", "u2@2"])
+    })
+    .await;
+    report(
+        "a_watch_broken_after_the_auth_token_expired_comes_back",
+        started,
+    );
+}

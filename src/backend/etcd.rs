@@ -350,7 +350,17 @@ impl Backend for EtcdBackend {
                 .with_prefix()
                 .with_start_revision(from_revision.max(0))
                 .with_progress_notify();
-            let (sender, responses, created) = self.create_watch(&prefix, &options).await?;
+            let (sender, responses, created) = match self.create_watch(&prefix, &options).await {
+                // etcd-client refreshes an expired token only when a unary call fails, and a
+                // watch is no unary call: a cache whose watch broke after its token expired would
+                // be refused for good. Refresh it here, then try once more.
+                Err(error) if error.kind == BackendErrorKind::Auth => {
+                    tracing::debug!(%error, "watch refused: refreshing the auth token");
+                    self.client.refresh_token().await.map_err(map_error)?;
+                    self.create_watch(&prefix, &options).await?
+                }
+                other => other?,
+            };
             let header = header(created.header())?;
             let stream = responses
                 .map(|item| match item {
