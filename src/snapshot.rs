@@ -35,7 +35,7 @@ pub enum FreezeCause {
     /// of this cache.
     TaskEnded,
     /// etcd's answer was larger than the client accepts (see
-    /// [`BackendErrorKind::TooLarge`](crate::backend::BackendErrorKind::TooLarge)); the cache's
+    /// [`BackendErrorKind::TooLarge`]); the cache's
     /// `last_error` names the sizes.
     ResponseTooLarge,
     /// Any other failure.

@@ -523,6 +523,16 @@ impl etcd_registry::Backend for TooLargeLists {
         etcd_registry::Backend::watch(&self.0, prefix, from_revision)
     }
 
+    fn probe(
+        &self,
+        prefix: &[u8],
+    ) -> futures_util::future::BoxFuture<
+        '_,
+        Result<etcd_registry::backend::Header, etcd_registry::backend::BackendError>,
+    > {
+        etcd_registry::Backend::probe(&self.0, prefix)
+    }
+
     fn keys_at(
         &self,
         prefix: &[u8],
@@ -592,4 +602,36 @@ async fn a_list_too_large_for_the_client_is_an_error_that_says_so() {
         }
         other => panic!("unexpected error {other:?}"),
     }
+}
+
+/// Issue: behind etcd's gRPC proxy (or on a release without progress requests) every idle
+/// watch was declared stalled: 8 false freezes in 40 s with a 4 s bound. An unanswered progress
+/// request is now followed by a probe; a healthy etcd answers it, a hung one does not.
+#[tokio::test(start_paused = true)]
+async fn an_etcd_that_never_answers_progress_requests_is_not_taken_for_stalled() {
+    let etcd = MemoryBackend::new();
+    etcd.set_progress_answered(false);
+    register(&etcd, "a", 1);
+    let cache = users(&etcd).await;
+    let recorder = Recorder::start(&cache);
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert!(
+        recorder.snapshots().iter().all(|s| s.freshness().is_live()),
+        "froze while healthy"
+    );
+    assert_eq!(cache.stats().failures, 0, "{:?}", cache.last_error());
+    assert_eq!(cache.stats().watch_restarts, 0);
+
+    // A hung etcd is still reported within the bound.
+    let hung_at = Instant::now();
+    etcd.stall();
+    wait_for(&cache, STALL * 2, "frozen", |s| !s.freshness().is_live()).await;
+    assert!(hung_at.elapsed() <= STALL, "took {:?}", hung_at.elapsed());
+    assert!(matches!(
+        cache.freshness(),
+        Freshness::Frozen {
+            cause: FreezeCause::Stalled,
+            ..
+        }
+    ));
 }

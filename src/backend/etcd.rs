@@ -272,7 +272,7 @@ impl EtcdBackend {
 }
 
 impl Backend for EtcdBackend {
-    /// Lists in pages of [`LIST_PAGE`] keys, every page read at the revision of the first, so
+    /// Lists in pages of 1,000 keys, every page read at the revision of the first, so
     /// the result is one consistent state however large the prefix is: no single response has
     /// to fit the gRPC message limit. (kube-apiserver pages its etcd lists the same way.)
     fn list(&self, prefix: &[u8]) -> BoxFuture<'_, Result<ListResponse, BackendError>> {
@@ -313,6 +313,16 @@ impl Backend for EtcdBackend {
                     return Ok(ListResponse { header: first, kvs });
                 }
             }
+        })
+    }
+
+    fn probe(&self, prefix: &[u8]) -> BoxFuture<'_, Result<Header, BackendError>> {
+        let prefix = prefix.to_vec();
+        Box::pin(async move {
+            let mut client = self.kv.clone();
+            let options = GetOptions::new().with_prefix().with_count_only();
+            let response = client.get(prefix, Some(options)).await.map_err(map_error)?;
+            header(response.header())
         })
     }
 

@@ -22,8 +22,8 @@ use tokio::time::Instant;
 
 use self::store::{Item, State, Stored};
 use super::{
-    Backend, BackendError, BackendErrorKind, KeyValue, KeysAt, ListResponse, ProgressRequester,
-    PutCondition, PutOutcome, Watch,
+    Backend, BackendError, BackendErrorKind, Header, KeyValue, KeysAt, ListResponse,
+    ProgressRequester, PutCondition, PutOutcome, Watch,
 };
 
 /// An in-process model of etcd v3, for tests, demos and fault injection.
@@ -455,6 +455,13 @@ impl MemoryBackend {
         }
     }
 
+    /// Whether progress requests are answered (default true). `false` models etcd's gRPC proxy
+    /// (and releases before 3.4), which take the request and never answer it, while answering
+    /// everything else.
+    pub fn set_progress_answered(&self, answered: bool) {
+        self.lock().answers_progress = answered;
+    }
+
     /// Hangs etcd, as if the process were stopped.
     ///
     /// Open watch streams stop delivering (their messages are held back, not lost), progress
@@ -595,6 +602,10 @@ impl Backend for MemoryBackend {
             })
             .await
         })
+    }
+
+    fn probe(&self, _prefix: &[u8]) -> BoxFuture<'_, Result<Header, BackendError>> {
+        Box::pin(async move { self.serve(|state| Ok(state.header())).await })
     }
 
     fn keys_at(&self, prefix: &[u8], revision: i64) -> BoxFuture<'_, Result<KeysAt, BackendError>> {

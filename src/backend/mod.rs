@@ -274,9 +274,19 @@ pub trait Backend: Send + Sync + 'static {
     /// [`BackendErrorKind::Compacted`] when `revision` was compacted away;
     /// [`BackendErrorKind::FutureRevision`] when the store has not reached `revision`.
     fn keys_at(&self, prefix: &[u8], revision: i64) -> BoxFuture<'_, Result<KeysAt, BackendError>>;
+
+    /// A cheap request that proves etcd answers (etcd: a count-only range read of `prefix`);
+    /// returns the response header. A cache sends it when a progress request on an idle watch
+    /// went unanswered: behind etcd's gRPC proxy, or on a release without progress requests,
+    /// that is normal, and an answer here tells a healthy etcd from a hung one.
+    fn probe(&self, prefix: &[u8]) -> BoxFuture<'_, Result<Header, BackendError>>;
 }
 
 impl<B: Backend + ?Sized> Backend for Arc<B> {
+    fn probe(&self, prefix: &[u8]) -> BoxFuture<'_, Result<Header, BackendError>> {
+        (**self).probe(prefix)
+    }
+
     fn keys_at(&self, prefix: &[u8], revision: i64) -> BoxFuture<'_, Result<KeysAt, BackendError>> {
         (**self).keys_at(prefix, revision)
     }

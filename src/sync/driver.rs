@@ -1,9 +1,11 @@
 //! The tokio task that runs a [`Machine`] against a [`Backend`].
 //!
-//! It carries out the machine's actions (list, watch, sleep, publish), turns what the backend
-//! says into the machine's inputs, and detects a hung etcd: a watch that is idle for half the
-//! stall bound gets a progress request, and a watch that then stays silent until the bound runs
-//! out is reported as [`FreezeCause::Stalled`]. It is the only part of the sync loop that awaits.
+//! It carries out the machine's actions (list, history check, watch, sleep, publish), turns
+//! what the backend says into the machine's inputs, and detects a hung etcd: a watch that is idle
+//! for half the stall bound gets a progress request, one still silent at three quarters a unary
+//! probe (etcd's gRPC proxy never answers progress requests), and one with no answer at all by
+//! the bound is reported as [`FreezeCause::Stalled`]. It is the only part of the sync loop that
+//! awaits.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -56,7 +58,25 @@ enum Op {
 struct Streaming {
     watch: Watch,
     last_heard: Instant,
-    progress_requested: bool,
+    /// What was asked since the watch was last heard from.
+    asked: Asked,
+}
+
+/// What an idle watch's liveness check has asked so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Asked {
+    Nothing,
+    /// A progress request, at half the stall bound.
+    Progress,
+}
+
+/// Whether this etcd answers progress requests. etcd's gRPC proxy and releases before 3.4 take
+/// them and never answer: learned from one unanswered request that a probe then contradicts,
+/// kept for the life of the cache's task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProgressSupport {
+    Answered,
+    Unanswered,
 }
 
 /// What one wait produced.
@@ -95,6 +115,7 @@ pub(crate) fn spawn(
             config,
             shared,
             stopped: false,
+            progress_support: ProgressSupport::Answered,
         }
         .run(stop)
         .instrument(span),
@@ -111,6 +132,7 @@ struct Driver {
     /// Set when the loop ends because it was told to; otherwise dropping the driver means the
     /// task died.
     stopped: bool,
+    progress_support: ProgressSupport,
 }
 
 impl Drop for Driver {
@@ -135,7 +157,11 @@ impl Driver {
                 biased;
                 // Nothing is ever sent: this resolves when the last handle drops the sender.
                 _ = stop.changed() => break,
-                outcome = wait(&mut op, &self.config, &mut error) => outcome,
+                outcome = wait(&mut op, &self.config, &mut error, Probe {
+                    backend: &self.backend,
+                    prefix: &self.prefix,
+                    support: &mut self.progress_support,
+                }) => outcome,
             };
             if let Some(error) = error.take() {
                 let cause = match &outcome {
@@ -156,7 +182,7 @@ impl Driver {
                     op = Op::Stream(Box::new(Streaming {
                         watch,
                         last_heard: Instant::now(),
-                        progress_requested: false,
+                        asked: Asked::Nothing,
                     }));
                     self.shared.set_last_error(None);
                     self.machine.handle(now, Input::WatchStarted(header))
@@ -219,7 +245,12 @@ impl Driver {
 }
 
 /// Waits for the current operation to produce something for the machine.
-async fn wait(op: &mut Op, config: &DriverConfig, error: &mut Option<String>) -> Outcome {
+async fn wait(
+    op: &mut Op,
+    config: &DriverConfig,
+    error: &mut Option<String>,
+    probe: Probe<'_>,
+) -> Outcome {
     match op {
         Op::Idle => std::future::pending().await,
         Op::Sleep(sleep) => {
@@ -267,7 +298,7 @@ async fn wait(op: &mut Op, config: &DriverConfig, error: &mut Option<String>) ->
             outcome
         }
         Op::Stream(streaming) => {
-            let outcome = follow(streaming, config, error).await;
+            let outcome = follow(streaming, config, error, probe).await;
             if let Outcome::Inputs(inputs) = &outcome {
                 if matches!(
                     inputs.last(),
@@ -281,24 +312,40 @@ async fn wait(op: &mut Op, config: &DriverConfig, error: &mut Option<String>) ->
     }
 }
 
-/// Reads the next messages of a watch, requesting progress when it is idle and reporting a
-/// stall when it stays silent.
+/// How a stalled-looking watch is told from an etcd that simply does not answer progress
+/// requests: a unary probe through the same connection.
+struct Probe<'a> {
+    backend: &'a Arc<dyn Backend>,
+    prefix: &'a [u8],
+    support: &'a mut ProgressSupport,
+}
+
+/// Reads the next messages of a watch, and checks an idle one is alive.
+///
+/// Idle for half the stall bound, it asks etcd for a progress notification. Still silent at
+/// three quarters of the bound, it sends a cheap unary probe, bounded by what is left: an
+/// answer proves etcd is alive (behind a gRPC proxy, or on an old release, progress requests
+/// are never answered), and from then on idle watches are checked with the probe alone. No
+/// answer by the bound is a stall. A hung etcd is therefore reported within the bound either
+/// way, and a healthy one that cannot answer progress requests never is.
 async fn follow(
     streaming: &mut Streaming,
     config: &DriverConfig,
     error: &mut Option<String>,
+    probe: Probe<'_>,
 ) -> Outcome {
     let half = config.stall_timeout / 2;
+    let three_quarters = config.stall_timeout * 3 / 4;
     loop {
-        let deadline = if streaming.progress_requested {
-            streaming.last_heard + config.stall_timeout
-        } else {
-            streaming.last_heard + half
-        };
+        let deadline = streaming.last_heard
+            + match streaming.asked {
+                Asked::Nothing => half,
+                Asked::Progress => three_quarters,
+            };
         tokio::select! {
             message = streaming.watch.stream.next() => {
                 streaming.last_heard = Instant::now();
-                streaming.progress_requested = false;
+                streaming.asked = Asked::Nothing;
                 let mut inputs = Vec::new();
                 let mut next = message;
                 loop {
@@ -329,31 +376,55 @@ async fn follow(
                 return Outcome::Inputs(inputs);
             }
             _ = sleep_until(deadline) => {
-                if streaming.progress_requested {
-                    tracing::warn!(
-                        bound = ?config.stall_timeout,
-                        "watch silent past the stall bound, progress request unanswered"
-                    );
-                    *error = Some(format!(
-                        "watch stalled: no answer within {:?}",
-                        config.stall_timeout
-                    ));
-                    return Outcome::Inputs(vec![Input::Failed(FreezeCause::Stalled)]);
+                let bound = streaming.last_heard + config.stall_timeout;
+                let left = bound.saturating_duration_since(Instant::now());
+                let ask_progress = streaming.asked == Asked::Nothing
+                    && *probe.support == ProgressSupport::Answered;
+                if ask_progress {
+                    streaming.asked = Asked::Progress;
+                    let request = streaming.watch.progress.request_progress();
+                    // A hung server may not even take the request: bound it by the stall bound.
+                    match timeout(left, request).await {
+                        Ok(Ok(())) => continue,
+                        Ok(Err(e)) => {
+                            tracing::info!(error = %e, "progress request failed");
+                            *error = Some(format!("progress request: {e}"));
+                            return Outcome::Inputs(vec![Input::Failed(e.kind.into())]);
+                        }
+                        Err(_) => {
+                            *error = Some("watch stalled: progress request not taken".to_owned());
+                            return Outcome::Inputs(vec![Input::Failed(FreezeCause::Stalled)]);
+                        }
+                    }
                 }
-                streaming.progress_requested = true;
-                let request = streaming.watch.progress.request_progress();
-                // A hung server may not even take the request: bound it by the stall deadline.
-                let left = (streaming.last_heard + config.stall_timeout)
-                    .saturating_duration_since(Instant::now());
-                match timeout(left, request).await {
-                    Ok(Ok(())) => {}
+                // Silent after a progress request, or a server known not to answer them: does
+                // etcd answer at all?
+                match timeout(left, probe.backend.probe(probe.prefix)).await {
+                    Ok(Ok(_)) => {
+                        if *probe.support == ProgressSupport::Answered {
+                            tracing::info!(
+                                "etcd answers requests but not progress requests (a gRPC proxy, or \
+                                 an old release): idle watches are checked with a probe from now on"
+                            );
+                            *probe.support = ProgressSupport::Unanswered;
+                        }
+                        streaming.last_heard = Instant::now();
+                        streaming.asked = Asked::Nothing;
+                    }
                     Ok(Err(e)) => {
-                        tracing::info!(error = %e, "progress request failed");
-                        *error = Some(format!("progress request: {e}"));
+                        tracing::info!(error = %e, "liveness probe failed");
+                        *error = Some(format!("liveness probe: {e}"));
                         return Outcome::Inputs(vec![Input::Failed(e.kind.into())]);
                     }
                     Err(_) => {
-                        *error = Some("watch stalled: progress request not taken".to_owned());
+                        tracing::warn!(
+                            bound = ?config.stall_timeout,
+                            "watch silent past the stall bound, and etcd does not answer"
+                        );
+                        *error = Some(format!(
+                            "watch stalled: no answer within {:?}",
+                            config.stall_timeout
+                        ));
                         return Outcome::Inputs(vec![Input::Failed(FreezeCause::Stalled)]);
                     }
                 }

@@ -810,6 +810,77 @@ impl EtcdCluster {
     }
 }
 
+/// `etcd grpc-proxy` in front of a cluster, on its own loopback port. It answers every request
+/// but never a watch progress request. Ended by its PID when dropped.
+pub struct GrpcProxy {
+    child: Child,
+    port: u16,
+    log: PathBuf,
+}
+
+impl GrpcProxy {
+    /// `http://127.0.0.1:<port>`, for a client.
+    pub fn endpoint(&self) -> String {
+        url(self.port)
+    }
+
+    /// The proxy's log, for a failing test.
+    pub fn log_tail(&self, lines: usize) -> String {
+        tail(&self.log, lines)
+    }
+}
+
+impl Drop for GrpcProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl EtcdCluster {
+    /// Starts `etcd grpc-proxy start` in front of every member; waits until it accepts.
+    pub fn grpc_proxy(&self) -> GrpcProxy {
+        let port = free_port();
+        let log = self.root.join(format!("{}.log", unique("grpc-proxy")));
+        let out = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("open grpc-proxy log");
+        let err = out.try_clone().expect("clone log handle");
+        let endpoints: Vec<String> = self
+            .endpoints()
+            .iter()
+            .map(|e| e.trim_start_matches("http://").to_owned())
+            .collect();
+        let mut cmd = Command::new(&self.bins.etcd);
+        clean_env(&mut cmd);
+        cmd.args(["grpc-proxy", "start"])
+            .arg(format!("--endpoints={}", endpoints.join(",")))
+            .arg(format!("--listen-addr=127.0.0.1:{port}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err));
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {} grpc-proxy: {e}", self.bins.etcd.display()));
+        let mut proxy = GrpcProxy { child, port, log };
+        let deadline = Instant::now() + START_TIMEOUT;
+        while !port_accepts(port) {
+            if let Ok(Some(status)) = proxy.child.try_wait() {
+                panic!("grpc-proxy exited ({status}):\n{}", proxy.log_tail(20));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "grpc-proxy not accepting within {START_TIMEOUT:?}:\n{}",
+                proxy.log_tail(20)
+            );
+            std::thread::sleep(POLL);
+        }
+        proxy
+    }
+}
+
 impl Drop for EtcdCluster {
     fn drop(&mut self) {
         let mut ms = lock(&self.members);

@@ -119,6 +119,8 @@ pub(super) struct State {
     next_watcher_id: u64,
     pub(super) reachable: bool,
     pub(super) stalled: bool,
+    /// Whether progress requests are answered (etcd's gRPC proxy and old releases do not).
+    pub(super) answers_progress: bool,
     pub(super) latency: Duration,
     pub(super) reaper: Option<JoinHandle<()>>,
 }
@@ -154,6 +156,7 @@ impl State {
             next_watcher_id: 1,
             reachable: true,
             stalled: false,
+            answers_progress: true,
             latency: Duration::ZERO,
             reaper: None,
         }
@@ -449,6 +452,10 @@ impl State {
         let id = id.ok_or_else(closed)?;
         if !self.reachable {
             return Err(BackendError::unavailable("etcd is unreachable"));
+        }
+        if !self.answers_progress {
+            // Taken, never answered: what etcd's gRPC proxy does.
+            return Ok(());
         }
         let header = self.header();
         let stalled = self.stalled;
