@@ -78,6 +78,9 @@ async fn a_service_over_the_grpc_message_limit_lists_relists_and_catches_up() {
     let backend = EtcdBackend::connect([proxy.endpoint()], EtcdOptions::new())
         .await
         .expect("connect");
+    let checker = EtcdBackend::connect(etcd.endpoints(), EtcdOptions::new())
+        .await
+        .expect("connect a second client");
     let discovery = Discovery::with_backend(backend)
         .namespace(NS)
         .backoff(BackoffConfig {
@@ -100,6 +103,22 @@ async fn a_service_over_the_grpc_message_limit_lists_relists_and_catches_up() {
          RSS {rss_before:.0} MiB before, {rss_after:.0} MiB after, peak {peak:.0} MiB",
         bytes as f64 / 1e6
     );
+
+    // What the history check before a resumed watch costs at this size: one keys-only read.
+    let checking = Instant::now();
+    let keys = etcd_registry::Backend::keys_at(
+        &checker,
+        format!("{NS}/big/").as_bytes(),
+        big.snapshot().revision(),
+    )
+    .await
+    .expect("keys at the applied revision");
+    eprintln!(
+        "history check of {} keys: {:?}",
+        keys.keys.len(),
+        checking.elapsed()
+    );
+    assert_eq!(keys.keys.len(), count);
 
     // Cut off while every instance changes (more than the limit of events to catch up on),
     // then heal: the resumed watch delivers them all.
