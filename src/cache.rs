@@ -54,7 +54,6 @@ impl Shared {
     /// shut down, or the task panicked). Freezes the current snapshot with
     /// [`FreezeCause::TaskEnded`], so nobody takes it for live; the instances stay.
     pub(crate) fn task_ended(&self) {
-        self.running.store(false, Ordering::Release);
         let current = self.current.load_full();
         // The clock is read here, outside the sans-IO machine, like every other time input.
         let since = match current.freshness() {
@@ -80,6 +79,9 @@ impl Shared {
             "the sync task ended without being stopped; the snapshot is frozen until the service is asked for again"
         );
         self.publish(Arc::new(frozen));
+        // Only now: a task started once this reads false publishes after the frozen snapshot,
+        // never before it.
+        self.running.store(false, Ordering::Release);
     }
 
     /// Makes `snapshot` the one readers see, then tells subscribers.

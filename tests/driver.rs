@@ -526,10 +526,8 @@ impl etcd_registry::Backend for TooLargeLists {
     fn probe(
         &self,
         prefix: &[u8],
-    ) -> futures_util::future::BoxFuture<
-        '_,
-        Result<etcd_registry::backend::Header, etcd_registry::backend::BackendError>,
-    > {
+    ) -> futures_util::future::BoxFuture<'_, Result<u64, etcd_registry::backend::BackendError>>
+    {
         etcd_registry::Backend::probe(&self.0, prefix)
     }
 
@@ -537,11 +535,12 @@ impl etcd_registry::Backend for TooLargeLists {
         &self,
         prefix: &[u8],
         revision: i64,
+        with_values: bool,
     ) -> futures_util::future::BoxFuture<
         '_,
         Result<etcd_registry::backend::KeysAt, etcd_registry::backend::BackendError>,
     > {
-        etcd_registry::Backend::keys_at(&self.0, prefix, revision)
+        etcd_registry::Backend::keys_at(&self.0, prefix, revision, with_values)
     }
 
     fn grant(

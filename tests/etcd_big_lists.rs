@@ -89,6 +89,8 @@ async fn a_service_over_the_grpc_message_limit_lists_relists_and_catches_up() {
             reset_after: Duration::from_secs(30),
         })
         .first_list_timeout(LONG)
+        // The whole paged list is one request: give a slow machine room.
+        .request_timeout(Duration::from_secs(30))
         .build()
         .expect("valid config");
 
@@ -110,6 +112,7 @@ async fn a_service_over_the_grpc_message_limit_lists_relists_and_catches_up() {
         &checker,
         format!("{NS}/big/").as_bytes(),
         big.snapshot().revision(),
+        false,
     )
     .await
     .expect("keys at the applied revision");
@@ -131,6 +134,7 @@ async fn a_service_over_the_grpc_message_limit_lists_relists_and_catches_up() {
     proxy.heal();
     wait_for(&big, LONG, "caught up on every change", |s| {
         s.freshness().is_live()
+            && s.len() == count
             && s.instances()
                 .iter()
                 .all(|i| i.meta("pool") == Some("p0000002"))

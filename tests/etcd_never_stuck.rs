@@ -14,7 +14,7 @@ use futures_util::future::BoxFuture;
 use futures_util::{FutureExt, StreamExt};
 
 use etcd_registry::backend::{
-    BackendError, Header, KeysAt, ListResponse, PutCondition, PutOutcome, Watch, WatchMessage,
+    BackendError, KeysAt, ListResponse, PutCondition, PutOutcome, Watch, WatchMessage,
 };
 use etcd_registry::{
     Backend, BackoffConfig, Discovery, EtcdBackend, EtcdOptions, FreezeCause, Freshness,
@@ -119,11 +119,16 @@ impl Backend for Panicky {
         self.inner.revoke(lease)
     }
 
-    fn keys_at(&self, prefix: &[u8], revision: i64) -> BoxFuture<'_, Result<KeysAt, BackendError>> {
-        self.inner.keys_at(prefix, revision)
+    fn keys_at(
+        &self,
+        prefix: &[u8],
+        revision: i64,
+        with_values: bool,
+    ) -> BoxFuture<'_, Result<KeysAt, BackendError>> {
+        self.inner.keys_at(prefix, revision, with_values)
     }
 
-    fn probe(&self, prefix: &[u8]) -> BoxFuture<'_, Result<Header, BackendError>> {
+    fn probe(&self, prefix: &[u8]) -> BoxFuture<'_, Result<u64, BackendError>> {
         self.inner.probe(prefix)
     }
 }

@@ -301,13 +301,19 @@ pub fn input(op: &Op) -> Input {
             let mut by_key = BTreeMap::new();
             for k in keys.iter().take(MAX_KVS) {
                 let k = kv(k, true);
-                by_key.entry(k.key.clone()).or_insert(k.mod_revision);
+                by_key.entry(k.key.clone()).or_insert(k);
             }
             Input::Verified(KeysAt {
                 header: header(*h),
                 keys: by_key
-                    .into_iter()
-                    .map(|(key, mod_revision)| KeyRevision { key, mod_revision })
+                    .into_values()
+                    .map(|kv| KeyRevision {
+                        key: kv.key,
+                        mod_revision: kv.mod_revision,
+                        create_revision: kv.create_revision,
+                        lease: kv.lease,
+                        value: Some(kv.value),
+                    })
                     .collect(),
             })
         }

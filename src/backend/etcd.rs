@@ -316,24 +316,32 @@ impl Backend for EtcdBackend {
         })
     }
 
-    fn probe(&self, prefix: &[u8]) -> BoxFuture<'_, Result<Header, BackendError>> {
-        let prefix = prefix.to_vec();
-        Box::pin(async move {
-            let mut client = self.kv.clone();
-            let options = GetOptions::new().with_prefix().with_count_only();
-            let response = client.get(prefix, Some(options)).await.map_err(map_error)?;
-            header(response.header())
-        })
-    }
-
-    fn keys_at(&self, prefix: &[u8], revision: i64) -> BoxFuture<'_, Result<KeysAt, BackendError>> {
+    fn probe(&self, prefix: &[u8]) -> BoxFuture<'_, Result<u64, BackendError>> {
         let prefix = prefix.to_vec();
         Box::pin(async move {
             let mut client = self.kv.clone();
             let options = GetOptions::new()
                 .with_prefix()
                 .with_keys_only()
-                .with_revision(revision);
+                .with_limit(1);
+            let response = client.get(prefix, Some(options)).await.map_err(map_error)?;
+            Ok(response.header().map_or(0, |h| h.member_id()))
+        })
+    }
+
+    fn keys_at(
+        &self,
+        prefix: &[u8],
+        revision: i64,
+        with_values: bool,
+    ) -> BoxFuture<'_, Result<KeysAt, BackendError>> {
+        let prefix = prefix.to_vec();
+        Box::pin(async move {
+            let mut client = self.kv.clone();
+            let mut options = GetOptions::new().with_prefix().with_revision(revision);
+            if !with_values {
+                options = options.with_keys_only();
+            }
             let response = client.get(prefix, Some(options)).await.map_err(map_error)?;
             Ok(KeysAt {
                 header: header(response.header())?,
@@ -343,6 +351,9 @@ impl Backend for EtcdBackend {
                     .map(|kv| KeyRevision {
                         key: kv.key().to_vec(),
                         mod_revision: kv.mod_revision(),
+                        create_revision: kv.create_revision(),
+                        lease: kv.lease(),
+                        value: with_values.then(|| kv.value().to_vec()),
                     })
                     .collect(),
             })
@@ -372,6 +383,7 @@ impl Backend for EtcdBackend {
                 other => other?,
             };
             let header = header(created.header())?;
+            let member_id = created.header().map_or(0, |h| h.member_id());
             let stream = responses
                 .map(|item| match item {
                     Ok(response) => message(response),
@@ -392,6 +404,7 @@ impl Backend for EtcdBackend {
                 progress: Arc::new(Progress {
                     sender: AsyncMutex::new(sender),
                 }),
+                member_id,
             })
         })
     }

@@ -22,10 +22,12 @@ use tokio::time::Instant;
 
 use self::store::{Item, State, Stored};
 use super::{
-    Backend, BackendError, BackendErrorKind, Header, KeyValue, KeysAt, ListResponse,
-    ProgressRequester, PutCondition, PutOutcome, Watch,
+    Backend, BackendError, BackendErrorKind, KeyValue, KeysAt, ListResponse, ProgressRequester,
+    PutCondition, PutOutcome, Watch,
 };
 
+/// The one member of the in-memory etcd, as response headers would name it.
+const MEMBER_ID: u64 = 1;
 /// An in-process model of etcd v3, for tests, demos and fault injection.
 ///
 /// All clones share one store, so a test can keep a handle to write keys and inject faults while
@@ -604,17 +606,22 @@ impl Backend for MemoryBackend {
         })
     }
 
-    fn probe(&self, _prefix: &[u8]) -> BoxFuture<'_, Result<Header, BackendError>> {
-        Box::pin(async move { self.serve(|state| Ok(state.header())).await })
+    fn probe(&self, _prefix: &[u8]) -> BoxFuture<'_, Result<u64, BackendError>> {
+        Box::pin(async move { self.serve(|_| Ok(MEMBER_ID)).await })
     }
 
-    fn keys_at(&self, prefix: &[u8], revision: i64) -> BoxFuture<'_, Result<KeysAt, BackendError>> {
+    fn keys_at(
+        &self,
+        prefix: &[u8],
+        revision: i64,
+        with_values: bool,
+    ) -> BoxFuture<'_, Result<KeysAt, BackendError>> {
         let prefix = prefix.to_vec();
         Box::pin(async move {
             self.serve(|state| {
                 Ok(KeysAt {
                     header: state.header(),
-                    keys: state.keys_at(&prefix, revision)?,
+                    keys: state.keys_at(&prefix, revision, with_values)?,
                 })
             })
             .await
@@ -640,6 +647,7 @@ impl Backend for MemoryBackend {
                     id,
                 }),
                 progress: Arc::new(MemoryProgress { shared, id }),
+                member_id: MEMBER_ID,
             })
         })
     }

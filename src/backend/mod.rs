@@ -83,6 +83,12 @@ pub struct KeyRevision {
     pub key: Vec<u8>,
     /// The revision of the key's last change at or before the revision asked about.
     pub mod_revision: i64,
+    /// The revision at which the key was created (since it was last deleted).
+    pub create_revision: i64,
+    /// The lease the key is attached to (0 for none).
+    pub lease: i64,
+    /// The value, when it was asked for.
+    pub value: Option<Vec<u8>>,
 }
 
 /// The answer to [`Backend::keys_at`]: every key under a prefix as of one past revision.
@@ -187,6 +193,9 @@ pub struct Watch {
     pub stream: WatchStream,
     /// Requests progress notifications on this watch.
     pub progress: Arc<dyn ProgressRequester>,
+    /// The id of the member serving the watch (0 when unknown): a liveness probe counts for
+    /// this watch only when the same member answers it.
+    pub member_id: u64,
 }
 
 impl fmt::Debug for Watch {
@@ -262,8 +271,9 @@ pub trait Backend: Send + Sync + 'static {
     /// exists is not an error.
     fn revoke(&self, lease: i64) -> BoxFuture<'_, Result<(), BackendError>>;
 
-    /// Every key that starts with `prefix` as it was at `revision`, with the revision of its
-    /// last change, without values (etcd: a keys-only range read at that revision).
+    /// Every key that starts with `prefix` as it was at `revision`: its create and mod
+    /// revisions and its lease, and its value when `with_values` (etcd: a range read at that
+    /// revision, keys-only unless values are asked for).
     ///
     /// A cache asks this after every interruption, before it resumes its watch at
     /// `revision + 1`: if etcd was wiped or restored under the same cluster id and its new
@@ -273,22 +283,33 @@ pub trait Backend: Send + Sync + 'static {
     /// # Errors
     /// [`BackendErrorKind::Compacted`] when `revision` was compacted away;
     /// [`BackendErrorKind::FutureRevision`] when the store has not reached `revision`.
-    fn keys_at(&self, prefix: &[u8], revision: i64) -> BoxFuture<'_, Result<KeysAt, BackendError>>;
+    fn keys_at(
+        &self,
+        prefix: &[u8],
+        revision: i64,
+        with_values: bool,
+    ) -> BoxFuture<'_, Result<KeysAt, BackendError>>;
 
-    /// A cheap request that proves etcd answers (etcd: a count-only range read of `prefix`);
-    /// returns the response header. A cache sends it when a progress request on an idle watch
-    /// went unanswered: behind etcd's gRPC proxy, or on a release without progress requests,
-    /// that is normal, and an answer here tells a healthy etcd from a hung one.
-    fn probe(&self, prefix: &[u8]) -> BoxFuture<'_, Result<Header, BackendError>>;
+    /// A cheap request that proves etcd answers (etcd: a keys-only range read of at most one
+    /// key under `prefix`); returns the id of the member that answered (0 when unknown). A
+    /// cache sends it when a progress request on an idle watch went unanswered: behind etcd's
+    /// gRPC proxy, or on a release without progress requests, that is normal, and an answer
+    /// from the watch's own member tells a healthy etcd from a hung one.
+    fn probe(&self, prefix: &[u8]) -> BoxFuture<'_, Result<u64, BackendError>>;
 }
 
 impl<B: Backend + ?Sized> Backend for Arc<B> {
-    fn probe(&self, prefix: &[u8]) -> BoxFuture<'_, Result<Header, BackendError>> {
+    fn probe(&self, prefix: &[u8]) -> BoxFuture<'_, Result<u64, BackendError>> {
         (**self).probe(prefix)
     }
 
-    fn keys_at(&self, prefix: &[u8], revision: i64) -> BoxFuture<'_, Result<KeysAt, BackendError>> {
-        (**self).keys_at(prefix, revision)
+    fn keys_at(
+        &self,
+        prefix: &[u8],
+        revision: i64,
+        with_values: bool,
+    ) -> BoxFuture<'_, Result<KeysAt, BackendError>> {
+        (**self).keys_at(prefix, revision, with_values)
     }
 
     fn list(&self, prefix: &[u8]) -> BoxFuture<'_, Result<ListResponse, BackendError>> {

@@ -17,7 +17,9 @@ use tokio::sync::watch;
 use tokio::time::{Instant, Sleep, sleep, sleep_until, timeout};
 use tracing::Instrument;
 
-use crate::backend::{Backend, BackendError, BackendErrorKind, KeysAt, ListResponse, Watch};
+use crate::backend::{
+    Backend, BackendError, BackendErrorKind, KeysAt, ListResponse, Watch, WatchMessage,
+};
 use crate::cache::Shared;
 use crate::metrics;
 use crate::snapshot::FreezeCause;
@@ -43,9 +45,12 @@ enum Op {
         BoxFuture<'static, Result<ListResponse, BackendError>>,
         Pin<Box<Sleep>>,
     ),
+    /// A history check, with the resumed watch it is for: held, not read, until the check
+    /// says it can be trusted.
     Verify(
         BoxFuture<'static, Result<KeysAt, BackendError>>,
         Pin<Box<Sleep>>,
+        Option<Box<Streaming>>,
     ),
     Connect(
         BoxFuture<'static, Result<Watch, BackendError>>,
@@ -223,12 +228,20 @@ impl Driver {
                     deadline(),
                 );
             }
-            Action::Verify { revision } => {
+            Action::Verify {
+                revision,
+                with_values,
+            } => {
                 let backend = self.backend.clone();
                 let prefix = self.prefix.clone();
+                let watch = match std::mem::replace(op, Op::Idle) {
+                    Op::Stream(streaming) => Some(streaming),
+                    _ => None,
+                };
                 *op = Op::Verify(
-                    async move { backend.keys_at(&prefix, revision).await }.boxed(),
+                    async move { backend.keys_at(&prefix, revision, with_values).await }.boxed(),
                     deadline(),
+                    watch,
                 );
             }
             Action::Watch { from_revision } => {
@@ -269,10 +282,18 @@ async fn wait(
             *op = Op::Idle;
             outcome
         }
-        Op::Verify(keys, deadline) => {
+        Op::Verify(keys, deadline, watch) => {
             let outcome = tokio::select! {
                 result = keys => match result {
-                    Ok(keys) => Outcome::Inputs(vec![Input::Verified(keys)]),
+                    Ok(keys) => {
+                        // The watch goes on if the machine trusts it; if not, its next action
+                        // (a list) replaces it.
+                        if let Some(mut streaming) = watch.take() {
+                            streaming.last_heard = Instant::now();
+                            *op = Op::Stream(streaming);
+                        }
+                        return Outcome::Inputs(vec![Input::Verified(keys)]);
+                    }
                     Err(e) if e.kind == BackendErrorKind::Compacted => {
                         Outcome::Inputs(vec![Input::Compacted { compact_revision: 0 }])
                     }
@@ -323,11 +344,12 @@ struct Probe<'a> {
 /// Reads the next messages of a watch, and checks an idle one is alive.
 ///
 /// Idle for half the stall bound, it asks etcd for a progress notification. Still silent at
-/// three quarters of the bound, it sends a cheap unary probe, bounded by what is left: an
-/// answer proves etcd is alive (behind a gRPC proxy, or on an old release, progress requests
-/// are never answered), and from then on idle watches are checked with the probe alone. No
-/// answer by the bound is a stall. A hung etcd is therefore reported within the bound either
-/// way, and a healthy one that cannot answer progress requests never is.
+/// three quarters of the bound, it sends a cheap unary probe, bounded by what is left and raced
+/// against the stream: an answer from the watch's own member proves etcd alive (behind a gRPC
+/// proxy, or on an old release, progress requests are never answered), and from then on idle
+/// watches are checked with the probe alone, until a progress answer shows up again. No answer
+/// by the bound, or one from another member only, is a stall. A hung etcd is therefore reported
+/// within the bound either way, and a healthy one that cannot answer progress requests never is.
 async fn follow(
     streaming: &mut Streaming,
     config: &DriverConfig,
@@ -344,93 +366,126 @@ async fn follow(
             };
         tokio::select! {
             message = streaming.watch.stream.next() => {
-                streaming.last_heard = Instant::now();
-                streaming.asked = Asked::Nothing;
-                let mut inputs = Vec::new();
-                let mut next = message;
-                loop {
-                    match next {
-                        Some(Ok(message)) => inputs.push(Input::from(message)),
-                        Some(Err(e)) => {
-                            tracing::info!(error = %e, "watch failed");
-                            inputs.push(Input::Failed(e.kind.into()));
-                            *error = Some(format!("watch: {e}"));
-                            break;
-                        }
-                        None => {
-                            tracing::info!("watch stream ended");
-                            inputs.push(Input::Failed(FreezeCause::Unavailable));
-                            *error = Some("watch stream ended".to_owned());
-                            break;
-                        }
-                    }
-                    if inputs.len() >= MAX_BATCH {
-                        break;
-                    }
-                    // Take whatever else is already there, so a burst becomes one publish.
-                    match streaming.watch.stream.next().now_or_never() {
-                        Some(more) => next = more,
-                        None => break,
-                    }
-                }
-                return Outcome::Inputs(inputs);
+                return read(streaming, message, error, probe.support);
             }
-            _ = sleep_until(deadline) => {
-                let bound = streaming.last_heard + config.stall_timeout;
-                let left = bound.saturating_duration_since(Instant::now());
-                let ask_progress = streaming.asked == Asked::Nothing
-                    && *probe.support == ProgressSupport::Answered;
-                if ask_progress {
-                    streaming.asked = Asked::Progress;
-                    let request = streaming.watch.progress.request_progress();
-                    // A hung server may not even take the request: bound it by the stall bound.
-                    match timeout(left, request).await {
-                        Ok(Ok(())) => continue,
-                        Ok(Err(e)) => {
-                            tracing::info!(error = %e, "progress request failed");
-                            *error = Some(format!("progress request: {e}"));
-                            return Outcome::Inputs(vec![Input::Failed(e.kind.into())]);
-                        }
-                        Err(_) => {
-                            *error = Some("watch stalled: progress request not taken".to_owned());
-                            return Outcome::Inputs(vec![Input::Failed(FreezeCause::Stalled)]);
-                        }
-                    }
+            _ = sleep_until(deadline) => {}
+        }
+        let bound = streaming.last_heard + config.stall_timeout;
+        let left = bound.saturating_duration_since(Instant::now());
+        let ask_progress =
+            streaming.asked == Asked::Nothing && *probe.support == ProgressSupport::Answered;
+        if ask_progress {
+            streaming.asked = Asked::Progress;
+            let request = streaming.watch.progress.request_progress();
+            // A hung server may not even take the request: bound it by the stall bound.
+            match timeout(left, request).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(e)) => {
+                    tracing::info!(error = %e, "progress request failed");
+                    *error = Some(format!("progress request: {e}"));
+                    return Outcome::Inputs(vec![Input::Failed(e.kind.into())]);
                 }
-                // Silent after a progress request, or a server known not to answer them: does
-                // etcd answer at all?
-                match timeout(left, probe.backend.probe(probe.prefix)).await {
-                    Ok(Ok(_)) => {
-                        if *probe.support == ProgressSupport::Answered {
-                            tracing::info!(
-                                "etcd answers requests but not progress requests (a gRPC proxy, or \
-                                 an old release): idle watches are checked with a probe from now on"
-                            );
-                            *probe.support = ProgressSupport::Unanswered;
-                        }
-                        streaming.last_heard = Instant::now();
-                        streaming.asked = Asked::Nothing;
-                    }
-                    Ok(Err(e)) => {
-                        tracing::info!(error = %e, "liveness probe failed");
-                        *error = Some(format!("liveness probe: {e}"));
-                        return Outcome::Inputs(vec![Input::Failed(e.kind.into())]);
-                    }
-                    Err(_) => {
-                        tracing::warn!(
-                            bound = ?config.stall_timeout,
-                            "watch silent past the stall bound, and etcd does not answer"
-                        );
-                        *error = Some(format!(
-                            "watch stalled: no answer within {:?}",
-                            config.stall_timeout
-                        ));
-                        return Outcome::Inputs(vec![Input::Failed(FreezeCause::Stalled)]);
-                    }
+                Err(_) => {
+                    *error = Some("watch stalled: progress request not taken".to_owned());
+                    return Outcome::Inputs(vec![Input::Failed(FreezeCause::Stalled)]);
                 }
             }
         }
+        // Silent after a progress request, or a server known not to answer them: does the
+        // watch's member answer at all? Whatever the watch says meanwhile counts first.
+        let watch_member = streaming.watch.member_id;
+        let answer = tokio::select! {
+            message = streaming.watch.stream.next() => {
+                return read(streaming, message, error, probe.support);
+            }
+            answer = timeout(left, probe.backend.probe(probe.prefix)) => answer,
+        };
+        match answer {
+            Ok(Ok(member)) if member == watch_member || member == 0 || watch_member == 0 => {
+                if *probe.support == ProgressSupport::Answered {
+                    tracing::info!(
+                        "etcd answers requests but not progress requests (a gRPC proxy, or an \
+                         old release): idle watches are checked with a probe from now on"
+                    );
+                    *probe.support = ProgressSupport::Unanswered;
+                }
+                streaming.last_heard = Instant::now();
+                streaming.asked = Asked::Nothing;
+            }
+            Ok(Ok(member)) => {
+                tracing::warn!(
+                    watch_member,
+                    member,
+                    "watch silent, and only another member answers: its member is stalled"
+                );
+                *error = Some(format!(
+                    "watch stalled: member {watch_member:x} silent, member {member:x} answers"
+                ));
+                return Outcome::Inputs(vec![Input::Failed(FreezeCause::Stalled)]);
+            }
+            Ok(Err(e)) => {
+                tracing::info!(error = %e, "liveness probe failed");
+                *error = Some(format!("liveness probe: {e}"));
+                return Outcome::Inputs(vec![Input::Failed(e.kind.into())]);
+            }
+            Err(_) => {
+                tracing::warn!(
+                    bound = ?config.stall_timeout,
+                    "watch silent past the stall bound, and etcd does not answer"
+                );
+                *error = Some(format!(
+                    "watch stalled: no answer within {:?}",
+                    config.stall_timeout
+                ));
+                return Outcome::Inputs(vec![Input::Failed(FreezeCause::Stalled)]);
+            }
+        }
     }
+}
+
+/// Turns `first` and whatever else the watch already has into inputs: the watch was heard from.
+fn read(
+    streaming: &mut Streaming,
+    first: Option<Result<WatchMessage, BackendError>>,
+    error: &mut Option<String>,
+    support: &mut ProgressSupport,
+) -> Outcome {
+    streaming.last_heard = Instant::now();
+    streaming.asked = Asked::Nothing;
+    let mut inputs = Vec::new();
+    let mut next = first;
+    loop {
+        match next {
+            Some(Ok(message)) => {
+                if matches!(message, WatchMessage::Progress { .. }) {
+                    // Progress requests are answered after all (a proxy replaced by etcd).
+                    *support = ProgressSupport::Answered;
+                }
+                inputs.push(Input::from(message));
+            }
+            Some(Err(e)) => {
+                tracing::info!(error = %e, "watch failed");
+                inputs.push(Input::Failed(e.kind.into()));
+                *error = Some(format!("watch: {e}"));
+                break;
+            }
+            None => {
+                tracing::info!("watch stream ended");
+                inputs.push(Input::Failed(FreezeCause::Unavailable));
+                *error = Some("watch stream ended".to_owned());
+                break;
+            }
+        }
+        if inputs.len() >= MAX_BATCH {
+            break;
+        }
+        // Take whatever else is already there, so a burst becomes one publish.
+        match streaming.watch.stream.next().now_or_never() {
+            Some(more) => next = more,
+            None => break,
+        }
+    }
+    Outcome::Inputs(inputs)
 }
 
 fn failed(e: BackendError, error: &mut Option<String>) -> Outcome {

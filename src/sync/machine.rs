@@ -9,12 +9,12 @@
 //!            ┌──────── Failed ─────────┐ (freeze, back off)
 //!            ▼                         │
 //!  start ─▶ Listing ──Listed──▶ WatchStarting ──WatchStarted──▶ Watching ◀─┐
-//!            ▲  ▲                      ▲ │                       │   │     │ WatchBatch /
-//!            │  └── Compacted / history went back / cluster changed ┘   └─────┘ Progress
-//!            │  └── keys differ ── Verifying ─┘ keys match
-//!            │                        ▲
+//!            ▲  ▲                      ▲   │ (resumed)             ▲ │   │     │ WatchBatch /
+//!            │  │                      │   └──▶ Verifying ─match──┘ │   └─────┘ Progress
+//!            │  ├── keys differ ───────┼────────────┘              │
+//!            │  └── Compacted / history went back / cluster changed ┘
 //!            └──── TimerFired ── Sleeping ◀── Failed (from any phase)
-//!                  (relist, or verify then resume)
+//!                  (relist, or resume the watch and verify)
 //! ```
 //!
 //! What it guarantees (the numbers are the invariants of ARCHITECTURE.md §4):
@@ -29,9 +29,10 @@
 //! 6. A header revision below the applied one, or a new cluster id, leads to a relist.
 //! 7. An undecodable entry is skipped and counted; the rest of the batch applies.
 //!
-//! 11. After any interruption the watch resumes only once etcd's keys at the applied revision
-//!     are the ones the machine applied ([`Action::Verify`]): an etcd wiped or restored under
-//!     the same cluster id whose new history has passed that revision is noticed, and relisted.
+//! 11. After any interruption a resumed watch is trusted only once etcd's keys at the applied
+//!     revision are the ones the machine applied ([`Action::Verify`], asked once the watch is
+//!     open, so both read the same etcd): an etcd wiped or restored under the same cluster id
+//!     whose new history has passed that revision is noticed, and relisted.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -42,6 +43,10 @@ use crate::backoff::{Backoff, BackoffConfig};
 use crate::codec::{Codec, Decoded};
 use crate::instance::Instance;
 use crate::snapshot::{FreezeCause, Freshness, Snapshot};
+
+/// Up to this many keys under the prefix, the history check before a resumed watch reads the
+/// values too and is exact; above it, keys only (a fraction of the bytes of a relist).
+pub const EXACT_CHECK_MAX_KEYS: usize = 1000;
 
 /// How long quarantined keys are remembered for "log once" before the set is cleared.
 const MAX_QUARANTINED: usize = 4096;
@@ -101,6 +106,10 @@ pub enum Action {
     Verify {
         /// The revision to read at.
         revision: i64,
+        /// Whether to read the values too (for up to [`EXACT_CHECK_MAX_KEYS`] keys): then the
+        /// check is exact; keys only, it cannot see a key rewritten with another value at the
+        /// very same revisions under the same lease.
+        with_values: bool,
     },
     /// Watch the prefix from this revision (dropping any current watch).
     Watch {
@@ -149,8 +158,9 @@ enum Phase {
     Listing,
     /// Waiting for the keys at the applied revision, to trust a resumed watch.
     Verifying,
-    /// Waiting for a watch to be accepted.
-    WatchStarting,
+    /// Waiting for a watch to be accepted; `check`: then verify etcd's history before trusting
+    /// it (a watch resumed after an interruption).
+    WatchStarting { check: bool },
     /// Following a watch that was accepted at `since`.
     Watching { since: Instant },
     /// Waiting out a backoff; then list again, or watch again.
@@ -162,6 +172,10 @@ enum Phase {
 struct Entry {
     /// The revision of the key's last change.
     mod_revision: i64,
+    /// The revision the key was created at, and its lease: with `mod_revision`, what a
+    /// keys-only read at the applied revision must show for the history to be the same one.
+    create_revision: i64,
+    lease: i64,
     /// `None` for a key that is there but describes no instance (it does not decode, or it
     /// decodes as a delete).
     instance: Option<Arc<Instance>>,
@@ -300,17 +314,23 @@ impl Machine {
         use Stepped::Accepted;
         match (self.phase, input) {
             (Phase::Listing, Input::Listed(list)) => Accepted(Some(self.on_listed(list))),
-            (Phase::WatchStarting, Input::WatchStarted(header)) => {
+            (Phase::WatchStarting { check }, Input::WatchStarted(header)) => {
                 if self.went_back(header) {
                     return Accepted(Some(self.on_regression(now, header)));
                 }
-                if self.watched {
-                    self.stats.watch_restarts += 1;
+                if check {
+                    // The watch is open on whatever etcd runs now: check that one holds what
+                    // was applied before trusting the watch. (Checked after the watch opened,
+                    // not before: an etcd wiped in between would break a watch opened first,
+                    // but not one opened after the check.)
+                    self.phase = Phase::Verifying;
+                    self.stats.verifications += 1;
+                    return Accepted(Some(Action::Verify {
+                        revision: self.revision,
+                        with_values: self.entries.len() <= EXACT_CHECK_MAX_KEYS,
+                    }));
                 }
-                self.watched = true;
-                self.regressions = 0;
-                self.phase = Phase::Watching { since: now };
-                self.set_live();
+                self.watch_trusted(now);
                 Accepted(None)
             }
             (Phase::Watching { .. }, Input::WatchBatch { header, events }) => {
@@ -334,7 +354,7 @@ impl Machine {
                 Accepted(None)
             }
             (
-                Phase::Verifying | Phase::WatchStarting | Phase::Watching { .. },
+                Phase::Verifying | Phase::WatchStarting { .. } | Phase::Watching { .. },
                 Input::Compacted { compact_revision },
             ) => {
                 tracing::info!(
@@ -347,7 +367,10 @@ impl Machine {
                 Accepted(Some(Action::List))
             }
             (
-                Phase::Listing | Phase::Verifying | Phase::WatchStarting | Phase::Watching { .. },
+                Phase::Listing
+                | Phase::Verifying
+                | Phase::WatchStarting { .. }
+                | Phase::Watching { .. },
                 Input::Failed(cause),
             ) => Accepted(Some(self.on_failed(now, cause))),
             (Phase::Sleeping { relist }, Input::TimerFired) => {
@@ -356,12 +379,11 @@ impl Machine {
                     Action::List
                 } else {
                     // Whatever interrupted the watch, etcd may have been wiped or restored
-                    // meanwhile under the same cluster id: check what it holds at the applied
-                    // revision before trusting a watch from the next one.
-                    self.phase = Phase::Verifying;
-                    self.stats.verifications += 1;
-                    Action::Verify {
-                        revision: self.revision,
+                    // meanwhile under the same cluster id: resume, but check what etcd holds at
+                    // the applied revision before trusting the watch.
+                    self.phase = Phase::WatchStarting { check: true };
+                    Action::Watch {
+                        from_revision: self.revision.saturating_add(1),
                     }
                 }))
             }
@@ -369,12 +391,11 @@ impl Machine {
                 if self.went_back(keys.header) {
                     return Accepted(Some(self.on_regression(now, keys.header)));
                 }
-                Accepted(Some(if self.holds(&keys) {
-                    self.phase = Phase::WatchStarting;
-                    Action::Watch {
-                        from_revision: self.revision.saturating_add(1),
-                    }
-                } else {
+                if self.holds(&keys) {
+                    self.watch_trusted(now);
+                    return Accepted(None);
+                }
+                Accepted(Some({
                     tracing::warn!(
                         service = %self.service,
                         revision = self.revision,
@@ -402,17 +423,50 @@ impl Machine {
         }
     }
 
-    /// Whether etcd's keys at the applied revision are exactly the ones applied (same keys, each
-    /// changed last at the same revision). Both sides are in key order.
+    /// The open watch is on the history that was applied: follow it.
+    fn watch_trusted(&mut self, now: Instant) {
+        if self.watched {
+            self.stats.watch_restarts += 1;
+        }
+        self.watched = true;
+        self.regressions = 0;
+        self.phase = Phase::Watching { since: now };
+        self.set_live();
+    }
+
+    /// Whether etcd's keys at the applied revision are exactly the ones applied: the same keys,
+    /// each created and last changed at the same revisions, under the same lease, and (for up
+    /// to [`EXACT_CHECK_MAX_KEYS`] keys) with values that decode to what is held. Above that
+    /// the read is keys only, and a key rewritten at the very same revisions under the same
+    /// lease with another value is the one case it cannot tell apart. Both sides are in key
+    /// order.
     fn holds(&self, keys: &KeysAt) -> bool {
+        let keys_only = self.entries.len() > EXACT_CHECK_MAX_KEYS;
         keys.keys.len() == self.entries.len()
             && keys
                 .keys
                 .iter()
                 .zip(&self.entries)
                 .all(|(theirs, (key, ours))| {
-                    *theirs.key == **key && theirs.mod_revision == ours.mod_revision
+                    *theirs.key == **key
+                        && theirs.mod_revision == ours.mod_revision
+                        && theirs.create_revision == ours.create_revision
+                        && theirs.lease == ours.lease
+                        && (keys_only || self.same_value(key, theirs.value.as_deref(), ours))
                 })
+    }
+
+    /// Whether etcd's value of `key` describes what `ours` holds; a value asked for and
+    /// missing is a difference.
+    fn same_value(&self, key: &[u8], theirs: Option<&[u8]>, ours: &Entry) -> bool {
+        let Some(value) = theirs else {
+            return false;
+        };
+        match (self.codec.decode(&self.service, key, value), &ours.instance) {
+            (Ok(Decoded::Put(instance)), Some(held)) => instance == **held,
+            (Ok(Decoded::Put(_)), None) => false,
+            (Ok(Decoded::Delete) | Err(_), held) => held.is_none(),
+        }
     }
 
     /// Whether a response says etcd's history is not the one we applied.
@@ -448,7 +502,10 @@ impl Machine {
         let header = list.header;
         if self.listed {
             self.stats.relists += 1;
-            if self.went_back(header) || std::mem::take(&mut self.rewritten) {
+            // Taken before the test: a list that is a reset for both reasons must not leave the
+            // flag set for a later, unrelated relist.
+            let rewritten = std::mem::take(&mut self.rewritten);
+            if self.went_back(header) || rewritten {
                 self.stats.resets += 1;
                 tracing::warn!(
                     service = %self.service,
@@ -467,6 +524,8 @@ impl Machine {
             let instance = self.decode_instance(&kv);
             let entry = Entry {
                 mod_revision: kv.mod_revision,
+                create_revision: kv.create_revision,
+                lease: kv.lease,
                 instance,
             };
             fresh.insert(kv.key.into_boxed_slice(), entry);
@@ -480,7 +539,7 @@ impl Machine {
         self.cluster_id = Some(header.cluster_id);
         self.listed = true;
         self.set_live();
-        self.phase = Phase::WatchStarting;
+        self.phase = Phase::WatchStarting { check: false };
         Action::Watch {
             from_revision: self.revision.saturating_add(1),
         }
@@ -504,6 +563,8 @@ impl Machine {
                     let instance = self.decode_instance(&event.kv);
                     let entry = Entry {
                         mod_revision: rev,
+                        create_revision: event.kv.create_revision,
+                        lease: event.kv.lease,
                         instance,
                     };
                     // An entry that no longer decodes no longer describes a reachable instance:
@@ -574,7 +635,14 @@ impl Machine {
             }
         }
         self.freeze(now, cause);
-        let relist = matches!(self.phase, Phase::Listing);
+        // A history check refused for what retrying cannot change (an answer over the size
+        // limit, an unexpected error) would be asked again forever: list instead, which is
+        // authoritative on its own.
+        let relist = match self.phase {
+            Phase::Listing => true,
+            Phase::Verifying => matches!(cause, FreezeCause::ResponseTooLarge | FreezeCause::Other),
+            _ => false,
+        };
         let delay = self.backoff.next_delay();
         tracing::debug!(service = %self.service, %cause, ?delay, relist, "backing off");
         self.phase = Phase::Sleeping { relist };

@@ -73,6 +73,9 @@ fn keys_at(rev: i64, keys: &[(&str, i64)]) -> Input {
         .map(|&(id, mod_revision)| KeyRevision {
             key: key(id),
             mod_revision,
+            create_revision: mod_revision,
+            lease: 0,
+            value: None,
         })
         .collect();
     keys.sort_by(|a, b| a.key.cmp(&b.key));
@@ -155,10 +158,27 @@ impl Harness {
     /// revision, finds what it applied, and resumes the watch right after it.
     #[track_caller]
     fn resume(&mut self) {
+        self.reconnect();
+        let held = self.held();
+        self.expect(held, Next::Nothing);
+        assert!(self.last().freshness().is_live());
+    }
+
+    /// Sleeping after a failure: the timer fires, the watch resumes right after the applied
+    /// revision, and once it is open the machine asks for etcd's keys at that revision.
+    #[track_caller]
+    fn reconnect(&mut self) {
         let applied = self.machine.revision();
-        self.expect(Input::TimerFired, Next::Verify(applied));
-        let held = Input::Verified(KeysAt {
-            header: hdr(applied),
+        self.expect(Input::TimerFired, Next::Watch(applied + 1));
+        self.expect(Input::WatchStarted(hdr(applied)), Next::Verify(applied));
+    }
+
+    /// etcd's answer to the history check when its history is the one applied: every key the
+    /// machine holds, with its revisions, lease and a value that decodes to what it holds.
+    fn held(&self) -> Input {
+        let codec = Codec::new(KeyLayout::Native, "/svc");
+        Input::Verified(KeysAt {
+            header: hdr(self.machine.revision()),
             keys: self
                 .machine
                 .entries
@@ -166,10 +186,15 @@ impl Harness {
                 .map(|(key, entry)| KeyRevision {
                     key: key.to_vec(),
                     mod_revision: entry.mod_revision,
+                    create_revision: entry.create_revision,
+                    lease: entry.lease,
+                    value: Some(match &entry.instance {
+                        Some(instance) => codec.encode_value(instance),
+                        None => b"\xff not json".to_vec(),
+                    }),
                 })
                 .collect(),
-        });
-        self.expect(held, Next::Watch(applied + 1));
+        })
     }
 
     fn advance(&mut self, d: Duration) {
@@ -187,7 +212,7 @@ impl Harness {
                     self.published.push(s);
                 }
                 Action::List => next = Next::List,
-                Action::Verify { revision } => next = Next::Verify(revision),
+                Action::Verify { revision, .. } => next = Next::Verify(revision),
                 Action::Watch { from_revision } => next = Next::Watch(from_revision),
                 Action::Sleep(d) => next = Next::SleepAtMost(d),
             }
@@ -400,7 +425,7 @@ fn failure_freezes_without_clearing_and_resumes_after_the_applied_revision() {
     // More failures while frozen: nothing new is published, `since` stays.
     let published = h.published.len();
     for _ in 0..5 {
-        h.resume();
+        h.expect(Input::TimerFired, Next::Watch(12));
         h.advance(Duration::from_secs(1));
         h.feed(Input::Failed(FreezeCause::Timeout));
     }
@@ -408,7 +433,7 @@ fn failure_freezes_without_clearing_and_resumes_after_the_applied_revision() {
     assert!(matches!(h.last().freshness(), Freshness::Frozen { since, .. } if since == frozen_at));
     // Back: the watch resumes at revision 12, no relist, and the snapshot turns live.
     h.resume();
-    assert_eq!(h.machine.stats().verifications, 6);
+    assert_eq!(h.machine.stats().verifications, 1);
     h.expect(Input::WatchStarted(hdr(30)), Next::Nothing);
     assert!(h.last().freshness().is_live());
     assert_eq!(h.ids(), live);
@@ -490,8 +515,8 @@ fn history_going_back_relists_and_the_reset_is_counted() {
         Input::Failed(FreezeCause::Unavailable),
         Next::SleepAtMost(Duration::from_millis(100)),
     );
-    h.expect(Input::TimerFired, Next::Verify(20));
-    h.expect(keys_at(12, &[("a", 10)]), Next::List);
+    h.expect(Input::TimerFired, Next::Watch(21));
+    h.expect(Input::WatchStarted(hdr(12)), Next::List);
     h.expect(listed(12, vec![kv("a", 80, 10)]), Next::Watch(13));
     assert_eq!(h.ids(), ids(&["a@10.0.0.1:80"]));
     assert_eq!(
@@ -677,11 +702,13 @@ fn revision_never_goes_down_without_a_counted_reset() {
         batch(21, vec![put("c", 1, 21)]),
         Input::Failed(FreezeCause::Unavailable),
         Input::TimerFired,
-        keys_at(25, &[("a", 10), ("b", 12), ("c", 21)]),
         Input::WatchStarted(hdr(25)),
-        batch(25, vec![del("c", 19)]),
     ];
     for step in steps {
+        h.feed(step);
+    }
+    let held = h.held();
+    for step in [held, batch(25, vec![del("c", 19)])] {
         h.feed(step);
     }
     let revisions: Vec<i64> = h.published.iter().map(|s| s.revision()).collect();
@@ -788,9 +815,10 @@ fn a_resumed_watch_is_trusted_only_once_etcd_holds_what_was_applied() {
     });
     h.expect(batch(13, vec![del("d", 13)]), Next::Nothing);
     h.feed(Input::Failed(FreezeCause::Unavailable));
-    h.expect(Input::TimerFired, Next::Verify(13));
-    let same = keys_at(13, &[("a", 10), ("b", 10), ("c", 11), ("g", 12)]);
-    h.expect(same, Next::Watch(14));
+    h.reconnect();
+    let same = h.held();
+    h.expect(same, Next::Nothing);
+    assert!(h.last().freshness().is_live());
     assert_eq!(h.machine.stats().relists, 0);
     assert_eq!(h.machine.stats().verifications, 1);
 }
@@ -806,7 +834,7 @@ fn history_rewritten_under_the_same_identity_relists_and_counts_a_reset() {
     );
     h.expect(Input::WatchStarted(hdr(3)), Next::Nothing);
     h.feed(Input::Failed(FreezeCause::Unavailable));
-    h.expect(Input::TimerFired, Next::Verify(3));
+    h.reconnect();
     h.expect(keys_at(4, &[("u3", 2)]), Next::List);
     assert_eq!(
         h.ids(),
@@ -822,12 +850,12 @@ fn history_rewritten_under_the_same_identity_relists_and_counts_a_reset() {
     // Same keys but one changed at another revision is a rewrite too.
     let mut h = Harness::watching(&["a", "b"]);
     h.feed(Input::Failed(FreezeCause::Unavailable));
-    h.expect(Input::TimerFired, Next::Verify(10));
+    h.reconnect();
     h.expect(keys_at(12, &[("a", 10), ("b", 9)]), Next::List);
     // And so is a key the cache never saw.
     let mut h = Harness::watching(&["a"]);
     h.feed(Input::Failed(FreezeCause::Unavailable));
-    h.expect(Input::TimerFired, Next::Verify(10));
+    h.reconnect();
     h.expect(keys_at(12, &[("a", 10), ("z", 7)]), Next::List);
 }
 
@@ -836,7 +864,7 @@ fn a_history_check_that_cannot_answer_relists_or_retries() {
     // etcd has not reached the applied revision: its history went back; the list resets.
     let mut h = Harness::watching(&["a"]);
     h.feed(Input::Failed(FreezeCause::Unavailable));
-    h.expect(Input::TimerFired, Next::Verify(10));
+    h.reconnect();
     h.expect(Input::HistoryShorter, Next::List);
     h.expect(listed(4, vec![]), Next::Watch(5));
     assert_eq!(h.machine.stats().resets, 1);
@@ -844,7 +872,7 @@ fn a_history_check_that_cannot_answer_relists_or_retries() {
     // The applied revision was compacted: one relist, not a reset (the revision goes up).
     let mut h = Harness::watching(&["a"]);
     h.feed(Input::Failed(FreezeCause::Unavailable));
-    h.expect(Input::TimerFired, Next::Verify(10));
+    h.reconnect();
     h.expect(
         Input::Compacted {
             compact_revision: 0,
@@ -858,18 +886,18 @@ fn a_history_check_that_cannot_answer_relists_or_retries() {
     // The check itself fails: frozen still, back off, and check again next time.
     let mut h = Harness::watching(&["a"]);
     h.feed(Input::Failed(FreezeCause::Unavailable));
-    h.expect(Input::TimerFired, Next::Verify(10));
+    h.reconnect();
     h.expect(
         Input::Failed(FreezeCause::Timeout),
         Next::SleepAtMost(Duration::from_millis(200)),
     );
     assert!(!h.last().freshness().is_live());
-    h.expect(Input::TimerFired, Next::Verify(10));
+    h.reconnect();
 
     // A check answered by another cluster is a regression, like a watch header would be.
     let mut h = Harness::watching(&["a"]);
     h.feed(Input::Failed(FreezeCause::Unavailable));
-    h.expect(Input::TimerFired, Next::Verify(10));
+    h.reconnect();
     let other = Input::Verified(KeysAt {
         header: Header {
             revision: 50,
@@ -878,4 +906,95 @@ fn a_history_check_that_cannot_answer_relists_or_retries() {
         keys: vec![],
     });
     h.expect(other, Next::List);
+}
+
+#[test]
+fn a_key_recreated_at_the_same_revision_under_another_lease_is_a_rewrite() {
+    // The pod re-registered u1 as the first write of the wiped etcd: same key, same revisions,
+    // new lease (and, unseen by a keys-only read, a new address).
+    let mut h = Harness::new();
+    let mut old = kv("u1", 1, 2);
+    old.lease = 7;
+    h.expect(listed(2, vec![old]), Next::Watch(3));
+    h.feed(Input::Failed(FreezeCause::Unavailable));
+    h.reconnect();
+    let reregistered = Input::Verified(KeysAt {
+        header: hdr(2),
+        keys: vec![KeyRevision {
+            key: key("u1"),
+            mod_revision: 2,
+            create_revision: 2,
+            lease: 8,
+            value: None,
+        }],
+    });
+    h.expect(reregistered, Next::List);
+}
+
+#[test]
+fn a_list_that_is_a_reset_twice_over_counts_once_and_forgets() {
+    // A rewrite found by the check, then a list that also went back: one reset, and a later
+    // ordinary relist (after compaction) counts none.
+    let mut h = Harness::watching(&["a"]);
+    h.feed(Input::Failed(FreezeCause::Unavailable));
+    h.reconnect();
+    h.expect(keys_at(12, &[("z", 11)]), Next::List);
+    h.expect(listed(5, vec![kv("z", 1, 4)]), Next::Watch(6));
+    assert_eq!(h.machine.stats().resets, 1);
+    h.expect(Input::WatchStarted(hdr(5)), Next::Nothing);
+    h.expect(
+        Input::Compacted {
+            compact_revision: 9,
+        },
+        Next::List,
+    );
+    h.expect(listed(20, vec![kv("z", 1, 4)]), Next::Watch(21));
+    let stats = h.machine.stats();
+    assert_eq!((stats.relists, stats.resets), (2, 1), "{stats:?}");
+}
+
+#[test]
+fn a_history_check_refused_for_good_relists_instead_of_asking_forever() {
+    let mut h = Harness::watching(&["a"]);
+    h.feed(Input::Failed(FreezeCause::Unavailable));
+    h.reconnect();
+    h.expect(
+        Input::Failed(FreezeCause::ResponseTooLarge),
+        Next::SleepAtMost(Duration::from_millis(200)),
+    );
+    h.expect(Input::TimerFired, Next::List);
+    // A passing outage during the check is no reason to relist: check again.
+    let mut h = Harness::watching(&["a"]);
+    h.feed(Input::Failed(FreezeCause::Unavailable));
+    h.reconnect();
+    h.feed(Input::Failed(FreezeCause::Unavailable));
+    h.reconnect();
+}
+
+#[test]
+fn a_key_rewritten_with_another_value_at_the_same_revisions_is_a_rewrite() {
+    // Same key, same revisions, no lease either time, another address: only the value tells
+    // the histories apart, and a small service's check reads it.
+    let mut h = Harness::new();
+    h.expect(listed(2, vec![kv("a", 1, 2)]), Next::Watch(3));
+    h.feed(Input::Failed(FreezeCause::Unavailable));
+    h.reconnect();
+    let rewritten = Input::Verified(KeysAt {
+        header: hdr(2),
+        keys: vec![KeyRevision {
+            key: key("a"),
+            mod_revision: 2,
+            create_revision: 2,
+            lease: 0,
+            value: Some(br#"{"addr":"10.0.0.1:3"}"#.to_vec()),
+        }],
+    });
+    h.expect(rewritten, Next::List);
+    // The same answer with the value that was applied resumes.
+    let mut h = Harness::new();
+    h.expect(listed(2, vec![kv("a", 1, 2)]), Next::Watch(3));
+    h.feed(Input::Failed(FreezeCause::Unavailable));
+    h.reconnect();
+    let same = h.held();
+    h.expect(same, Next::Nothing);
 }

@@ -52,8 +52,11 @@ impl Proxy {
 
     /// Breaks every connection through the proxy, and refuses new ones until [`heal`].
     pub fn cut(&self) {
+        let mut open = self.shared.open.lock().unwrap();
         self.shared.cut.store(true, Ordering::SeqCst);
-        self.shared.shut_all();
+        for stream in open.drain(..) {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
     }
 
     /// Lets connections through again.
@@ -92,6 +95,13 @@ fn accept(listener: TcpListener, shared: Arc<Shared>) {
         };
         {
             let mut open = shared.open.lock().unwrap();
+            // Checked under the lock `cut` sets the flag under: a connection is either
+            // registered before a cut (and shut by it) or sees the flag here.
+            if shared.cut.load(Ordering::SeqCst) {
+                let _ = client.shutdown(Shutdown::Both);
+                let _ = upstream.shutdown(Shutdown::Both);
+                continue;
+            }
             for s in [&client, &upstream] {
                 if let Ok(s) = s.try_clone() {
                     open.push(s);

@@ -5,8 +5,9 @@
 # FRESH_CARGO_BIN (the rustup proxies), FRESH_COMMANDS ("demo ci", "demo" or "ci").
 set -euo pipefail
 
-root="$FRESH_RUN/merged"
-mkdir -p "$FRESH_RUN/upper" "$FRESH_RUN/work" "$root"
+mkdir -p "$FRESH_RUN/upper" "$FRESH_RUN/work" "$FRESH_RUN/merged"
+# Canonical, so it compares equal to what /proc/<pid>/root says (TMPDIR may be a symlink).
+root=$(realpath "$FRESH_RUN/merged")
 mount -t overlay overlay \
     -o "lowerdir=$FRESH_BASE,upperdir=$FRESH_RUN/upper,workdir=$FRESH_RUN/work" "$root"
 mount -t proc proc "$root/proc"
@@ -36,7 +37,8 @@ mkdir -p "$root/root/.cargo/bin"
 cp "$FRESH_CARGO_BIN/rustup" "$root/root/.cargo/bin/rustup"
 for proxy in "$FRESH_CARGO_BIN"/*; do
     name=$(basename "$proxy")
-    if [ -L "$proxy" ] && [ "$(readlink "$proxy")" = rustup ]; then
+    # A proxy is rustup itself under another name: a symlink or a hard link to it.
+    if [ "$name" != rustup ] && [ "$proxy" -ef "$FRESH_CARGO_BIN/rustup" ]; then
         ln -sf rustup "$root/root/.cargo/bin/$name"
     fi
 done
@@ -52,13 +54,20 @@ inside() {
 # Ends what was started inside the root and is still running (a package's daemon, a test's
 # leftover), by PID: only processes whose root directory is this run's root, which this run made.
 end_leftovers() {
-    local pid link
-    for pid in /proc/[0-9]*; do
-        link=$(readlink "$pid/root" 2>/dev/null) || continue
-        if [ "$link" = "$root" ]; then
-            echo "fresh-check: ending leftover process ${pid#/proc/}: $(tr '\0' ' ' < "$pid/cmdline" 2>/dev/null)"
-            kill -KILL "${pid#/proc/}" 2>/dev/null || true
-        fi
+    local pid link found round
+    # Rounds, bounded: a process may fork while the previous round ends its parent.
+    for round in 1 2 3 4 5; do
+        found=0
+        for pid in /proc/[0-9]*; do
+            link=$(readlink "$pid/root" 2>/dev/null) || continue
+            if [ "$link" = "$root" ]; then
+                found=1
+                echo "fresh-check: ending leftover process ${pid#/proc/} (round $round): $(tr '\0' ' ' < "$pid/cmdline" 2>/dev/null)"
+                kill -KILL "${pid#/proc/}" 2>/dev/null || true
+            fi
+        done
+        [ "$found" -eq 0 ] && return 0
+        sleep 0.2
     done
 }
 trap end_leftovers EXIT

@@ -35,6 +35,17 @@ pub(super) struct Stored {
 }
 
 impl Stored {
+    /// The key as a keys-only read shows it.
+    fn key_revision(&self, key: &[u8]) -> KeyRevision {
+        KeyRevision {
+            key: key.to_vec(),
+            mod_revision: self.mod_revision,
+            create_revision: self.create_revision,
+            lease: self.lease,
+            value: Some(self.value.clone()),
+        }
+    }
+
     pub(super) fn to_key_value(&self, key: &[u8]) -> KeyValue {
         KeyValue {
             key: key.to_vec(),
@@ -109,10 +120,14 @@ pub(super) struct State {
     highest_cluster_id: u64,
     /// Events of each revision after `base_revision`.
     history: BTreeMap<i64, Vec<Event>>,
-    /// Every key with its mod revision as of `base_revision`: with `history`, the keyspace at
-    /// any revision still readable (what [`keys_at`](Self::keys_at) answers from).
-    base: BTreeMap<Vec<u8>, i64>,
+    /// Every key with its revisions and lease as of `base_revision`: with `history`, the
+    /// keyspace at any revision still readable (what [`keys_at`](Self::keys_at) answers from).
+    base: BTreeMap<Vec<u8>, KeyRevision>,
     base_revision: i64,
+    /// Whether a read at `base_revision` itself is allowed: after a restore (etcd restored from
+    /// a snapshot can be read at the snapshot's revision) but not after a compaction (etcd
+    /// refuses reads below the compacted revision).
+    base_readable: bool,
     leases: BTreeMap<i64, Lease>,
     next_lease_id: i64,
     watchers: BTreeMap<u64, Watcher>,
@@ -150,6 +165,7 @@ impl State {
             history: BTreeMap::new(),
             base: BTreeMap::new(),
             base_revision: 1,
+            base_readable: true,
             leases: BTreeMap::new(),
             next_lease_id: FIRST_LEASE_ID,
             watchers: BTreeMap::new(),
@@ -280,6 +296,7 @@ impl State {
             fold(&mut self.base, &events);
         }
         self.base_revision = revision - 1;
+        self.base_readable = false;
         Ok(())
     }
 
@@ -289,7 +306,14 @@ impl State {
         &self,
         prefix: &[u8],
         revision: i64,
+        with_values: bool,
     ) -> Result<Vec<KeyRevision>, BackendError> {
+        let shown = |mut k: KeyRevision| {
+            if !with_values {
+                k.value = None;
+            }
+            k
+        };
         if revision > self.revision {
             return Err(BackendError::new(
                 BackendErrorKind::FutureRevision,
@@ -302,13 +326,11 @@ impl State {
                 .kvs
                 .iter()
                 .filter(|(key, _)| under(key))
-                .map(|(key, stored)| KeyRevision {
-                    key: key.clone(),
-                    mod_revision: stored.mod_revision,
-                })
+                .map(|(key, stored)| shown(stored.key_revision(key)))
                 .collect());
         }
-        if revision < self.compact_revision || revision < self.base_revision {
+        if revision < self.base_revision || (revision == self.base_revision && !self.base_readable)
+        {
             return Err(BackendError::new(
                 BackendErrorKind::Compacted,
                 "mvcc: required revision has been compacted",
@@ -319,9 +341,9 @@ impl State {
             fold(&mut keys, events);
         }
         Ok(keys
-            .into_iter()
-            .filter(|(key, _)| under(key))
-            .map(|(key, mod_revision)| KeyRevision { key, mod_revision })
+            .into_values()
+            .filter(|k| under(&k.key))
+            .map(shown)
             .collect())
     }
 
@@ -523,9 +545,10 @@ impl State {
         self.base = snapshot
             .kvs
             .iter()
-            .map(|(key, stored)| (key.clone(), stored.mod_revision))
+            .map(|(key, stored)| (key.clone(), stored.key_revision(key)))
             .collect();
         self.base_revision = snapshot.revision;
+        self.base_readable = true;
         self.kvs = snapshot.kvs;
         self.revision = snapshot.revision;
         self.history.clear();
@@ -563,12 +586,20 @@ impl State {
     }
 }
 
-/// Applies one revision's events to a key → mod revision map.
-fn fold(keys: &mut BTreeMap<Vec<u8>, i64>, events: &[Event]) {
+/// Applies one revision's events to a map of keys as a keys-only read shows them.
+fn fold(keys: &mut BTreeMap<Vec<u8>, KeyRevision>, events: &[Event]) {
     for event in events {
         match event.kind {
             EventKind::Put => {
-                keys.insert(event.kv.key.clone(), event.kv.mod_revision);
+                let kv = &event.kv;
+                let entry = KeyRevision {
+                    key: kv.key.clone(),
+                    mod_revision: kv.mod_revision,
+                    create_revision: kv.create_revision,
+                    lease: kv.lease,
+                    value: Some(kv.value.clone()),
+                };
+                keys.insert(kv.key.clone(), entry);
             }
             EventKind::Delete => {
                 keys.remove(&event.kv.key);

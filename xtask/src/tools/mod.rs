@@ -133,6 +133,16 @@ pub fn ensure_tools(need: Need) -> Result<Tools> {
             say!("ensure_tools: {}: {}", f.tool, f.problem);
         }
         let packages = packages_of(&fixes);
+        // The demo runs without etcd: don't stop it for an optional tool that cannot be had,
+        // or that still does not work after installing.
+        let only_optional =
+            need.etcd() == Want::IfPossible && fixes.iter().all(|f| f.tool.starts_with("etcd"));
+        if only_optional && (!installed.is_empty() || !apt::usable()) {
+            say!("ensure_tools: going on without etcd ({})", fixes[0].problem);
+            let protoc = protoc.ok_or("internal: protoc checked but not returned")?;
+            report(&protoc, None, need);
+            return Ok(Tools { protoc, etcd: None });
+        }
         if !installed.is_empty() {
             return Err(format!(
                 "installed {} with apt-get, but it still does not work:\n{}",
@@ -141,15 +151,6 @@ pub fn ensure_tools(need: Need) -> Result<Tools> {
             ));
         }
         if !apt::usable() {
-            // The demo runs without etcd; don't stop it for an optional tool.
-            let only_optional =
-                need.etcd() == Want::IfPossible && fixes.iter().all(|f| f.tool.starts_with("etcd"));
-            if only_optional {
-                say!("ensure_tools: going on without etcd ({})", fixes[0].problem);
-                let protoc = protoc.ok_or("internal: protoc checked but not returned")?;
-                report(&protoc, None, need);
-                return Ok(Tools { protoc, etcd: None });
-            }
             return Err(apt::manual_instructions(&packages, &elsewhere_of(&fixes)));
         }
         say!(
