@@ -10,10 +10,10 @@ mod support;
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, Txn, TxnOp};
-use etcd_registry::{BackoffConfig, Discovery, EtcdBackend, EtcdOptions};
+use etcd_registry::{EtcdBackend, EtcdOptions};
 use support::etcd::EtcdCluster;
 use support::proxy::Proxy;
-use support::wait::report;
+use support::wait::{discovery, report};
 use support::*;
 
 const LONG: Duration = Duration::from_secs(60);
@@ -81,13 +81,7 @@ async fn a_service_over_the_grpc_message_limit_lists_relists_and_catches_up() {
     let checker = EtcdBackend::connect(etcd.endpoints(), EtcdOptions::new())
         .await
         .expect("connect a second client");
-    let discovery = Discovery::with_backend(backend)
-        .namespace(NS)
-        .backoff(BackoffConfig {
-            initial: Duration::from_millis(50),
-            max: Duration::from_millis(500),
-            reset_after: Duration::from_secs(30),
-        })
+    let discovery = discovery(backend)
         .first_list_timeout(LONG)
         // The whole paged list is one request: give a slow machine room.
         .request_timeout(Duration::from_secs(30))

@@ -22,12 +22,6 @@ use support::*;
 
 const TTL: Duration = Duration::from_secs(2);
 const STALL: Duration = Duration::from_secs(3);
-/// The caches' reconnection backoff: fast, so a test does not wait out long sleeps.
-const BACKOFF: BackoffConfig = BackoffConfig {
-    initial: Duration::from_millis(50),
-    max: Duration::from_millis(500),
-    reset_after: Duration::from_secs(30),
-};
 /// The providers' re-registration backoff: capped at one second, the step the tests allow.
 const REG_BACKOFF: BackoffConfig = BackoffConfig {
     initial: Duration::from_millis(100),
@@ -54,7 +48,7 @@ async fn users(backend: &EtcdBackend) -> ServiceCache {
         .namespace(NS)
         .stall_timeout(STALL)
         .request_timeout(Duration::from_secs(2))
-        .backoff(BACKOFF)
+        .backoff(FAST_BACKOFF)
         .build()
         .expect("valid config")
         .service("user")
@@ -71,10 +65,6 @@ async fn register(backend: &EtcdBackend, id: &str, port: u16) -> Registration {
         .register()
         .await
         .expect("registered")
-}
-
-fn value_of(id: &str, port: u16) -> String {
-    String::from_utf8(codec().encode_value(&instance("user", id, port))).expect("utf-8")
 }
 
 /// Puts instance `id` of `user` at `port` through etcdctl (live members).
@@ -185,7 +175,7 @@ async fn a_killed_etcd_freezes_and_resumes_without_relist() {
     let backend = connect(&etcd.endpoints(), EtcdOptions::new()).await;
     let users = Discovery::with_backend(backend)
         .namespace(NS)
-        .backoff(BACKOFF)
+        .backoff(FAST_BACKOFF)
         .build()
         .expect("valid config")
         .service("user")

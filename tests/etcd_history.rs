@@ -10,30 +10,19 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use etcd_registry::{BackoffConfig, Discovery, EtcdBackend, EtcdOptions, ServiceCache};
+use etcd_registry::{EtcdBackend, EtcdOptions, ServiceCache};
 use support::etcd::EtcdCluster;
 use support::proxy::Proxy;
 use support::wait::*;
 use support::*;
 
-const BACKOFF: BackoffConfig = BackoffConfig {
-    initial: Duration::from_millis(50),
-    max: Duration::from_millis(500),
-    reset_after: Duration::from_secs(30),
-};
 const LONG: Duration = Duration::from_secs(20);
-
-fn value_of(id: &str, port: u16) -> String {
-    String::from_utf8(codec().encode_value(&instance("user", id, port))).expect("utf-8")
-}
 
 async fn users_through(proxy: &Proxy) -> ServiceCache {
     let backend = EtcdBackend::connect([proxy.endpoint()], EtcdOptions::new())
         .await
         .expect("connect");
-    Discovery::with_backend(backend)
-        .namespace(NS)
-        .backoff(BACKOFF)
+    discovery(backend)
         .request_timeout(Duration::from_secs(2))
         .build()
         .expect("valid config")

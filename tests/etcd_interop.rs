@@ -8,20 +8,14 @@ mod support;
 use std::time::{Duration, Instant};
 
 use etcd_registry::{
-    BackoffConfig, Discovery, EtcdBackend, EtcdOptions, Instance, KeyLayout, Registration,
-    ServiceCache, Snapshot, State,
+    Discovery, EtcdBackend, EtcdOptions, Instance, KeyLayout, Registration, ServiceCache, Snapshot,
+    State,
 };
 use support::etcd::EtcdCluster;
 use support::wait::*;
 use support::*;
 
 const LONG: Duration = Duration::from_secs(20);
-const BACKOFF: BackoffConfig = BackoffConfig {
-    initial: Duration::from_millis(50),
-    max: Duration::from_millis(500),
-    reset_after: Duration::from_secs(30),
-};
-
 async fn connect(etcd: &EtcdCluster) -> EtcdBackend {
     let options = EtcdOptions::new()
         .keep_alive(Duration::from_secs(1), Duration::from_secs(1))
@@ -40,7 +34,7 @@ async fn cache(
     Discovery::with_backend(backend.clone())
         .namespace(namespace)
         .layout(layout)
-        .backoff(BACKOFF)
+        .backoff(FAST_BACKOFF)
         .build()
         .expect("valid config")
         .service(service)

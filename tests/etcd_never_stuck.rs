@@ -17,23 +17,14 @@ use etcd_registry::backend::{
     BackendError, KeysAt, ListResponse, PutCondition, PutOutcome, Watch, WatchMessage,
 };
 use etcd_registry::{
-    Backend, BackoffConfig, Discovery, EtcdBackend, EtcdOptions, FreezeCause, Freshness,
-    Registration, RegistrationStatus, ServiceCache,
+    Backend, Discovery, EtcdBackend, EtcdOptions, FreezeCause, Freshness, Registration,
+    RegistrationStatus, ServiceCache,
 };
 use support::etcd::EtcdCluster;
 use support::wait::*;
 use support::*;
 
-const BACKOFF: BackoffConfig = BackoffConfig {
-    initial: Duration::from_millis(50),
-    max: Duration::from_millis(500),
-    reset_after: Duration::from_secs(30),
-};
 const LONG: Duration = Duration::from_secs(20);
-
-fn value_of(id: &str, port: u16) -> String {
-    String::from_utf8(codec().encode_value(&instance("user", id, port))).expect("utf-8")
-}
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -41,14 +32,6 @@ fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .expect("a tokio runtime")
-}
-
-fn discovery(backend: impl Backend) -> Discovery {
-    Discovery::with_backend(backend)
-        .namespace(NS)
-        .backoff(BACKOFF)
-        .build()
-        .expect("valid config")
 }
 
 fn task_ended(freshness: Freshness) -> bool {
@@ -147,7 +130,7 @@ async fn a_cache_whose_task_panicked_says_so_and_comes_back_when_asked_again() {
             .expect("connect"),
         armed: Arc::new(AtomicBool::new(false)),
     };
-    let discovery = discovery(backend.clone());
+    let discovery = discovery(backend.clone()).build().expect("valid config");
     let users = discovery.service("user").await.expect("first list");
     assert!(users.freshness().is_live());
 
@@ -187,7 +170,7 @@ fn a_cache_whose_runtime_shut_down_says_so_and_comes_back_when_asked_again() {
     let backend = connection
         .block_on(EtcdBackend::connect(etcd.endpoints(), EtcdOptions::new()))
         .expect("connect");
-    let discovery = discovery(backend);
+    let discovery = discovery(backend).build().expect("valid config");
 
     let first = runtime();
     let users: ServiceCache = first
@@ -381,9 +364,7 @@ async fn a_watch_broken_after_the_auth_token_expired_comes_back() {
     let backend = EtcdBackend::connect(etcd.endpoints(), options)
         .await
         .expect("connect as root");
-    let users = Discovery::with_backend(backend)
-        .namespace(NS)
-        .backoff(BACKOFF)
+    let users = discovery(backend)
         .stall_timeout(Duration::from_secs(2))
         .build()
         .expect("valid config")
@@ -428,9 +409,7 @@ async fn behind_the_grpc_proxy_an_idle_cache_stays_live_and_a_hung_etcd_is_detec
     let backend = EtcdBackend::connect([proxy.endpoint()], EtcdOptions::new())
         .await
         .expect("connect through the proxy");
-    let users = Discovery::with_backend(backend)
-        .namespace(NS)
-        .backoff(BACKOFF)
+    let users = discovery(backend)
         .stall_timeout(stall)
         .build()
         .expect("valid config")

@@ -27,6 +27,11 @@ pub fn register(etcd: &MemoryBackend, id: &str, port: u16) -> i64 {
     etcd.put(codec.key(&i, 0), codec.encode_value(&i))
 }
 
+/// The native value of instance `id` of service `user` at `port`, as etcdctl would put it.
+pub fn value_of(id: &str, port: u16) -> String {
+    String::from_utf8(codec().encode_value(&instance("user", id, port))).expect("utf-8")
+}
+
 pub fn user_key(id: &str) -> String {
     format!("{NS}/user/{id}")
 }

@@ -6,10 +6,28 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use etcd_registry::{Codec, Decoded, RegistrationStatus};
+use etcd_registry::{
+    Backend, BackoffConfig, Codec, Decoded, Discovery, DiscoveryBuilder, RegistrationStatus,
+};
 use tokio::sync::watch;
 
+use super::NS;
 use super::etcd::EtcdCluster;
+
+/// The caches' reconnection backoff in real-etcd tests: fast, so a test does not wait out long
+/// sleeps.
+pub const FAST_BACKOFF: BackoffConfig = BackoffConfig {
+    initial: Duration::from_millis(50),
+    max: Duration::from_millis(500),
+    reset_after: Duration::from_secs(30),
+};
+
+/// A discovery over `backend` under [`NS`] with [`FAST_BACKOFF`]; a test adds what it varies.
+pub fn discovery(backend: impl Backend) -> DiscoveryBuilder {
+    Discovery::with_backend(backend)
+        .namespace(NS)
+        .backoff(FAST_BACKOFF)
+}
 
 /// How often [`eventually`] probes a condition nobody can subscribe to (etcd's state, as seen
 /// through etcdctl).
