@@ -8,13 +8,12 @@
 //! ```text
 //!            ┌──────── Failed ─────────┐ (freeze, back off)
 //!            ▼                         │
-//!  start ─▶ Listing ──Listed──▶ WatchStarting ──WatchStarted──▶ Watching ◀─┐
-//!            ▲  ▲                      ▲   │ (resumed)             ▲ │   │     │ WatchBatch /
-//!            │  │                      │   └──▶ Verifying ─match──┘ │   └─────┘ Progress
-//!            │  ├── keys differ ───────┼────────────┘              │
-//!            │  └── Compacted / history went back / cluster changed ┘
-//!            └──── TimerFired ── Sleeping ◀── Failed (from any phase)
-//!                  (relist, or resume the watch and verify)
+//!  start ─▶ Listing ──Listed──▶ WatchStarting ──WatchStarted──▶ Verifying ──match──▶ Watching
+//!            ▲  ▲                      ▲                          │                │  ▲  │
+//!            │  ├──── keys differ ─────┼──────────────────────────┘                │  └──┘
+//!            │  └── Compacted / history went back / cluster changed ──────────────┘ WatchBatch /
+//!            │                         │                                             Progress
+//!            └──── TimerFired ── Sleeping (relist, or resume the watch) ◀── Failed (any phase)
 //! ```
 //!
 //! What it guarantees (the numbers are the invariants of ARCHITECTURE.md §4):
@@ -29,10 +28,11 @@
 //! 6. A header revision below the applied one, or a new cluster id, leads to a relist.
 //! 7. An undecodable entry is skipped and counted; the rest of the batch applies.
 //!
-//! 11. After any interruption a resumed watch is trusted only once etcd's keys at the applied
-//!     revision are the ones the machine applied ([`Action::Verify`], asked once the watch is
-//!     open, so both read the same etcd): an etcd wiped or restored under the same cluster id
-//!     whose new history has passed that revision is noticed, and relisted.
+//! 11. A watch (resumed after an interruption, or opened after a list) is trusted only once
+//!     etcd's keys at the applied revision are the ones the machine applied ([`Action::Verify`],
+//!     asked once the watch is open, so both read the same etcd): an etcd wiped or restored
+//!     under the same cluster id whose new history has passed that revision is noticed, and
+//!     relisted.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -539,7 +539,9 @@ impl Machine {
         self.cluster_id = Some(header.cluster_id);
         self.listed = true;
         self.set_live();
-        self.phase = Phase::WatchStarting { check: false };
+        // Checked too: etcd may be wiped between this list and the watch's creation, and the
+        // watch would then follow a history the list never saw.
+        self.phase = Phase::WatchStarting { check: true };
         Action::Watch {
             from_revision: self.revision.saturating_add(1),
         }

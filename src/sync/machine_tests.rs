@@ -137,8 +137,21 @@ impl Harness {
         let mut h = Self::new();
         let kvs = ids.iter().map(|id| kv(id, 80, 10)).collect();
         h.expect(listed(10, kvs), Next::Watch(11));
-        h.expect(Input::WatchStarted(hdr(10)), Next::Nothing);
+        h.open_watch(10);
         h
+    }
+
+    /// The watch asked for is accepted at `header_revision`, the machine checks etcd's keys at
+    /// its applied revision, and finds what it applied: it follows the watch.
+    #[track_caller]
+    fn open_watch(&mut self, header_revision: i64) {
+        let applied = self.machine.revision();
+        self.expect(
+            Input::WatchStarted(hdr(header_revision)),
+            Next::Verify(applied),
+        );
+        let held = self.held();
+        self.expect(held, Next::Nothing);
     }
 
     /// A machine whose watch (at revision 20) saw a header behind it (15), relisted, and learned
@@ -433,7 +446,7 @@ fn failure_freezes_without_clearing_and_resumes_after_the_applied_revision() {
     assert!(matches!(h.last().freshness(), Freshness::Frozen { since, .. } if since == frozen_at));
     // Back: the watch resumes at revision 12, no relist, and the snapshot turns live.
     h.resume();
-    assert_eq!(h.machine.stats().verifications, 1);
+    assert_eq!(h.machine.stats().verifications, 2);
     h.expect(Input::WatchStarted(hdr(30)), Next::Nothing);
     assert!(h.last().freshness().is_live());
     assert_eq!(h.ids(), live);
@@ -575,7 +588,7 @@ fn undecodable_entries_are_skipped_and_counted() {
             ..KeyValue::default()
         },
     };
-    h.expect(Input::WatchStarted(hdr(5)), Next::Nothing);
+    h.open_watch(5);
     h.expect(batch(7, vec![foreign, put("c", 3, 7)]), Next::Nothing);
     assert_eq!(h.ids().len(), 3);
     assert_eq!(h.machine.stats().decode_errors, 2);
@@ -722,13 +735,25 @@ fn revision_never_goes_down_without_a_counted_reset() {
 
 #[test]
 fn the_action_returned_is_the_last_accepted_inputs() {
-    // A group in which the watch is both requested and acknowledged leaves nothing to do.
+    // A group in which the watch is requested, acknowledged and checked leaves nothing to do.
     let mut h = Harness::new();
+    let a = kv("a", 1, 5);
+    let checked = Input::Verified(KeysAt {
+        header: hdr(19),
+        keys: vec![KeyRevision {
+            key: a.key.clone(),
+            mod_revision: 5,
+            create_revision: 5,
+            lease: 0,
+            value: Some(a.value.clone()),
+        }],
+    });
     let actions = h.machine.handle_all(
         h.now,
         vec![
-            listed(5, vec![kv("a", 1, 5)]),
+            listed(5, vec![a]),
             Input::WatchStarted(hdr(19)),
+            checked,
             Input::Progress(hdr(20)),
         ],
     );
@@ -820,7 +845,8 @@ fn a_resumed_watch_is_trusted_only_once_etcd_holds_what_was_applied() {
     h.expect(same, Next::Nothing);
     assert!(h.last().freshness().is_live());
     assert_eq!(h.machine.stats().relists, 0);
-    assert_eq!(h.machine.stats().verifications, 1);
+    // One check after the first list's watch, one after the reconnect.
+    assert_eq!(h.machine.stats().verifications, 2);
 }
 
 #[test]
@@ -832,7 +858,7 @@ fn history_rewritten_under_the_same_identity_relists_and_counts_a_reset() {
         listed(3, vec![kv("u1", 1, 2), kv("u2", 2, 3)]),
         Next::Watch(4),
     );
-    h.expect(Input::WatchStarted(hdr(3)), Next::Nothing);
+    h.open_watch(3);
     h.feed(Input::Failed(FreezeCause::Unavailable));
     h.reconnect();
     h.expect(keys_at(4, &[("u3", 2)]), Next::List);
@@ -941,7 +967,7 @@ fn a_list_that_is_a_reset_twice_over_counts_once_and_forgets() {
     h.expect(keys_at(12, &[("z", 11)]), Next::List);
     h.expect(listed(5, vec![kv("z", 1, 4)]), Next::Watch(6));
     assert_eq!(h.machine.stats().resets, 1);
-    h.expect(Input::WatchStarted(hdr(5)), Next::Nothing);
+    h.open_watch(5);
     h.expect(
         Input::Compacted {
             compact_revision: 9,
