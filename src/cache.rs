@@ -2,7 +2,6 @@
 
 use std::fmt;
 use std::ops::Deref;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::{ArcSwap, Guard};
@@ -23,9 +22,11 @@ pub(crate) struct Shared {
     pub(crate) changes: watch::Sender<Arc<Snapshot>>,
     pub(crate) stats: Mutex<Stats>,
     pub(crate) last_error: Mutex<Option<(String, Option<FreezeCause>)>>,
-    /// Whether a sync task runs for this cache: set when one is spawned, cleared when it ends
-    /// without being stopped (its runtime shut down, or it panicked).
-    running: AtomicBool,
+    /// Whether a sync task runs for this cache: claimed before one is spawned, cleared when it
+    /// ends without being stopped (its runtime shut down, or it panicked). A lock, not an atomic:
+    /// [`task_ended`](Self::task_ended) publishes the frozen snapshot and clears the flag as one
+    /// step, so whoever saw that snapshot and asks again is granted the restart.
+    task_running: Mutex<bool>,
 }
 
 impl Shared {
@@ -36,24 +37,38 @@ impl Shared {
             changes: watch::Sender::new(initial),
             stats: Mutex::new(Stats::default()),
             last_error: Mutex::new(None),
-            running: AtomicBool::new(false),
+            task_running: Mutex::new(false),
         }
     }
 
-    /// Whether a sync task runs for this cache.
-    pub(crate) fn is_running(&self) -> bool {
-        self.running.load(Ordering::Acquire)
+    /// Claims the start of a sync task for this cache: `true` (and the task counts as running)
+    /// when none runs, `false` when one does. The lock is not held while the task is spawned: a
+    /// task dropped at once (its runtime is shutting down) ends through
+    /// [`task_ended`](Self::task_ended), which takes it too.
+    pub(crate) fn claim_task(&self) -> bool {
+        let mut running = self
+            .task_running
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        !std::mem::replace(&mut *running, true)
     }
 
-    /// Called right before a sync task is spawned for this cache.
-    pub(crate) fn task_started(&self) {
-        self.running.store(true, Ordering::Release);
+    /// Gives back a claim whose task could not be spawned (no runtime).
+    pub(crate) fn release_task(&self) {
+        *self
+            .task_running
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = false;
     }
 
     /// Called when the sync task ends without being stopped (from its destructor: the runtime
     /// shut down, or the task panicked). Freezes the current snapshot with
     /// [`FreezeCause::TaskEnded`], so nobody takes it for live; the instances stay.
     pub(crate) fn task_ended(&self) {
+        let mut running = self
+            .task_running
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let current = self.current.load_full();
         // The clock is read here, outside the sans-IO machine, like every other time input.
         let since = match current.freshness() {
@@ -78,10 +93,11 @@ impl Shared {
             revision = current.revision(),
             "the sync task ended without being stopped; the snapshot is frozen until the service is asked for again"
         );
+        // Both under the lock: whoever sees the frozen snapshot and claims a restart waits for
+        // the flag to be cleared, and a restarted task publishes after this snapshot, never
+        // before it.
         self.publish(Arc::new(frozen));
-        // Only now: a task started once this reads false publishes after the frozen snapshot,
-        // never before it.
-        self.running.store(false, Ordering::Release);
+        *running = false;
     }
 
     /// Makes `snapshot` the one readers see, then tells subscribers.
@@ -322,5 +338,50 @@ impl Deref for Picked {
 impl fmt::Debug for Picked {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Debug::fmt(&**self, f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared() -> Arc<Shared> {
+        let initial = Snapshot::new("user".into(), 7, Freshness::Live, Vec::new());
+        Arc::new(Shared::new(Arc::new(initial)))
+    }
+
+    fn says_task_ended(shared: &Shared) -> bool {
+        matches!(
+            shared.current.load().freshness(),
+            Freshness::Frozen {
+                cause: FreezeCause::TaskEnded,
+                ..
+            }
+        )
+    }
+
+    /// Issue: whoever saw the `TaskEnded` snapshot and asked for the service again at once
+    /// could still find the task "running" (the flag was cleared just after the publish), so no
+    /// task was restarted and the cache stayed frozen for good. Seeing the snapshot now implies
+    /// that a restart is granted.
+    #[test]
+    fn whoever_sees_task_ended_may_restart_the_task() {
+        for round in 0..2_000 {
+            let shared = shared();
+            assert!(shared.claim_task(), "round {round}: no task ran yet");
+            let ending = std::thread::spawn({
+                let shared = shared.clone();
+                move || shared.task_ended()
+            });
+            while !says_task_ended(&shared) {
+                std::hint::spin_loop();
+            }
+            let granted = shared.claim_task();
+            ending.join().expect("task_ended does not panic");
+            assert!(
+                granted,
+                "round {round}: TaskEnded seen, yet no restart granted"
+            );
+        }
     }
 }

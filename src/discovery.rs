@@ -164,14 +164,15 @@ impl Discovery {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         if let Some(handle) = caches.get(service).and_then(Weak::upgrade) {
-            if !handle.shared.is_running() {
+            if handle.shared.claim_task() {
                 // Its task died (runtime shut down, or a panic): start another one for the same
                 // cache, so every handle already out there comes back to life too.
                 tracing::info!(
                     service,
                     "restarting the sync task of a cache whose task ended"
                 );
-                self.start(service, &handle)?;
+                self.start(service, &handle)
+                    .inspect_err(|_| handle.shared.release_task())?;
             }
             return Ok(ServiceCache::new(handle));
         }
@@ -189,6 +190,8 @@ impl Discovery {
             shared,
             stop: tokio::sync::watch::Sender::new(()),
         });
+        // A new cache: nothing else can have claimed its task, so this always grants.
+        handle.shared.claim_task();
         self.run(machine, &handle)?;
         Ok(handle)
     }

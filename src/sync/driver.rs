@@ -111,7 +111,6 @@ pub(crate) fn spawn(
         )
     })?;
     let span = tracing::info_span!("etcd_registry::cache", service = %shared.service);
-    shared.task_started();
     runtime.spawn(
         Driver {
             backend,
