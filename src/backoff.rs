@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 
-use crate::balance::splitmix64;
+use crate::balance::rng::splitmix64;
 
 /// Backoff between reconnection attempts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,14 +1,14 @@
 //! [`ServiceCache`]: the always-readable view of one service.
 
 use std::fmt;
-use std::ops::Deref;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::{ArcSwap, Guard};
 use tokio::sync::watch;
 
-use crate::balance;
-use crate::instance::Instance;
+use crate::balance::picked::{Call, Picked, Source};
+use crate::balance::select::{Selection, Selector};
+use crate::balance::view::InstanceHealth;
 use crate::snapshot::{FreezeCause, Freshness, Snapshot};
 use crate::sync::machine::Stats;
 
@@ -230,23 +230,141 @@ impl ServiceCache {
     /// The next instance in round-robin order, or `None` when no instance is up.
     ///
     /// Each thread keeps its own cursor, so picks from many threads never contend, and each
-    /// thread cycles through every up instance. Draining instances are never picked.
+    /// thread cycles through every up instance. Draining instances are never picked, ejected
+    /// ones are skipped (see [`OutlierEjection`](crate::OutlierEjection)), and warming ones are
+    /// taken at their share (see [`SlowStart`](crate::SlowStart)).
     #[inline]
     pub fn pick(&self) -> Option<Picked> {
-        self.pick_at(balance::next_cursor())
+        self.picked(Snapshot::pick_round_robin)
     }
 
     /// A uniformly random up instance, or `None` when no instance is up.
     #[inline]
     pub fn pick_random(&self) -> Option<Picked> {
-        self.pick_at(balance::next_random())
+        self.picked(Snapshot::pick_random)
+    }
+
+    /// The next instance in smooth weighted round-robin order (nginx's algorithm), or `None`
+    /// when no instance is up.
+    ///
+    /// Over each cycle of `sum(weights)` picks on one thread, each instance is picked exactly
+    /// [`weight`](crate::Instance::weight) times, spread out rather than in runs (a sum above 65,536 is
+    /// scaled down to it, each instance keeping at least one turn). The cycle is built once per
+    /// snapshot, on the first weighted pick.
+    ///
+    /// ```
+    /// # use etcd_registry::{Discovery, Instance, MemoryBackend, Codec, KeyLayout};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), etcd_registry::Error> {
+    /// # let etcd = MemoryBackend::new();
+    /// # let codec = Codec::new(KeyLayout::Native, "/services");
+    /// # for (n, weight) in [(1, 3), (2, 1)] {
+    /// #     let i = Instance::builder("user", format!("10.0.0.{n}:80")).weight(weight).build()?;
+    /// #     etcd.put(codec.key(&i, 0), codec.encode_value(&i));
+    /// # }
+    /// let users = Discovery::memory(etcd).namespace("/services").build()?.service("user").await?;
+    /// let picks: Vec<String> = (0..4)
+    ///     .map(|_| users.pick_weighted().expect("up").addr().to_owned())
+    ///     .collect();
+    /// assert_eq!(picks.iter().filter(|a| *a == "10.0.0.1:80").count(), 3, "weights 3:1");
+    /// # Ok(()) }
+    /// ```
+    #[inline]
+    pub fn pick_weighted(&self) -> Option<Picked> {
+        self.picked(Snapshot::pick_weighted)
+    }
+
+    /// A random up instance, with probability proportional to its weight (Vose's alias
+    /// method: O(1) per pick), or `None` when no instance is up.
+    #[inline]
+    pub fn pick_weighted_random(&self) -> Option<Picked> {
+        self.picked(Snapshot::pick_weighted_random)
+    }
+
+    /// The instance `key` maps to by consistent hashing (weighted Maglev over XXH3-64), or
+    /// `None` when no instance is up: sticky routing for a user, a session, a shard.
+    ///
+    /// Every process, in every release, maps a key to the same instance for the same set of
+    /// instances (the hash and the table are specified in
+    /// [`balance::hash`](crate::balance::hash), and tests pin golden values). When an instance
+    /// joins, about `1/(n+1)` of the keys move to it; when one leaves or drains, only its keys
+    /// move. Keys of an ejected instance go to their next choice and come back when it
+    /// returns. Slow start does not apply: keys must not move while an instance warms up.
+    ///
+    /// ```
+    /// # use etcd_registry::{Discovery, Instance, MemoryBackend, Codec, KeyLayout};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), etcd_registry::Error> {
+    /// # let etcd = MemoryBackend::new();
+    /// # let codec = Codec::new(KeyLayout::Native, "/services");
+    /// # for n in 1..=3 {
+    /// #     let i = Instance::builder("user", format!("10.0.0.{n}:80")).build()?;
+    /// #     etcd.put(codec.key(&i, 0), codec.encode_value(&i));
+    /// # }
+    /// let users = Discovery::memory(etcd).namespace("/services").build()?.service("user").await?;
+    /// let first = users.pick_by("user-42").expect("up").to_arc();
+    /// assert_eq!(users.pick_by("user-42").expect("up").addr(), first.addr(), "sticky");
+    /// # Ok(()) }
+    /// ```
+    #[inline]
+    pub fn pick_by(&self, key: impl AsRef<[u8]>) -> Option<Picked> {
+        self.picked(|snapshot| snapshot.pick_by_key(key.as_ref()))
+    }
+
+    /// Power of two choices on load (the pick for request/response traffic), started as a
+    /// [`Call`], or `None` when no instance is up.
+    ///
+    /// Two random instances; the one with the lower cost (peak latency EWMA × in-flight
+    /// requests, over the success rate; see [`balance::p2c`](crate::balance::p2c)) wins, except
+    /// that an instance p2c left alone for a second is taken anyway, to probe it. End the
+    /// [`Call`] with [`success`](Call::success) or [`failure`](Call::failure): that is what
+    /// feeds the costs and outlier ejection.
+    ///
+    /// ```
+    /// # use etcd_registry::{Discovery, Instance, MemoryBackend, Codec, KeyLayout};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), etcd_registry::Error> {
+    /// # let etcd = MemoryBackend::new();
+    /// # let codec = Codec::new(KeyLayout::Native, "/services");
+    /// # for n in 1..=2 {
+    /// #     let i = Instance::builder("user", format!("10.0.0.{n}:80")).build()?;
+    /// #     etcd.put(codec.key(&i, 0), codec.encode_value(&i));
+    /// # }
+    /// let users = Discovery::memory(etcd).namespace("/services").build()?.service("user").await?;
+    /// let call = users.pick_p2c().expect("an instance is up");
+    /// // ... send the request to call.addr() ...
+    /// call.success();
+    /// # Ok(()) }
+    /// ```
+    #[inline]
+    pub fn pick_p2c(&self) -> Option<Call> {
+        self.load().pick_p2c()
+    }
+
+    /// The instances with the tags and metadata of `selector`, with every picker of their
+    /// own; see [`Selection`].
+    pub fn select(&self, selector: Selector) -> Selection {
+        Selection::new(self.clone(), selector)
+    }
+
+    /// The passive health of every instance of the current snapshot, in key order: in-flight
+    /// requests, latency and success EWMAs, ejection. For debugging and status pages.
+    pub fn health(&self) -> Vec<InstanceHealth> {
+        let snapshot = self.load();
+        let now = crate::balance::now();
+        snapshot
+            .instances()
+            .iter()
+            .zip(snapshot.tables().healths())
+            .map(|(instance, health)| InstanceHealth::read(instance, health, now))
+            .collect()
     }
 
     #[inline]
-    fn pick_at(&self, n: u32) -> Option<Picked> {
+    fn picked(&self, pick: impl FnOnce(&Snapshot) -> Option<u32>) -> Option<Picked> {
         let snapshot = self.load();
-        let index = snapshot.pick_nth(n)?;
-        Some(Picked { snapshot, index })
+        let index = pick(&snapshot)?;
+        Some(Picked::new(Source::Guard(snapshot), index))
     }
 
     /// A receiver of the snapshots published from now on. The current one counts as seen; read
@@ -298,55 +416,24 @@ impl fmt::Debug for ServiceCache {
     }
 }
 
-/// An instance picked from a snapshot; dereferences to [`Instance`].
-///
-/// It borrows the snapshot it came from without touching any reference count, which is what
-/// makes a pick cost nanoseconds. Keep it for the length of a request; to hold the instance
-/// across an `.await` or send it to another task, call [`to_arc`](Self::to_arc).
-pub struct Picked {
-    snapshot: Guard<Arc<Snapshot>>,
-    index: u32,
-}
-
-impl Picked {
-    /// The instance as an `Arc`, to keep beyond this pick.
-    pub fn to_arc(&self) -> Arc<Instance> {
-        Arc::clone(self.as_arc())
-    }
-
-    fn as_arc(&self) -> &Arc<Instance> {
-        // `index` came from this very snapshot's pick table, which only holds positions of its
-        // own instance list: the lookup cannot miss.
-        &self.snapshot.instances()[self.index as usize]
-    }
-
-    /// The snapshot the instance was picked from.
-    pub fn snapshot(&self) -> &Snapshot {
-        &self.snapshot
-    }
-}
-
-impl Deref for Picked {
-    type Target = Instance;
-
-    #[inline]
-    fn deref(&self) -> &Instance {
-        self.as_arc()
-    }
-}
-
-impl fmt::Debug for Picked {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&**self, f)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn shared() -> Arc<Shared> {
-        let initial = Snapshot::new("user".into(), 7, Freshness::Live, Vec::new());
+        let balancing = crate::balance::health::Balancing::new(
+            "user".into(),
+            crate::OutlierEjection::default(),
+            None,
+        );
+        let initial = Snapshot::new(
+            "user".into(),
+            7,
+            Freshness::Live,
+            Vec::new(),
+            Vec::new(),
+            Arc::new(balancing),
+        );
         Arc::new(Shared::new(Arc::new(initial)))
     }
 

@@ -1,5 +1,7 @@
 //! [`Discovery`]: the caller side's entry point, one per backend connection.
 
+use crate::balance::health::Balancing;
+use crate::{OutlierEjection, SlowStart};
 use std::collections::HashMap;
 use std::collections::hash_map::RandomState;
 use std::fmt;
@@ -52,6 +54,8 @@ struct Config {
     stall_timeout: Duration,
     backoff: BackoffConfig,
     jitter_seed: Option<u64>,
+    ejection: OutlierEjection,
+    slow_start: Option<SlowStart>,
 }
 
 impl Discovery {
@@ -68,6 +72,8 @@ impl Discovery {
                 stall_timeout: Duration::from_secs(10),
                 backoff: BackoffConfig::default(),
                 jitter_seed: None,
+                ejection: OutlierEjection::default(),
+                slow_start: None,
             },
         }
     }
@@ -234,6 +240,11 @@ impl Discovery {
             seed,
             tokio::time::Instant::now().into_std(),
         )
+        .with_balancing(Arc::new(Balancing::new(
+            service.into(),
+            config.ejection,
+            config.slow_start,
+        )))
     }
 }
 
@@ -308,6 +319,20 @@ impl DiscoveryBuilder {
         self
     }
 
+    /// Outlier ejection settings (default [`OutlierEjection::default`]: 5 consecutive failures,
+    /// 30 s growing to 300 s, 10 % of the instances but at least one, panic below 50 %
+    /// healthy). Ejection only acts on outcomes callers report.
+    pub fn outlier_ejection(mut self, ejection: OutlierEjection) -> Self {
+        self.config.ejection = ejection;
+        self
+    }
+
+    /// Slow start for instances that appear after the first list (default: off).
+    pub fn slow_start(mut self, slow_start: SlowStart) -> Self {
+        self.config.slow_start = Some(slow_start);
+        self
+    }
+
     /// Checks the settings and builds the discovery.
     ///
     /// # Errors
@@ -323,6 +348,10 @@ impl DiscoveryBuilder {
             crate::backoff::check_setting(name, value).map_err(Error::Config)?;
         }
         c.backoff.validate().map_err(Error::Config)?;
+        c.ejection.validate().map_err(Error::Config)?;
+        if let Some(slow_start) = &c.slow_start {
+            slow_start.validate().map_err(Error::Config)?;
+        }
         if c.max_value_size == 0 {
             return Err(Error::Config(
                 "max_value_size must be greater than zero".into(),

@@ -27,7 +27,7 @@
 //!
 //! The parts, one module each: [`instance`] (what is registered), [`codec`] (how it is laid out
 //! in etcd: native JSON, go-zero, or etcd's naming package), [`snapshot`] (an immutable view),
-//! [`cache`] (the always-readable handle), [`balance`](crate::cache::ServiceCache::pick) (picks),
+//! [`cache`] (the always-readable handle), [`balance`] (pickers, outlier ejection, slow start),
 //! [`sync`] (the sans-IO list/watch machine and the task that drives it), [`backend`] (etcd or
 //! the in-memory model), and [`metrics`] (metric names). `ARCHITECTURE.md` in the repository
 //! describes how they fit together, the invariants they keep (§4) and how each is tested.
@@ -65,12 +65,19 @@
 //! | `etcd_registry_decode_errors_total` | counter | entries skipped because they did not decode |
 //! | `etcd_registry_failures_total` | counter | list or watch failures |
 //! | `etcd_registry_publishes_total` | counter | snapshots published |
+//! | `etcd_registry_picks_total` | counter | reported outcomes, labelled `outcome` = `success`, `failure` or `dropped` |
+//! | `etcd_registry_ejections_total` | counter | instances ejected by outlier ejection |
+//! | `etcd_registry_ejected` | gauge | instances ejected now |
+//!
+//! The balancing metrics are registered when a cache is created, so that reporting an outcome
+//! never allocates: install the recorder before asking for the caches. Outlier ejection logs
+//! one `info` event per ejection and per return, under `etcd_registry::balance::health`.
 #![deny(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod backend;
 mod backoff;
-mod balance;
+pub mod balance;
 pub mod cache;
 pub mod codec;
 mod discovery;
@@ -85,7 +92,12 @@ pub use backend::{Backend, MemoryBackend};
 #[cfg(feature = "etcd")]
 pub use backend::{EtcdBackend, EtcdOptions};
 pub use backoff::BackoffConfig;
-pub use cache::{Picked, ServiceCache, SyncStats};
+pub use balance::health::OutlierEjection;
+pub use balance::picked::{Call, Picked};
+pub use balance::select::{Selection, Selector};
+pub use balance::slow_start::SlowStart;
+pub use balance::view::InstanceHealth;
+pub use cache::{ServiceCache, SyncStats};
 pub use codec::{Codec, DecodeError, Decoded, KeyLayout, ParseLayoutError};
 pub use discovery::{Discovery, DiscoveryBuilder};
 pub use error::{Error, Result};

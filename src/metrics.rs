@@ -23,6 +23,12 @@ pub const DECODE_ERRORS: &str = "etcd_registry_decode_errors_total";
 pub const FAILURES: &str = "etcd_registry_failures_total";
 /// Counter: snapshots published.
 pub const PUBLISHES: &str = "etcd_registry_publishes_total";
+/// Counter: reported outcomes of picks, labelled `outcome` (`success`, `failure`, `dropped`).
+pub const PICKS: &str = "etcd_registry_picks_total";
+/// Counter: instances ejected by outlier ejection.
+pub const EJECTIONS: &str = "etcd_registry_ejections_total";
+/// Gauge: instances ejected now.
+pub const EJECTED: &str = "etcd_registry_ejected";
 
 use crate::sync::machine::Stats;
 
@@ -69,6 +75,9 @@ mod tests {
             DECODE_ERRORS,
             FAILURES,
             PUBLISHES,
+            PICKS,
+            EJECTIONS,
+            EJECTED,
         ];
         for name in metrics {
             assert!(

@@ -5,7 +5,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::backend::BackendErrorKind;
-use crate::balance::PickTable;
+use crate::balance::health::{Balancing, Health};
+use crate::balance::picked::Call;
+use crate::balance::table::Tables;
+use crate::balance::{p2c, pick};
 use crate::instance::Instance;
 
 /// Why a snapshot is frozen.
@@ -123,25 +126,61 @@ pub struct Snapshot {
     revision: i64,
     freshness: Freshness,
     instances: Arc<[Arc<Instance>]>,
-    picks: PickTable,
+    tables: Arc<Tables>,
 }
 
 impl Snapshot {
     /// A snapshot of `instances` (already sorted by key) at `revision`.
+    ///
+    /// `health` holds each instance's health, in the same order.
     pub(crate) fn new(
         service: Arc<str>,
         revision: i64,
         freshness: Freshness,
         instances: Vec<Arc<Instance>>,
+        health: Vec<Arc<Health>>,
+        balancing: Arc<Balancing>,
     ) -> Self {
-        let picks = PickTable::new(&instances);
+        let tables = Arc::new(Tables::new(&instances, health, balancing));
         Self {
             service,
             revision,
             freshness,
             instances: instances.into(),
-            picks,
+            tables,
         }
+    }
+
+    /// The snapshot of the instances `keep` selects, with pick tables of its own (same service,
+    /// revision, freshness and health).
+    pub(crate) fn select(&self, keep: impl Fn(&Instance) -> bool) -> Self {
+        let (instances, health): (Vec<_>, Vec<_>) = self
+            .instances
+            .iter()
+            .zip(self.tables.healths())
+            .filter(|(instance, _)| keep(instance))
+            .map(|(instance, health)| (Arc::clone(instance), Arc::clone(health)))
+            .unzip();
+        Self::new(
+            self.service.clone(),
+            self.revision,
+            self.freshness,
+            instances,
+            health,
+            self.tables.balancing.clone(),
+        )
+    }
+
+    /// Whether `other` holds the very same instances (it differs at most in revision or
+    /// freshness).
+    pub(crate) fn same_instances(&self, other: &Snapshot) -> bool {
+        Arc::ptr_eq(&self.tables, &other.tables)
+    }
+
+    /// The pick tables.
+    #[inline]
+    pub(crate) fn tables(&self) -> &Tables {
+        &self.tables
     }
 
     /// The same instances with another revision and freshness; shares the instance list.
@@ -197,10 +236,43 @@ impl Snapshot {
         self.instances.is_empty()
     }
 
-    /// The instance at position `n` of the pick table (modulo its length).
     #[inline]
-    pub(crate) fn pick_nth(&self, n: u32) -> Option<u32> {
-        self.picks.nth(n)
+    pub(crate) fn pick_round_robin(&self) -> Option<u32> {
+        pick::round_robin(&self.tables)
+    }
+
+    #[inline]
+    pub(crate) fn pick_random(&self) -> Option<u32> {
+        pick::random(&self.tables)
+    }
+
+    #[inline]
+    pub(crate) fn pick_weighted(&self) -> Option<u32> {
+        pick::weighted(&self.tables, &self.instances)
+    }
+
+    #[inline]
+    pub(crate) fn pick_weighted_random(&self) -> Option<u32> {
+        pick::weighted_random(&self.tables, &self.instances)
+    }
+
+    #[inline]
+    pub(crate) fn pick_by_key(&self, key: &[u8]) -> Option<u32> {
+        pick::by_key(&self.tables, &self.instances, key)
+    }
+
+    /// A p2c pick, started as a [`Call`].
+    pub(crate) fn pick_p2c(&self) -> Option<Call> {
+        let now = crate::balance::now();
+        let index = p2c::pick(&self.tables, now)?;
+        let instance = self.instances.get(index as usize)?;
+        let health = self.tables.health(index).cloned();
+        Some(Call::new(
+            Arc::clone(instance),
+            health,
+            self.tables.up_len(),
+            now,
+        ))
     }
 }
 

@@ -34,12 +34,13 @@
 //!     under the same cluster id whose new history has passed that revision is noticed, and
 //!     relisted.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::backend::{Event, EventKind, Header, KeyValue, KeysAt, ListResponse, WatchMessage};
 use crate::backoff::{Backoff, BackoffConfig};
+use crate::balance::health::{Balancing, Health, OutlierEjection};
 use crate::codec::{Codec, Decoded};
 use crate::instance::Instance;
 use crate::snapshot::{FreezeCause, Freshness, Snapshot};
@@ -206,6 +207,13 @@ pub struct Machine {
     watched: bool,
     quarantined: HashSet<Box<[u8]>>,
     stats: Stats,
+    /// Balancing settings and the ejected count, shared by every snapshot of this cache.
+    balancing: Arc<Balancing>,
+    /// The passive health of each key's instance, handed to every snapshot that holds the key:
+    /// it survives publishes and freezes, and goes when etcd removes the key.
+    health: HashMap<Box<[u8]>, Arc<Health>>,
+    /// A snapshot after the first list was published: instances seen from now on are new.
+    first_published: bool,
 }
 
 impl Machine {
@@ -223,8 +231,23 @@ impl Machine {
             since: now,
             cause: FreezeCause::NotListed,
         };
+        let balancing = Arc::new(Balancing::new(
+            service.clone(),
+            OutlierEjection::default(),
+            None,
+        ));
         Self {
-            published: Arc::new(Snapshot::new(service.clone(), 0, freshness, Vec::new())),
+            published: Arc::new(Snapshot::new(
+                service.clone(),
+                0,
+                freshness,
+                Vec::new(),
+                Vec::new(),
+                balancing.clone(),
+            )),
+            balancing,
+            health: HashMap::new(),
+            first_published: false,
             service,
             codec,
             backoff: Backoff::new(backoff, seed),
@@ -266,6 +289,13 @@ impl Machine {
 
     /// Carries the counters of a previous machine of the same cache over, so they keep going
     /// up when a sync task is restarted.
+    /// Uses `balancing` (outlier ejection and slow start settings, and the ejected count) for
+    /// the snapshots from now on.
+    pub(crate) fn with_balancing(mut self, balancing: Arc<Balancing>) -> Self {
+        self.balancing = balancing;
+        self
+    }
+
     pub(crate) fn continue_stats(&mut self, stats: Stats) {
         self.stats = stats;
     }
@@ -303,7 +333,7 @@ impl Machine {
             }
         }
         let mut actions = Vec::with_capacity(2);
-        if let Some(snapshot) = self.publish() {
+        if let Some(snapshot) = self.publish(now) {
             actions.push(Action::Publish(snapshot));
         }
         actions.extend(next);
@@ -669,18 +699,41 @@ impl Machine {
     /// A new snapshot if the instances, the revision of the last applied change, or the
     /// freshness changed since the last one. (A progress notification alone publishes nothing,
     /// so idle caches do not wake their subscribers.)
-    fn publish(&mut self) -> Option<Arc<Snapshot>> {
+    fn publish(&mut self, now: Instant) -> Option<Arc<Snapshot>> {
         let snapshot = if self.changed {
-            let instances = self
-                .entries
-                .values()
-                .filter_map(|entry| entry.instance.clone())
-                .collect();
+            let adult = !self.first_published;
+            let mut instances = Vec::with_capacity(self.entries.len());
+            let mut health = Vec::with_capacity(self.entries.len());
+            for (key, entry) in &self.entries {
+                let Some(instance) = &entry.instance else {
+                    continue;
+                };
+                instances.push(instance.clone());
+                let known = self.health.get(key).cloned();
+                health.push(known.unwrap_or_else(|| {
+                    let new = Arc::new(Health::new(self.balancing.clone(), now, adult));
+                    self.health.insert(key.clone(), new.clone());
+                    new
+                }));
+            }
+            // Keys etcd removed take their health (and any ejection slot) with them.
+            if self.health.len() > instances.len() {
+                let entries = &self.entries;
+                self.health.retain(|key, health| {
+                    let keep = entries.get(key).is_some_and(|e| e.instance.is_some());
+                    if !keep {
+                        health.forget();
+                    }
+                    keep
+                });
+            }
             Snapshot::new(
                 self.service.clone(),
                 self.revision,
                 self.freshness,
                 instances,
+                health,
+                self.balancing.clone(),
             )
         } else if self.freshness != self.published.freshness() {
             self.published.with(self.revision, self.freshness)
@@ -688,6 +741,9 @@ impl Machine {
             return None;
         };
         self.changed = false;
+        if self.listed {
+            self.first_published = true;
+        }
         self.published = Arc::new(snapshot);
         Some(self.published.clone())
     }

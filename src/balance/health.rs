@@ -1,0 +1,495 @@
+//! Passive health: per-instance load and latency for p2c, and outlier ejection.
+//!
+//! Each instance's [`Health`] lives outside the snapshot, keyed by the instance's etcd key: the
+//! sync machine hands the same `Arc<Health>` to every snapshot that holds the key, so health
+//! survives every publish and every freeze, and is dropped when etcd removes the key.
+//!
+//! Every field is an atomic written by whoever reports an outcome, with the time passed in: the
+//! logic here reads no clock, so tests drive it with any `Instant` they like.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use super::slow_start::SlowStart;
+
+/// Outlier ejection: when an instance that keeps failing stops being picked, and how it comes
+/// back.
+///
+/// Defaults after Envoy's outlier detection (`envoy/api/v3/cluster/outlier_detection.proto`:
+/// `consecutive_5xx` 5, `base_ejection_time` 30 s, `max_ejection_time` 300 s) and its panic
+/// threshold (`healthy_panic_threshold` 50 %). The max ejected share defaults to 10 % like
+/// Envoy's `max_ejection_percent`, but at least one instance may always be ejected (as in gRPC's
+/// `outlier_detection` balancer), so a service of three can route around one failed instance.
+///
+/// ```
+/// use std::time::Duration;
+/// use etcd_registry::OutlierEjection;
+///
+/// let ejection = OutlierEjection {
+///     consecutive_failures: 3,
+///     base_ejection_time: Duration::from_secs(10),
+///     ..OutlierEjection::default()
+/// };
+/// assert_eq!(ejection.max_ejection_time, Duration::from_secs(300));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OutlierEjection {
+    /// Consecutive failures that eject an instance (default 5). At least 1.
+    pub consecutive_failures: u32,
+    /// How long the first ejection lasts (default 30 s); the n-th lasts n times as long, up to
+    /// [`max_ejection_time`](Self::max_ejection_time). The multiplier goes down by one for every
+    /// `base_ejection_time` an instance stays healthy between ejections.
+    pub base_ejection_time: Duration,
+    /// The longest an ejection lasts (default 300 s). At least `base_ejection_time`.
+    pub max_ejection_time: Duration,
+    /// The most instances ejected at once, in percent of the instances up (default 10); one may
+    /// always be ejected, whatever the share. 0 to 100.
+    pub max_ejection_percent: u8,
+    /// Panic threshold, in percent (default 50): when fewer than this share of the instances up
+    /// are healthy (not ejected), picks ignore ejection and choose among all of them, as Envoy
+    /// does. 0 turns panic mode off. 0 to 100.
+    pub panic_threshold_percent: u8,
+}
+
+impl Default for OutlierEjection {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 5,
+            base_ejection_time: Duration::from_secs(30),
+            max_ejection_time: Duration::from_secs(300),
+            max_ejection_percent: 10,
+            panic_threshold_percent: 50,
+        }
+    }
+}
+
+impl OutlierEjection {
+    /// Checks the settings; the error says which one is wrong.
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        if self.consecutive_failures == 0 {
+            return Err("outlier ejection: consecutive_failures must be at least 1".into());
+        }
+        if self.base_ejection_time.is_zero() {
+            return Err("outlier ejection: base_ejection_time must be more than zero".into());
+        }
+        if self.max_ejection_time < self.base_ejection_time {
+            return Err(format!(
+                "outlier ejection: max_ejection_time ({:?}) is less than base_ejection_time ({:?})",
+                self.max_ejection_time, self.base_ejection_time
+            ));
+        }
+        if self.max_ejection_percent > 100 || self.panic_threshold_percent > 100 {
+            return Err("outlier ejection: percentages must be 0 to 100".into());
+        }
+        Ok(())
+    }
+
+    /// How many of `up` instances may be ejected at once: the share, but at least one.
+    pub(crate) fn max_ejected(&self, up: usize) -> u32 {
+        let share = up.saturating_mul(usize::from(self.max_ejection_percent)) / 100;
+        u32::try_from(share.max(1)).unwrap_or(u32::MAX)
+    }
+}
+
+/// The tau of the latency and success-rate EWMAs: a sample's weight halves every
+/// `tau * ln 2` (about 6.9 s). go-zero's `p2c` balancer uses the same 10 s decay
+/// (`zrpc/internal/balancer/p2c/p2c.go`, `decayTime`).
+pub(crate) const DECAY_TAU: Duration = Duration::from_secs(10);
+
+/// What one cache's balancing shares across snapshots: settings and the ejected count.
+#[derive(Debug)]
+pub(crate) struct Balancing {
+    pub(crate) service: Arc<str>,
+    pub(crate) ejection: OutlierEjection,
+    pub(crate) slow_start: Option<SlowStart>,
+    /// Instances ejected right now (an expired ejection counts until someone notices it).
+    ejected: AtomicU32,
+    metrics: Metrics,
+}
+
+/// Metric handles registered once per cache, so that reporting never allocates.
+#[derive(Debug)]
+struct Metrics {
+    success: metrics::Counter,
+    failure: metrics::Counter,
+    dropped: metrics::Counter,
+    ejections: metrics::Counter,
+    ejected: metrics::Gauge,
+}
+
+impl Balancing {
+    pub(crate) fn new(
+        service: Arc<str>,
+        ejection: OutlierEjection,
+        slow_start: Option<SlowStart>,
+    ) -> Self {
+        let label = service.to_string();
+        let picks = |outcome: &'static str| metrics::counter!(crate::metrics::PICKS, "service" => label.clone(), "outcome" => outcome);
+        let metrics = Metrics {
+            success: picks("success"),
+            failure: picks("failure"),
+            dropped: picks("dropped"),
+            ejections: metrics::counter!(crate::metrics::EJECTIONS, "service" => label.clone()),
+            ejected: metrics::gauge!(crate::metrics::EJECTED, "service" => label),
+        };
+        Self {
+            service,
+            ejection,
+            slow_start,
+            ejected: AtomicU32::new(0),
+            metrics,
+        }
+    }
+
+    /// Whether any instance may be ejected now: when not, picks skip every health check.
+    #[inline]
+    pub(crate) fn any_ejected(&self) -> bool {
+        self.ejected.load(Ordering::Relaxed) != 0
+    }
+
+    /// How many instances are ejected now.
+    pub(crate) fn ejected(&self) -> u32 {
+        self.ejected.load(Ordering::Relaxed)
+    }
+
+    /// Panic mode: fewer than the panic threshold of `up` instances are healthy, so picks ignore
+    /// ejection.
+    #[inline]
+    pub(crate) fn panicking(&self, up: usize) -> bool {
+        let ejected = self.ejected.load(Ordering::Relaxed) as usize;
+        let healthy = up.saturating_sub(ejected);
+        healthy.saturating_mul(100)
+            < up.saturating_mul(usize::from(self.ejection.panic_threshold_percent))
+    }
+
+    /// Takes one ejection slot out of `limit`, or says there is none.
+    fn reserve(&self, limit: u32) -> bool {
+        self.ejected
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    fn release(&self) {
+        let left = self
+            .ejected
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| n.checked_sub(1))
+            .map_or(0, |n| n.saturating_sub(1));
+        self.metrics.ejected.set(f64::from(left));
+    }
+
+    pub(crate) fn count_dropped(&self) {
+        self.metrics.dropped.increment(1);
+    }
+}
+
+/// The passive health of one instance: what p2c weighs and what ejection decides on.
+///
+/// Times are stored as nanoseconds after `born` (plus one, so that 0 means "never").
+#[derive(Debug)]
+pub(crate) struct Health {
+    /// When the sync machine first saw the key: the clock origin of the other fields, and the
+    /// start of slow start.
+    born: Instant,
+    /// Present at the cache's first list: never warms up.
+    adult: bool,
+    balancing: Arc<Balancing>,
+    in_flight: AtomicU32,
+    consecutive_failures: AtomicU32,
+    /// The ejection multiplier: ejections so far, minus the healthy periods since.
+    times_ejected: AtomicU32,
+    /// 0 when not ejected; else the end of the ejection.
+    ejected_until: AtomicU64,
+    /// The end of the last ejection, to decay the multiplier.
+    last_ejection_end: AtomicU64,
+    /// Back from an ejection and not yet proven: one failure ejects it again.
+    probation: AtomicBool,
+    /// Peak-sensitive EWMA of latency, in nanoseconds (`f64` bits); 0 before the first sample.
+    latency: AtomicU64,
+    /// EWMA of the success rate, 0.0 to 1.0 (`f64` bits); starts at 1.0.
+    success: AtomicU64,
+    /// When the last outcome was reported.
+    last_report: AtomicU64,
+    /// When p2c last picked it (for the forced pick of an instance left alone too long).
+    last_pick: AtomicU64,
+}
+
+/// The result of one reported outcome, for the caller to log or count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// Nothing changed in the instance's standing.
+    Unchanged,
+    /// The instance was ejected until the given time.
+    Ejected,
+    /// The instance was on probation and is healthy again.
+    Restored,
+}
+
+impl Health {
+    pub(crate) fn new(balancing: Arc<Balancing>, born: Instant, adult: bool) -> Self {
+        Self {
+            born,
+            adult,
+            balancing,
+            in_flight: AtomicU32::new(0),
+            consecutive_failures: AtomicU32::new(0),
+            times_ejected: AtomicU32::new(0),
+            ejected_until: AtomicU64::new(0),
+            last_ejection_end: AtomicU64::new(0),
+            probation: AtomicBool::new(false),
+            latency: AtomicU64::new(0f64.to_bits()),
+            success: AtomicU64::new(1f64.to_bits()),
+            last_report: AtomicU64::new(0),
+            last_pick: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn balancing(&self) -> &Balancing {
+        &self.balancing
+    }
+
+    /// `now` as a stored time: nanoseconds after `born`, plus one.
+    fn stamp(&self, now: Instant) -> u64 {
+        let nanos = now.saturating_duration_since(self.born).as_nanos();
+        u64::try_from(nanos).unwrap_or(u64::MAX - 1) + 1
+    }
+
+    fn instant(&self, stamp: u64) -> Instant {
+        self.born + Duration::from_nanos(stamp.saturating_sub(1))
+    }
+
+    /// How long since the key was first seen; `None` for an instance present at the first list.
+    pub(crate) fn age(&self, now: Instant) -> Option<Duration> {
+        (!self.adult).then(|| now.saturating_duration_since(self.born))
+    }
+
+    /// When the key was first seen, unless it was there at the first list.
+    pub(crate) fn born(&self) -> Option<Instant> {
+        (!self.adult).then_some(self.born)
+    }
+
+    /// Whether an ejection shows (cheap: one load). Check [`is_ejected`](Self::is_ejected) with
+    /// the time before skipping the instance.
+    #[inline]
+    pub(crate) fn maybe_ejected(&self) -> bool {
+        self.ejected_until.load(Ordering::Relaxed) != 0
+    }
+
+    /// Whether the instance is ejected at `now`. An ejection found over lets the instance back
+    /// on probation (done once, by whoever notices first).
+    pub(crate) fn is_ejected(&self, now: Instant) -> bool {
+        let until = self.ejected_until.load(Ordering::Acquire);
+        if until == 0 {
+            return false;
+        }
+        if self.stamp(now) < until {
+            return true;
+        }
+        if self
+            .ejected_until
+            .compare_exchange(until, 0, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+        {
+            self.last_ejection_end.store(until, Ordering::Relaxed);
+            self.probation.store(true, Ordering::Release);
+            self.balancing.release();
+            tracing::info!(
+                service = %self.balancing.service,
+                "an ejected instance is back on probation: one success restores it, one failure ejects it again"
+            );
+        }
+        false
+    }
+
+    /// A request was sent to it.
+    #[inline]
+    pub(crate) fn start(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A request sent to it ended, whatever its outcome.
+    #[inline]
+    pub(crate) fn finish(&self) {
+        // Never below zero, even if a report came without a start.
+        let _ = self
+            .in_flight
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+    }
+
+    pub(crate) fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// The latency EWMA, in nanoseconds (0 before any sample).
+    pub(crate) fn latency_nanos(&self) -> f64 {
+        f64::from_bits(self.latency.load(Ordering::Relaxed))
+    }
+
+    /// The success-rate EWMA, 0.0 to 1.0.
+    pub(crate) fn success_rate(&self) -> f64 {
+        f64::from_bits(self.success.load(Ordering::Relaxed))
+    }
+
+    pub(crate) fn consecutive_failures(&self) -> u32 {
+        self.consecutive_failures.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn times_ejected(&self) -> u32 {
+        self.times_ejected.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn on_probation(&self) -> bool {
+        self.probation.load(Ordering::Relaxed)
+    }
+
+    /// The end of the current ejection, if any (it may be over and not yet noticed).
+    pub(crate) fn ejected_until(&self) -> Option<Instant> {
+        match self.ejected_until.load(Ordering::Relaxed) {
+            0 => None,
+            until => Some(self.instant(until)),
+        }
+    }
+
+    /// When p2c last picked it.
+    pub(crate) fn last_pick(&self) -> u64 {
+        self.last_pick.load(Ordering::Relaxed)
+    }
+
+    /// Records a p2c pick at `now`.
+    pub(crate) fn mark_picked(&self, now: Instant) {
+        self.last_pick.store(self.stamp(now), Ordering::Relaxed);
+    }
+
+    /// Takes a forced pick: true if it was last picked before `stale_before` (a stamp) and no
+    /// other thread took the forced pick in between.
+    pub(crate) fn take_forced_pick(&self, seen: u64, now: Instant) -> bool {
+        self.last_pick
+            .compare_exchange(seen, self.stamp(now), Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+    }
+
+    /// `now` as this instance's stamp, to compare with [`last_pick`](Self::last_pick).
+    pub(crate) fn stamp_of(&self, now: Instant) -> u64 {
+        self.stamp(now)
+    }
+
+    /// Folds one sample into the EWMAs: peak-sensitive for latency (a slower sample replaces the
+    /// average at once, as Finagle's and Linkerd's peak EWMA do), decayed by the time since the
+    /// last sample for both (`w = e^(-elapsed / tau)`, go-zero's `p2c`). Concurrent reports may
+    /// overwrite each other's sample: the averages are estimates, never locked.
+    fn sample(&self, now: Instant, latency: Option<Duration>, success: bool) {
+        let stamp = self.stamp(now);
+        let last = self.last_report.swap(stamp, Ordering::Relaxed);
+        let elapsed = if last == 0 {
+            f64::INFINITY
+        } else {
+            stamp.saturating_sub(last) as f64
+        };
+        let w = (-elapsed / DECAY_TAU.as_nanos() as f64).exp();
+        if let Some(latency) = latency {
+            let sample = latency.as_nanos() as f64;
+            let old = f64::from_bits(self.latency.load(Ordering::Relaxed));
+            let new = if old == 0.0 || sample > old {
+                sample
+            } else {
+                old * w + sample * (1.0 - w)
+            };
+            self.latency.store(new.to_bits(), Ordering::Relaxed);
+        }
+        let old = f64::from_bits(self.success.load(Ordering::Relaxed));
+        let sample = if success { 1.0 } else { 0.0 };
+        let new = old * w + sample * (1.0 - w);
+        self.success.store(new.to_bits(), Ordering::Relaxed);
+    }
+
+    /// A request succeeded after `latency` (if measured).
+    pub(crate) fn on_success(&self, now: Instant, latency: Option<Duration>) -> Verdict {
+        self.sample(now, latency, true);
+        self.balancing.metrics.success.increment(1);
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        if self.probation.swap(false, Ordering::AcqRel) {
+            tracing::info!(
+                service = %self.balancing.service,
+                "an instance on probation succeeded: it is healthy again"
+            );
+            return Verdict::Restored;
+        }
+        Verdict::Unchanged
+    }
+
+    /// A request failed. Ejects the instance after the consecutive-failure threshold, or at
+    /// once when on probation, if the max ejected share of `up` instances allows.
+    pub(crate) fn on_failure(&self, now: Instant, up: usize) -> Verdict {
+        self.sample(now, None, false);
+        self.balancing.metrics.failure.increment(1);
+        let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        let policy = &self.balancing.ejection;
+        if failures < policy.consecutive_failures && !self.probation.load(Ordering::Acquire) {
+            return Verdict::Unchanged;
+        }
+        self.eject(now, up)
+    }
+
+    fn eject(&self, now: Instant, up: usize) -> Verdict {
+        let balancing = &self.balancing;
+        let policy = &balancing.ejection;
+        if self.maybe_ejected() || !balancing.reserve(policy.max_ejected(up)) {
+            return Verdict::Unchanged;
+        }
+        let stamp = self.stamp(now);
+        // The multiplier decays by one per base ejection time spent healthy since the last one.
+        let last_end = self.last_ejection_end.load(Ordering::Relaxed);
+        let healthy_for = if last_end == 0 {
+            0
+        } else {
+            stamp.saturating_sub(last_end) / duration_nanos(policy.base_ejection_time).max(1)
+        };
+        let times = self
+            .times_ejected
+            .load(Ordering::Relaxed)
+            .saturating_sub(u32::try_from(healthy_for).unwrap_or(u32::MAX))
+            .saturating_add(1);
+        let length = policy
+            .base_ejection_time
+            .saturating_mul(times)
+            .min(policy.max_ejection_time);
+        let until = stamp.saturating_add(duration_nanos(length)).max(stamp + 1);
+        if self
+            .ejected_until
+            .compare_exchange(0, until, Ordering::AcqRel, Ordering::Relaxed)
+            .is_err()
+        {
+            // Another thread ejected it first.
+            balancing.release();
+            return Verdict::Unchanged;
+        }
+        self.times_ejected.store(times, Ordering::Relaxed);
+        self.probation.store(false, Ordering::Release);
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        balancing.metrics.ejections.increment(1);
+        balancing
+            .metrics
+            .ejected
+            .set(f64::from(balancing.ejected()));
+        tracing::info!(
+            service = %balancing.service,
+            ejection = times,
+            seconds = length.as_secs_f64(),
+            "ejected an instance that kept failing; it gets no requests until its ejection ends"
+        );
+        Verdict::Ejected
+    }
+
+    /// The key left etcd: give back its ejection slot, if it held one.
+    pub(crate) fn forget(&self) {
+        if self.ejected_until.swap(0, Ordering::AcqRel) != 0 {
+            self.balancing.release();
+        }
+    }
+}
+
+fn duration_nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}

@@ -1,0 +1,109 @@
+//! Power of two choices on load: two random instances, the one with the lower cost wins.
+//!
+//! Cost, after go-zero's `p2c_ewma` (`zrpc/internal/balancer/p2c/p2c.go`), itself after
+//! Finagle's and Linkerd's peak EWMA:
+//!
+//! `cost = sqrt(latency_ewma_ns + 1) * (in_flight + 1) / max(success_rate, 0.01) / share`
+//!
+//! where `latency_ewma_ns` is the peak-sensitive latency EWMA, `in_flight` the requests sent and
+//! not yet reported, `success_rate` the success EWMA (so an instance failing half its requests
+//! costs twice as much) and `share` the slow-start share of a warming instance (1.0 otherwise).
+//! The loser is taken anyway when p2c has not picked it for [`FORCE_PICK`] (go-zero's
+//! `forcePick`), so a slow or recovering instance keeps being probed and its EWMA can come down.
+
+use std::time::{Duration, Instant};
+
+use super::health::Health;
+use super::rng;
+use super::table::{Admit, Tables};
+
+/// How long p2c may leave an instance unpicked before it is probed anyway (go-zero: 1 s).
+pub const FORCE_PICK: Duration = Duration::from_secs(1);
+
+/// How many random pairs p2c draws looking for two admissible instances (go-zero: 3).
+const PAIR_TRIES: u32 = 3;
+
+fn cost(health: &Health, share: f64) -> f64 {
+    let latency = (health.latency_nanos() + 1.0).sqrt();
+    let load = f64::from(health.in_flight()) + 1.0;
+    latency * load / health.success_rate().max(0.01) / share.max(0.01)
+}
+
+/// The p2c pick among the instances up, at `now`; `None` when none is up.
+pub(crate) fn pick(tables: &Tables, now: Instant) -> Option<u32> {
+    let len = tables.up_len();
+    if len == 0 {
+        return None;
+    }
+    let mut gate = tables.gate();
+    if let Some(gate) = gate.as_mut() {
+        gate.set_now(now);
+    }
+    let mut admit = |index: u32| match gate.as_mut() {
+        None => Admit::Yes(1.0),
+        Some(gate) => gate.admit(index),
+    };
+    let mut chosen: Option<(u32, f64)> = None;
+    let mut other: Option<(u32, f64)> = None;
+    let len32 = u32::try_from(len).unwrap_or(u32::MAX);
+    for _ in 0..PAIR_TRIES {
+        let r = rng::next_random64();
+        // Two distinct positions: a uniform one, and one 1..len places after it.
+        let at = ((u64::from(r as u32) * u64::from(len32)) >> 32) as u32;
+        let first = *tables.up().get(at as usize)?;
+        let second = (len32 > 1).then(|| {
+            let offset = 1 + ((u64::from((r >> 32) as u32) * u64::from(len32 - 1)) >> 32) as u32;
+            let second = (u64::from(at) + u64::from(offset)) % u64::from(len32);
+            tables.up().get(second as usize).copied()
+        });
+        let second = second.flatten();
+        let a = match admit(first) {
+            Admit::Yes(share) => Some((first, share)),
+            Admit::No => None,
+        };
+        let b = second.and_then(|n| match admit(n) {
+            Admit::Yes(share) => Some((n, share)),
+            Admit::No => None,
+        });
+        match (a, b) {
+            (Some(a), Some(b)) => {
+                chosen = Some(a);
+                other = Some(b);
+                break;
+            }
+            (Some(one), None) | (None, Some(one)) => {
+                if chosen.is_none() {
+                    chosen = Some(one);
+                }
+                if len32 <= 2 {
+                    break;
+                }
+            }
+            (None, None) => {}
+        }
+    }
+    let Some((a, share_a)) = chosen else {
+        // Nothing admissible in a few draws: the gate's own fallback.
+        let start = rng::next_random();
+        return tables.choose(|attempt| tables.nth(start.wrapping_add(attempt)));
+    };
+    let health_a = tables.health(a)?;
+    let Some((b, share_b)) = other else {
+        health_a.mark_picked(now);
+        return Some(a);
+    };
+    let health_b = tables.health(b)?;
+    let (winner, loser, loser_index, winner_index) =
+        if cost(health_a, share_a) <= cost(health_b, share_b) {
+            (health_a, health_b, b, a)
+        } else {
+            (health_b, health_a, a, b)
+        };
+    let last = loser.last_pick();
+    let stale = loser.stamp_of(now).saturating_sub(last) > FORCE_PICK.as_nanos() as u64;
+    if stale && loser.take_forced_pick(last, now) {
+        return Some(loser_index);
+    }
+    winner.mark_picked(now);
+    Some(winner_index)
+}

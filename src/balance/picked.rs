@@ -1,0 +1,213 @@
+//! What a pick returns: [`Picked`], and [`Call`] for a request whose outcome is tracked.
+
+use std::fmt;
+use std::ops::Deref;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::Guard;
+
+use super::clock;
+use super::health::Health;
+use crate::instance::Instance;
+use crate::snapshot::Snapshot;
+
+/// The snapshot a pick came from: a cheap guard for the cache's own picks, an `Arc` for a
+/// selection's.
+pub(crate) enum Source {
+    Guard(Guard<Arc<Snapshot>>),
+    Arc(Arc<Snapshot>),
+}
+
+impl Deref for Source {
+    type Target = Snapshot;
+
+    #[inline]
+    fn deref(&self) -> &Snapshot {
+        match self {
+            Source::Guard(guard) => guard,
+            Source::Arc(arc) => arc,
+        }
+    }
+}
+
+/// An instance picked from a snapshot, borrowed from it without touching any reference count.
+///
+/// Dereferences to the [`Instance`]. Meant to be short-lived, like the guard of
+/// [`ServiceCache::load`](crate::ServiceCache::load): keep [`to_arc`](Self::to_arc) across an
+/// `.await`, or turn it into a [`Call`] with [`start`](Self::start).
+///
+/// Reporting is optional and costs nothing when not done: report the request's outcome with
+/// [`success`](Self::success) or [`failure`](Self::failure) so that an instance that keeps
+/// failing is ejected (see [`OutlierEjection`](crate::OutlierEjection)); dropping it reports
+/// nothing.
+pub struct Picked {
+    snapshot: Source,
+    index: u32,
+}
+
+impl Picked {
+    pub(crate) fn new(snapshot: Source, index: u32) -> Self {
+        Self { snapshot, index }
+    }
+
+    /// The instance as an `Arc`, to keep beyond this pick.
+    pub fn to_arc(&self) -> Arc<Instance> {
+        Arc::clone(self.as_arc())
+    }
+
+    fn as_arc(&self) -> &Arc<Instance> {
+        // `index` came from this very snapshot's pick tables, which only hold positions of its
+        // own instance list: the lookup cannot miss.
+        &self.snapshot.instances()[self.index as usize]
+    }
+
+    fn health(&self) -> Option<&Arc<Health>> {
+        self.snapshot.tables().health(self.index)
+    }
+
+    /// The snapshot the instance was picked from.
+    pub fn snapshot(&self) -> &Snapshot {
+        &self.snapshot
+    }
+
+    /// Reports that the request to this instance succeeded after `latency`: it resets the
+    /// instance's consecutive failures, restores an instance on probation, and feeds the latency
+    /// and success-rate EWMAs that [`pick_p2c`](crate::ServiceCache::pick_p2c) weighs.
+    pub fn success(self, latency: Duration) {
+        if let Some(health) = self.health() {
+            health.on_success(clock::now(), Some(latency));
+        }
+    }
+
+    /// Reports that the request to this instance failed: after the consecutive-failure threshold
+    /// (or at once, on probation) the instance is ejected.
+    pub fn failure(self) {
+        let up = self.snapshot.tables().up_len();
+        if let Some(health) = self.health() {
+            health.on_failure(clock::now(), up);
+        }
+    }
+
+    /// Starts a request to this instance: counts it in flight (for p2c) and times it until its
+    /// outcome is reported on the [`Call`].
+    pub fn start(self) -> Call {
+        let up = self.snapshot.tables().up_len();
+        let instance = self.to_arc();
+        let health = self.health().cloned();
+        Call::new(instance, health, up, clock::now())
+    }
+}
+
+impl Deref for Picked {
+    type Target = Instance;
+
+    #[inline]
+    fn deref(&self) -> &Instance {
+        self.as_arc()
+    }
+}
+
+impl fmt::Debug for Picked {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&**self, f)
+    }
+}
+
+/// A request in flight to a picked instance, from [`ServiceCache::pick_p2c`] or
+/// [`Picked::start`].
+///
+/// It counts in the instance's in-flight load until it ends. End it with
+/// [`success`](Self::success) (its latency is the time since the pick) or
+/// [`failure`](Self::failure); dropping it reports it *dropped*: neither (a request cancelled by
+/// the caller says nothing about the instance). Dereferences to the [`Instance`]; it owns what
+/// it needs, so it can be held across `.await`s and sent to other tasks.
+///
+/// [`ServiceCache::pick_p2c`]: crate::ServiceCache::pick_p2c
+pub struct Call {
+    instance: Arc<Instance>,
+    /// `None` only for an instance whose health was gone (never in practice: every snapshot
+    /// holds the health of each of its instances).
+    health: Option<Arc<Health>>,
+    up: usize,
+    started: Instant,
+    ended: bool,
+}
+
+impl Call {
+    pub(crate) fn new(
+        instance: Arc<Instance>,
+        health: Option<Arc<Health>>,
+        up: usize,
+        started: Instant,
+    ) -> Self {
+        if let Some(health) = &health {
+            health.start();
+        }
+        Self {
+            instance,
+            health,
+            up,
+            started,
+            ended: false,
+        }
+    }
+
+    /// The instance, as an `Arc`.
+    pub fn instance(&self) -> &Arc<Instance> {
+        &self.instance
+    }
+
+    /// When the request started (the pick), on tokio's clock.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// The request succeeded; its latency is the time since the pick.
+    pub fn success(mut self) {
+        self.ended = true;
+        if let Some(health) = &self.health {
+            let now = clock::now();
+            health.finish();
+            health.on_success(now, Some(now.saturating_duration_since(self.started)));
+        }
+    }
+
+    /// The request failed: counts towards the instance's ejection.
+    pub fn failure(mut self) {
+        self.ended = true;
+        if let Some(health) = &self.health {
+            health.finish();
+            health.on_failure(clock::now(), self.up);
+        }
+    }
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        if !self.ended
+            && let Some(health) = &self.health
+        {
+            health.finish();
+            health.balancing().count_dropped();
+        }
+    }
+}
+
+impl Deref for Call {
+    type Target = Instance;
+
+    #[inline]
+    fn deref(&self) -> &Instance {
+        &self.instance
+    }
+}
+
+impl fmt::Debug for Call {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Call")
+            .field("instance", &self.instance)
+            .field("started", &self.started)
+            .finish()
+    }
+}

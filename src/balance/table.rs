@@ -1,0 +1,282 @@
+//! [`Tables`]: what every picker needs from one snapshot, built once when it is published.
+//!
+//! The list of instances up, and a precomputed divisor, are built with the snapshot; the
+//! weighted cycle, the alias table and the Maglev table are built the first time a pick needs
+//! them (a `OnceLock` each), so callers that never use a picker never pay for its table.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use super::hash::Maglev;
+use super::health::{Balancing, Health};
+use super::rng;
+use super::weighted::{Alias, smooth_cycle};
+use crate::instance::Instance;
+
+/// The pick tables of one snapshot; shared by the snapshots that differ only in freshness.
+#[derive(Debug)]
+pub(crate) struct Tables {
+    /// Indexes (into the snapshot's instances) of the instances that are up, in key order.
+    up: Box<[u32]>,
+    /// `u64::MAX / up.len() + 1`: Lemire's constant for a division-free `n % up.len()`.
+    magic: u64,
+    /// The health of each instance, parallel to the snapshot's instances.
+    health: Box<[Arc<Health>]>,
+    pub(crate) balancing: Arc<Balancing>,
+    cycle: OnceLock<Box<[u32]>>,
+    alias: OnceLock<Alias>,
+    maglev: OnceLock<Maglev>,
+    /// Until when some instance of this snapshot warms up (slow start); `None` when none does.
+    warming_until: Option<Instant>,
+    /// Set once a pick saw the clock past `warming_until`: no clock reads after that.
+    warmed: AtomicBool,
+}
+
+impl Tables {
+    /// Tables for `instances` and their `health` (same length, same order).
+    pub(crate) fn new(
+        instances: &[Arc<Instance>],
+        health: Vec<Arc<Health>>,
+        balancing: Arc<Balancing>,
+    ) -> Self {
+        let up: Box<[u32]> = instances
+            .iter()
+            .enumerate()
+            .filter(|(_, i)| i.is_up())
+            // A snapshot never holds more than u32::MAX instances: the backend's value size and
+            // count limits keep it far below, and `try_from` drops any excess rather than wrapping.
+            .filter_map(|(n, _)| u32::try_from(n).ok())
+            .collect();
+        let magic = match up.len() {
+            0 => 0,
+            len => (u64::MAX / len as u64).wrapping_add(1),
+        };
+        let warming_until = balancing.slow_start.and_then(|slow_start| {
+            up.iter()
+                .filter_map(|&n| health.get(n as usize)?.born())
+                .max()
+                .map(|born| born + slow_start.window())
+        });
+        Self {
+            up,
+            magic,
+            health: health.into_boxed_slice(),
+            balancing,
+            cycle: OnceLock::new(),
+            alias: OnceLock::new(),
+            maglev: OnceLock::new(),
+            warming_until,
+            warmed: AtomicBool::new(false),
+        }
+    }
+
+    /// How many instances may be picked.
+    #[inline]
+    pub(crate) fn up_len(&self) -> usize {
+        self.up.len()
+    }
+
+    /// The indexes of the instances up.
+    pub(crate) fn up(&self) -> &[u32] {
+        &self.up
+    }
+
+    /// The health of instance `index`.
+    #[inline]
+    pub(crate) fn health(&self, index: u32) -> Option<&Arc<Health>> {
+        self.health.get(index as usize)
+    }
+
+    pub(crate) fn healths(&self) -> &[Arc<Health>] {
+        &self.health
+    }
+
+    /// The instance index at position `n % len`, or `None` when nothing is up.
+    #[inline]
+    pub(crate) fn nth(&self, n: u32) -> Option<u32> {
+        let len = self.up.len() as u64;
+        if len == 0 {
+            return None;
+        }
+        // Lemire, Kaser, Kurz: "Faster Remainder by Direct Computation" (2019). Exact for every
+        // 32-bit n and divisor; the result is < len, so `get` never misses.
+        let low = self.magic.wrapping_mul(u64::from(n));
+        let rem = ((u128::from(low) * u128::from(len)) >> 64) as usize;
+        self.up.get(rem).copied()
+    }
+
+    /// One cycle of smooth weighted round-robin over the instances up.
+    pub(crate) fn cycle(&self, instances: &[Arc<Instance>]) -> &[u32] {
+        self.cycle
+            .get_or_init(|| smooth_cycle(&self.weights(instances)).into_boxed_slice())
+    }
+
+    /// The alias table of the instances up, by weight.
+    pub(crate) fn alias(&self, instances: &[Arc<Instance>]) -> &Alias {
+        self.alias
+            .get_or_init(|| Alias::new(&self.weights(instances)))
+    }
+
+    /// The Maglev table of the instances up.
+    pub(crate) fn maglev(&self, instances: &[Arc<Instance>]) -> &Maglev {
+        self.maglev.get_or_init(|| {
+            let entries: Vec<(u32, &str, u32)> = self
+                .up
+                .iter()
+                .filter_map(|&n| {
+                    let instance = instances.get(n as usize)?;
+                    Some((n, instance.id(), instance.weight()))
+                })
+                .collect();
+            Maglev::new(&entries)
+        })
+    }
+
+    fn weights(&self, instances: &[Arc<Instance>]) -> Vec<(u32, u32)> {
+        self.up
+            .iter()
+            .filter_map(|&n| Some((n, instances.get(n as usize)?.weight())))
+            .collect()
+    }
+
+    /// Whether picks must look at health or age at all: only while some instance is ejected
+    /// (and the service is not in panic mode) or warming up. When not, a pick is the bare table
+    /// read.
+    #[inline]
+    pub(crate) fn gate(&self) -> Option<Gate<'_>> {
+        let eject = self.balancing.any_ejected() && !self.balancing.panicking(self.up.len());
+        let warm = self.warming_until.is_some() && !self.warmed.load(Ordering::Relaxed);
+        (eject || warm).then_some(Gate {
+            tables: self,
+            eject,
+            warm,
+            now: None,
+        })
+    }
+
+    /// The first candidate `candidate(0)` if the gate admits it, else the next ones the picker
+    /// offers, else any instance up that is not ejected, else `candidate(0)` (better an ejected
+    /// instance than none: panic).
+    #[inline]
+    pub(crate) fn choose(&self, candidate: impl Fn(u32) -> Option<u32>) -> Option<u32> {
+        let first = candidate(0)?;
+        match self.gate() {
+            None => Some(first),
+            Some(mut gate) => gate.choose(first, candidate),
+        }
+    }
+
+    /// [`choose`](Self::choose) with ejection only: slow start does not apply.
+    #[inline]
+    pub(crate) fn choose_sticky(&self, candidate: impl Fn(u32) -> Option<u32>) -> Option<u32> {
+        let first = candidate(0)?;
+        match self.gate().map(Gate::without_slow_start) {
+            None => Some(first),
+            Some(mut gate) if gate.eject => gate.choose(first, candidate),
+            Some(_) => Some(first),
+        }
+    }
+}
+
+/// What an admission check found out about one candidate.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Admit {
+    /// Pick it; for a warming instance, the share of its weight it has now (else 1.0).
+    Yes(f64),
+    /// Ejected, or young: skip it.
+    No,
+}
+
+/// The admission checks of one pick: ejection and slow start, with the clock read at most once.
+pub(crate) struct Gate<'a> {
+    tables: &'a Tables,
+    eject: bool,
+    warm: bool,
+    now: Option<Instant>,
+}
+
+impl Gate<'_> {
+    /// Uses `now` as the pick's time instead of reading the clock.
+    pub(crate) fn set_now(&mut self, now: Instant) {
+        self.now = Some(now);
+    }
+
+    /// Leaves slow start out of this pick (the consistent hash: keys must not move).
+    pub(crate) fn without_slow_start(mut self) -> Self {
+        self.warm = false;
+        self
+    }
+
+    pub(crate) fn now(&mut self) -> Instant {
+        *self.now.get_or_insert_with(super::clock::now)
+    }
+
+    /// Whether `index` may be picked now, and at what share of its weight.
+    pub(crate) fn admit(&mut self, index: u32) -> Admit {
+        let Some(health) = self.tables.health(index) else {
+            return Admit::No;
+        };
+        if self.eject && health.maybe_ejected() {
+            let now = self.now();
+            if health.is_ejected(now) {
+                return Admit::No;
+            }
+        }
+        if self.warm {
+            let now = self.now();
+            if let Some(until) = self.tables.warming_until
+                && now >= until
+            {
+                self.tables.warmed.store(true, Ordering::Relaxed);
+                self.warm = false;
+                return Admit::Yes(1.0);
+            }
+            if let (Some(age), Some(slow_start)) =
+                (health.age(now), self.tables.balancing.slow_start)
+            {
+                return match slow_start.factor(age) {
+                    None => Admit::No,
+                    Some(factor) => Admit::Yes(factor),
+                };
+            }
+        }
+        Admit::Yes(1.0)
+    }
+
+    /// Admission with slow start applied as a coin: a warming instance is taken with the
+    /// probability of its share, so over many picks it gets that share of its traffic.
+    fn admit_coin(&mut self, index: u32) -> bool {
+        match self.admit(index) {
+            Admit::No => false,
+            Admit::Yes(share) => share >= 1.0 || rng::next_unit() < share,
+        }
+    }
+
+    fn choose(&mut self, first: u32, candidate: impl Fn(u32) -> Option<u32>) -> Option<u32> {
+        if self.admit_coin(first) {
+            return Some(first);
+        }
+        // Each instance up once, plus a few more draws for random pickers.
+        let tries = u32::try_from(self.tables.up.len())
+            .unwrap_or(u32::MAX)
+            .saturating_add(4);
+        for attempt in 1..tries {
+            let next = candidate(attempt)?;
+            if self.admit_coin(next) {
+                return Some(next);
+            }
+        }
+        // Nothing passed the coin: any instance that is not ejected (young or warming ones
+        // included: better than none), else the first candidate.
+        let eject = self.eject;
+        let tables = self.tables;
+        let fallback = tables.up.iter().copied().find(|&n| {
+            !eject
+                || tables
+                    .health(n)
+                    .is_none_or(|h| !h.maybe_ejected() || !h.is_ejected(self.now()))
+        });
+        Some(fallback.unwrap_or(first))
+    }
+}

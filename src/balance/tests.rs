@@ -1,0 +1,83 @@
+//! Unit tests of the tables and the per-thread cursors.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::health::{Balancing, Health, OutlierEjection};
+use super::rng::{next_cursor, next_random};
+use super::table::Tables;
+use crate::instance::{Instance, State};
+
+/// The tables of `instances`, each with fresh health, default outlier ejection and no slow
+/// start.
+fn tables(instances: &[Arc<Instance>]) -> Tables {
+    let balancing = Arc::new(Balancing::new("s".into(), OutlierEjection::default(), None));
+    let now = Instant::now();
+    let health = instances
+        .iter()
+        .map(|_| Arc::new(Health::new(balancing.clone(), now, true)))
+        .collect();
+    Tables::new(instances, health, balancing)
+}
+
+fn instances(states: &[State]) -> Vec<Arc<Instance>> {
+    states
+        .iter()
+        .enumerate()
+        .map(|(n, s)| {
+            Arc::new(
+                Instance::builder("s", format!("10.0.0.{n}:80"))
+                    .state(*s)
+                    .build()
+                    .unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn fast_modulo_is_exact() {
+    for len in [1usize, 2, 3, 7, 10, 1000, 65_537, 100_000] {
+        let inst = instances(&vec![State::Up; len.min(2000)]);
+        let table = tables(&inst);
+        let len = table.up_len() as u32;
+        for n in [0u32, 1, 2, 3, 999, 65_536, 1 << 31, u32::MAX - 1, u32::MAX] {
+            assert_eq!(table.nth(n), Some(n % len), "n={n} len={len}");
+        }
+    }
+}
+
+#[test]
+fn draining_never_in_table() {
+    let inst = instances(&[State::Draining, State::Up, State::Draining, State::Up]);
+    let table = tables(&inst);
+    assert_eq!(table.up_len(), 2);
+    let picked: Vec<_> = (0..8).map(|n| table.nth(n).unwrap()).collect();
+    assert_eq!(picked, [1, 3, 1, 3, 1, 3, 1, 3]);
+    assert_eq!(tables(&instances(&[State::Draining])).nth(0), None);
+    assert_eq!(tables(&[]).nth(5), None);
+}
+
+#[test]
+fn cursor_advances_by_one_per_pick() {
+    let a = next_cursor();
+    let b = next_cursor();
+    assert_eq!(b, a.wrapping_add(1));
+}
+
+#[test]
+fn threads_start_at_different_offsets() {
+    let starts: std::collections::HashSet<u32> = (0..8)
+        .map(|_| std::thread::spawn(next_cursor).join().unwrap())
+        .collect();
+    assert!(starts.len() > 1, "every thread started at the same cursor");
+}
+
+#[test]
+fn random_covers_all() {
+    let mut seen = [0u32; 5];
+    for _ in 0..5000 {
+        seen[(next_random() % 5) as usize] += 1;
+    }
+    assert!(seen.iter().all(|&c| c > 800), "{seen:?}");
+}
