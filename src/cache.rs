@@ -355,8 +355,8 @@ impl ServiceCache {
         snapshot
             .instances()
             .iter()
-            .zip(snapshot.tables().healths())
-            .map(|(instance, health)| InstanceHealth::read(instance, health, now))
+            .zip(snapshot.tables().slots())
+            .map(|(instance, slot)| InstanceHealth::read(instance, slot.get().map(|h| &**h), now))
             .collect()
     }
 
@@ -431,7 +431,7 @@ mod tests {
             7,
             Freshness::Live,
             Vec::new(),
-            Vec::new(),
+            Box::default(),
             Arc::new(balancing),
         );
         Arc::new(Shared::new(Arc::new(initial)))

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::backend::BackendErrorKind;
-use crate::balance::health::{Balancing, Health};
+use crate::balance::health::{Balancing, HealthSlot};
 use crate::balance::picked::Call;
 use crate::balance::table::Tables;
 use crate::balance::{p2c, pick};
@@ -132,13 +132,13 @@ pub struct Snapshot {
 impl Snapshot {
     /// A snapshot of `instances` (already sorted by key) at `revision`.
     ///
-    /// `health` holds each instance's health, in the same order.
+    /// `health` holds each instance's health slot, in the same order.
     pub(crate) fn new(
         service: Arc<str>,
         revision: i64,
         freshness: Freshness,
         instances: Vec<Arc<Instance>>,
-        health: Vec<Arc<Health>>,
+        health: Box<[HealthSlot]>,
         balancing: Arc<Balancing>,
     ) -> Self {
         let tables = Arc::new(Tables::new(&instances, health, balancing));
@@ -157,16 +157,22 @@ impl Snapshot {
         let (instances, health): (Vec<_>, Vec<_>) = self
             .instances
             .iter()
-            .zip(self.tables.healths())
+            .zip(self.tables.slots())
             .filter(|(instance, _)| keep(instance))
-            .map(|(instance, health)| (Arc::clone(instance), Arc::clone(health)))
+            .map(|(instance, slot)| {
+                let slot = slot
+                    .get()
+                    .cloned()
+                    .map_or_else(HealthSlot::new, HealthSlot::from);
+                (Arc::clone(instance), slot)
+            })
             .unzip();
         Self::new(
             self.service.clone(),
             self.revision,
             self.freshness,
             instances,
-            health,
+            health.into_boxed_slice(),
             self.tables.balancing.clone(),
         )
     }
@@ -264,9 +270,9 @@ impl Snapshot {
     /// A p2c pick, started as a [`Call`].
     pub(crate) fn pick_p2c(&self) -> Option<Call> {
         let now = crate::balance::now();
-        let index = p2c::pick(&self.tables, now)?;
+        let index = p2c::pick(&self.tables, &self.instances, now)?;
         let instance = self.instances.get(index as usize)?;
-        let health = self.tables.health(index).cloned();
+        let health = self.tables.health_or_new(index, &self.instances).cloned();
         Some(Call::new(
             Arc::clone(instance),
             health,

@@ -1,17 +1,28 @@
 //! Passive health: per-instance load and latency for p2c, and outlier ejection.
 //!
-//! Each instance's [`Health`] lives outside the snapshot, keyed by the instance's etcd key: the
-//! sync machine hands the same `Arc<Health>` to every snapshot that holds the key, so health
-//! survives every publish and every freeze, and is dropped when etcd removes the key.
+//! Each instance's [`Health`] lives outside the snapshot, in its cache's [`Balancing`] registry,
+//! keyed by the instance id (the last segment of its etcd key in every layout, so the key and
+//! the id name the same thing within one service): every snapshot that holds the key gets the
+//! same `Arc<Health>`, so health survives every publish and every freeze, and is dropped when
+//! etcd removes the key.
+//!
+//! Health is made on first need: the first reported outcome or started call of an instance (or,
+//! with slow start on, when the instance is first seen). A caller that reports nothing pays no
+//! memory for it.
 //!
 //! Every field is an atomic written by whoever reports an outcome, with the time passed in: the
 //! logic here reads no clock, so tests drive it with any `Instant` they like.
 
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::slow_start::SlowStart;
+use crate::instance::Instance;
+
+/// Where a snapshot's pick tables keep one instance's health: empty until first needed.
+pub(crate) type HealthSlot = OnceLock<Arc<Health>>;
 
 /// Outlier ejection: when an instance that keeps failing stops being picked, and how it comes
 /// back.
@@ -97,9 +108,27 @@ impl OutlierEjection {
 /// (`zrpc/internal/balancer/p2c/p2c.go`, `decayTime`).
 pub(crate) const DECAY_TAU: Duration = Duration::from_secs(10);
 
-/// What one cache's balancing shares across snapshots: settings and the ejected count.
+/// What one cache's balancing shares across snapshots: its [`Outliers`] and the registry of
+/// instance health.
 #[derive(Debug)]
 pub(crate) struct Balancing {
+    outliers: Arc<Outliers>,
+    /// The health of every instance that has some, by instance id.
+    registry: Mutex<HashMap<Arc<str>, Arc<Health>>>,
+}
+
+impl std::ops::Deref for Balancing {
+    type Target = Outliers;
+
+    fn deref(&self) -> &Outliers {
+        &self.outliers
+    }
+}
+
+/// Settings, the ejected count and metric handles of one cache: what each instance's health
+/// refers to (not the registry, which refers to the health: no cycle).
+#[derive(Debug)]
+pub(crate) struct Outliers {
     pub(crate) service: Arc<str>,
     pub(crate) ejection: OutlierEjection,
     pub(crate) slow_start: Option<SlowStart>,
@@ -134,14 +163,70 @@ impl Balancing {
             ejected: metrics::gauge!(crate::metrics::EJECTED, "service" => label),
         };
         Self {
-            service,
-            ejection,
-            slow_start,
-            ejected: AtomicU32::new(0),
-            metrics,
+            outliers: Arc::new(Outliers {
+                service,
+                ejection,
+                slow_start,
+                ejected: AtomicU32::new(0),
+                metrics,
+            }),
+            registry: Mutex::new(HashMap::new()),
         }
     }
 
+    /// The health of `instance`, made now if it has none (an adult: it does not warm up).
+    pub(crate) fn health_of(&self, instance: &Instance, now: Instant) -> Arc<Health> {
+        let mut registry = self.registry.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(health) = registry.get(instance.id()) {
+            return health.clone();
+        }
+        let health = Arc::new(Health::new(self.outliers.clone(), now, true));
+        registry.insert(instance.id().into(), health.clone());
+        health
+    }
+
+    /// The health slots of a new snapshot of `instances`, filled from the registry; the
+    /// registry drops (and releases the ejection of) every instance no longer there. With slow
+    /// start on, every instance gets health now, and those first seen after the first list
+    /// (`first_list` false) warm up from `now`.
+    pub(crate) fn slots(
+        &self,
+        instances: &[Arc<Instance>],
+        now: Instant,
+        first_list: bool,
+    ) -> Box<[HealthSlot]> {
+        let mut registry = self.registry.lock().unwrap_or_else(PoisonError::into_inner);
+        if registry.is_empty() && self.slow_start.is_none() {
+            return instances.iter().map(|_| HealthSlot::new()).collect();
+        }
+        let slots = instances
+            .iter()
+            .map(|instance| {
+                let health = match registry.get(instance.id()) {
+                    Some(health) => Some(health.clone()),
+                    None if self.slow_start.is_some() => {
+                        let health = Arc::new(Health::new(self.outliers.clone(), now, first_list));
+                        registry.insert(instance.id().into(), health.clone());
+                        Some(health)
+                    }
+                    None => None,
+                };
+                health.map_or_else(HealthSlot::new, HealthSlot::from)
+            })
+            .collect();
+        let present: HashSet<&str> = instances.iter().map(|i| i.id()).collect();
+        registry.retain(|id, health| {
+            let keep = present.contains(&**id);
+            if !keep {
+                health.forget();
+            }
+            keep
+        });
+        slots
+    }
+}
+
+impl Outliers {
     /// Whether any instance may be ejected now: when not, picks skip every health check.
     #[inline]
     pub(crate) fn any_ejected(&self) -> bool {
@@ -195,7 +280,7 @@ pub(crate) struct Health {
     born: Instant,
     /// Present at the cache's first list: never warms up.
     adult: bool,
-    balancing: Arc<Balancing>,
+    balancing: Arc<Outliers>,
     in_flight: AtomicU32,
     consecutive_failures: AtomicU32,
     /// The ejection multiplier: ejections so far, minus the healthy periods since.
@@ -228,7 +313,7 @@ pub(crate) enum Verdict {
 }
 
 impl Health {
-    pub(crate) fn new(balancing: Arc<Balancing>, born: Instant, adult: bool) -> Self {
+    pub(crate) fn new(balancing: Arc<Outliers>, born: Instant, adult: bool) -> Self {
         Self {
             born,
             adult,
@@ -246,7 +331,7 @@ impl Health {
         }
     }
 
-    pub(crate) fn balancing(&self) -> &Balancing {
+    pub(crate) fn balancing(&self) -> &Outliers {
         &self.balancing
     }
 

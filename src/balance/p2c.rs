@@ -11,11 +11,13 @@
 //! The loser is taken anyway when p2c has not picked it for [`FORCE_PICK`] (go-zero's
 //! `forcePick`), so a slow or recovering instance keeps being probed and its EWMA can come down.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::health::Health;
 use super::rng;
 use super::table::{Admit, Tables};
+use crate::instance::Instance;
 
 /// How long p2c may leave an instance unpicked before it is probed anyway (go-zero: 1 s).
 pub const FORCE_PICK: Duration = Duration::from_secs(1);
@@ -23,14 +25,22 @@ pub const FORCE_PICK: Duration = Duration::from_secs(1);
 /// How many random pairs p2c draws looking for two admissible instances (go-zero: 3).
 const PAIR_TRIES: u32 = 3;
 
-fn cost(health: &Health, share: f64) -> f64 {
-    let latency = (health.latency_nanos() + 1.0).sqrt();
-    let load = f64::from(health.in_flight()) + 1.0;
-    latency * load / health.success_rate().max(0.01) / share.max(0.01)
+/// The cost of an instance; one with no health yet (never reported) costs as an idle, fast,
+/// always successful one.
+fn cost(health: Option<&Arc<Health>>, share: f64) -> f64 {
+    let (latency, in_flight, success) = health.map_or((0.0, 0, 1.0), |health| {
+        (
+            health.latency_nanos(),
+            health.in_flight(),
+            health.success_rate(),
+        )
+    });
+    (latency + 1.0).sqrt() * (f64::from(in_flight) + 1.0) / success.max(0.01) / share.max(0.01)
 }
 
-/// The p2c pick among the instances up, at `now`; `None` when none is up.
-pub(crate) fn pick(tables: &Tables, now: Instant) -> Option<u32> {
+/// The p2c pick among the instances up, at `now`; `None` when none is up. The chosen instance
+/// has health afterwards (its pick time is recorded there).
+pub(crate) fn pick(tables: &Tables, instances: &[Arc<Instance>], now: Instant) -> Option<u32> {
     let len = tables.up_len();
     if len == 0 {
         return None;
@@ -87,23 +97,24 @@ pub(crate) fn pick(tables: &Tables, now: Instant) -> Option<u32> {
         let start = rng::next_random();
         return tables.choose(|attempt| tables.nth(start.wrapping_add(attempt)));
     };
-    let health_a = tables.health(a)?;
     let Some((b, share_b)) = other else {
-        health_a.mark_picked(now);
+        tables.health_or_new(a, instances)?.mark_picked(now);
         return Some(a);
     };
-    let health_b = tables.health(b)?;
-    let (winner, loser, loser_index, winner_index) =
-        if cost(health_a, share_a) <= cost(health_b, share_b) {
-            (health_a, health_b, b, a)
-        } else {
-            (health_b, health_a, a, b)
-        };
-    let last = loser.last_pick();
-    let stale = loser.stamp_of(now).saturating_sub(last) > FORCE_PICK.as_nanos() as u64;
-    if stale && loser.take_forced_pick(last, now) {
-        return Some(loser_index);
+    let (winner, loser) = if cost(tables.health(a), share_a) <= cost(tables.health(b), share_b) {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    // The loser is probed when p2c left it alone too long. One with no health yet was never
+    // picked by p2c, but it also costs the least, so it wins its pairs instead.
+    if let Some(health) = tables.health(loser) {
+        let last = health.last_pick();
+        let stale = health.stamp_of(now).saturating_sub(last) > FORCE_PICK.as_nanos() as u64;
+        if stale && health.take_forced_pick(last, now) {
+            return Some(loser);
+        }
     }
-    winner.mark_picked(now);
-    Some(winner_index)
+    tables.health_or_new(winner, instances)?.mark_picked(now);
+    Some(winner)
 }

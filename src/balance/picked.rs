@@ -62,8 +62,11 @@ impl Picked {
         &self.snapshot.instances()[self.index as usize]
     }
 
+    /// The instance's health, made now if it has none yet.
     fn health(&self) -> Option<&Arc<Health>> {
-        self.snapshot.tables().health(self.index)
+        self.snapshot
+            .tables()
+            .health_or_new(self.index, self.snapshot.instances())
     }
 
     /// The snapshot the instance was picked from.

@@ -9,7 +9,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use super::hash::Maglev;
-use super::health::{Balancing, Health};
+use super::health::{Balancing, Health, HealthSlot};
 use super::rng;
 use super::weighted::{Alias, smooth_cycle};
 use crate::instance::Instance;
@@ -21,8 +21,8 @@ pub(crate) struct Tables {
     up: Box<[u32]>,
     /// `u64::MAX / up.len() + 1`: Lemire's constant for a division-free `n % up.len()`.
     magic: u64,
-    /// The health of each instance, parallel to the snapshot's instances.
-    health: Box<[Arc<Health>]>,
+    /// The health of each instance, parallel to the snapshot's instances; empty until needed.
+    health: Box<[HealthSlot]>,
     pub(crate) balancing: Arc<Balancing>,
     cycle: OnceLock<Box<[u32]>>,
     alias: OnceLock<Alias>,
@@ -34,10 +34,10 @@ pub(crate) struct Tables {
 }
 
 impl Tables {
-    /// Tables for `instances` and their `health` (same length, same order).
+    /// Tables for `instances` and their `health` slots (same length, same order).
     pub(crate) fn new(
         instances: &[Arc<Instance>],
-        health: Vec<Arc<Health>>,
+        health: Box<[HealthSlot]>,
         balancing: Arc<Balancing>,
     ) -> Self {
         let up: Box<[u32]> = instances
@@ -54,14 +54,14 @@ impl Tables {
         };
         let warming_until = balancing.slow_start.and_then(|slow_start| {
             up.iter()
-                .filter_map(|&n| health.get(n as usize)?.born())
+                .filter_map(|&n| health.get(n as usize)?.get()?.born())
                 .max()
                 .map(|born| born + slow_start.window())
         });
         Self {
             up,
             magic,
-            health: health.into_boxed_slice(),
+            health,
             balancing,
             cycle: OnceLock::new(),
             alias: OnceLock::new(),
@@ -82,13 +82,27 @@ impl Tables {
         &self.up
     }
 
-    /// The health of instance `index`.
+    /// The health of instance `index`, if it has any yet.
     #[inline]
     pub(crate) fn health(&self, index: u32) -> Option<&Arc<Health>> {
-        self.health.get(index as usize)
+        self.health.get(index as usize)?.get()
     }
 
-    pub(crate) fn healths(&self) -> &[Arc<Health>] {
+    /// The health of instance `index` of `instances`, made now if it has none yet.
+    pub(crate) fn health_or_new(
+        &self,
+        index: u32,
+        instances: &[Arc<Instance>],
+    ) -> Option<&Arc<Health>> {
+        let slot = self.health.get(index as usize)?;
+        if let Some(health) = slot.get() {
+            return Some(health);
+        }
+        let instance = instances.get(index as usize)?;
+        Some(slot.get_or_init(|| self.balancing.health_of(instance, super::clock::now())))
+    }
+
+    pub(crate) fn slots(&self) -> &[HealthSlot] {
         &self.health
     }
 
@@ -215,7 +229,8 @@ impl Gate<'_> {
     /// Whether `index` may be picked now, and at what share of its weight.
     pub(crate) fn admit(&mut self, index: u32) -> Admit {
         let Some(health) = self.tables.health(index) else {
-            return Admit::No;
+            // No health yet: never reported, so neither ejected nor warming.
+            return Admit::Yes(1.0);
         };
         if self.eject && health.maybe_ejected() {
             let now = self.now();

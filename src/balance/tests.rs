@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::health::{Balancing, Health, OutlierEjection};
+use super::health::{Balancing, OutlierEjection};
 use super::rng::{next_cursor, next_random};
 use super::table::Tables;
 use crate::instance::{Instance, State};
@@ -13,10 +13,7 @@ use crate::instance::{Instance, State};
 fn tables(instances: &[Arc<Instance>]) -> Tables {
     let balancing = Arc::new(Balancing::new("s".into(), OutlierEjection::default(), None));
     let now = Instant::now();
-    let health = instances
-        .iter()
-        .map(|_| Arc::new(Health::new(balancing.clone(), now, true)))
-        .collect();
+    let health = balancing.slots(instances, now, true);
     Tables::new(instances, health, balancing)
 }
 

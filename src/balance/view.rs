@@ -33,7 +33,22 @@ pub struct InstanceHealth {
 }
 
 impl InstanceHealth {
-    pub(crate) fn read(instance: &Arc<Instance>, health: &Health, now: Instant) -> Self {
+    /// What `health` says of `instance` (an instance with no health yet was never reported:
+    /// idle, no latency, all successes).
+    pub(crate) fn read(instance: &Arc<Instance>, health: Option<&Health>, now: Instant) -> Self {
+        let Some(health) = health else {
+            return Self {
+                instance: Arc::clone(instance),
+                in_flight: 0,
+                latency: Duration::ZERO,
+                success_rate: 1.0,
+                consecutive_failures: 0,
+                times_ejected: 0,
+                ejected_until: None,
+                on_probation: false,
+                first_seen: None,
+            };
+        };
         Self {
             instance: Arc::clone(instance),
             in_flight: health.in_flight(),

@@ -34,13 +34,13 @@
 //!     under the same cluster id whose new history has passed that revision is noticed, and
 //!     relisted.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::backend::{Event, EventKind, Header, KeyValue, KeysAt, ListResponse, WatchMessage};
 use crate::backoff::{Backoff, BackoffConfig};
-use crate::balance::health::{Balancing, Health, OutlierEjection};
+use crate::balance::health::{Balancing, OutlierEjection};
 use crate::codec::{Codec, Decoded};
 use crate::instance::Instance;
 use crate::snapshot::{FreezeCause, Freshness, Snapshot};
@@ -209,9 +209,6 @@ pub struct Machine {
     stats: Stats,
     /// Balancing settings and the ejected count, shared by every snapshot of this cache.
     balancing: Arc<Balancing>,
-    /// The passive health of each key's instance, handed to every snapshot that holds the key:
-    /// it survives publishes and freezes, and goes when etcd removes the key.
-    health: HashMap<Box<[u8]>, Arc<Health>>,
     /// A snapshot after the first list was published: instances seen from now on are new.
     first_published: bool,
 }
@@ -242,11 +239,10 @@ impl Machine {
                 0,
                 freshness,
                 Vec::new(),
-                Vec::new(),
+                Box::default(),
                 balancing.clone(),
             )),
             balancing,
-            health: HashMap::new(),
             first_published: false,
             service,
             codec,
@@ -701,32 +697,13 @@ impl Machine {
     /// so idle caches do not wake their subscribers.)
     fn publish(&mut self, now: Instant) -> Option<Arc<Snapshot>> {
         let snapshot = if self.changed {
-            let adult = !self.first_published;
-            let mut instances = Vec::with_capacity(self.entries.len());
-            let mut health = Vec::with_capacity(self.entries.len());
-            for (key, entry) in &self.entries {
-                let Some(instance) = &entry.instance else {
-                    continue;
-                };
-                instances.push(instance.clone());
-                let known = self.health.get(key).cloned();
-                health.push(known.unwrap_or_else(|| {
-                    let new = Arc::new(Health::new(self.balancing.clone(), now, adult));
-                    self.health.insert(key.clone(), new.clone());
-                    new
-                }));
-            }
-            // Keys etcd removed take their health (and any ejection slot) with them.
-            if self.health.len() > instances.len() {
-                let entries = &self.entries;
-                self.health.retain(|key, health| {
-                    let keep = entries.get(key).is_some_and(|e| e.instance.is_some());
-                    if !keep {
-                        health.forget();
-                    }
-                    keep
-                });
-            }
+            let instances: Vec<Arc<Instance>> = self
+                .entries
+                .values()
+                .filter_map(|entry| entry.instance.clone())
+                .collect();
+            // Health lives in the balancing registry, by instance id; the slots carry it over.
+            let health = self.balancing.slots(&instances, now, !self.first_published);
             Snapshot::new(
                 self.service.clone(),
                 self.revision,
