@@ -287,9 +287,12 @@ impl ServiceCache {
     /// Every process, in every release, maps a key to the same instance for the same set of
     /// instances (the hash and the table are specified in
     /// [`balance::hash`](crate::balance::hash), and tests pin golden values). When an instance
-    /// joins, about `1/(n+1)` of the keys move to it; when one leaves or drains, only its keys
-    /// move. Keys of an ejected instance go to their next choice and come back when it
-    /// returns. Slow start does not apply: keys must not move while an instance warms up.
+    /// joins, about `1/(n+1)` of the keys move to it, and Maglev moves some more between the
+    /// others: measured over 100,000 keys, 1.3 × `1/(n+1)` in all for 10 instances, 3 × for
+    /// 100 (2 % of the keys); when one of 10 leaves or drains, its keys and 2.7 % of the
+    /// others' move. Keys of an ejected instance go to their next choice and come back when it
+    /// returns (only its keys move). Slow start does not apply: keys must not move while an
+    /// instance warms up.
     ///
     /// ```
     /// # use etcd_registry::{Discovery, Instance, MemoryBackend, Codec, KeyLayout};

@@ -1,21 +1,27 @@
-//! Invariant 8: readers never wait. `load()`, `pick()` and `pick_random()` allocate nothing, and
-//! keep answering while the sync task is busy or etcd is gone.
+//! Invariant 8: readers never wait. `load()`, every picker (of the cache and of a selection)
+//! and every outcome report allocate nothing, and keep answering while the sync task is busy or
+//! etcd is gone.
 //!
 //! A counting global allocator (per thread, so other threads' work does not count) proves the
 //! "allocate nothing" part; it lives in its own test binary so it sees only this file's code.
+//! A metrics recorder that hands out real counters is installed, so that reports do update
+//! metrics (through the handles each cache registers when it is made).
 
 mod support;
 
 use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use etcd_registry::{Discovery, MemoryBackend};
+use etcd_registry::{Discovery, Instance, MemoryBackend, Picked, Selector, ServiceCache};
 use support::alloc::{Counting, allocations};
 use support::*;
 
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
+/// `load()`, `pick()` and `pick_random()` allocate nothing, live or frozen, on two threads.
 #[test]
 fn picks_and_loads_allocate_nothing_even_while_frozen() {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -67,10 +73,247 @@ fn picks_and_loads_allocate_nothing_even_while_frozen() {
     assert_eq!(other, 0, "reads allocated on a second thread");
 }
 
+/// The counting allocator does count: the tests above can fail.
 #[test]
 fn the_counter_sees_allocations() {
     // The test above can fail: this one shows the allocator does count.
     let before = allocations();
     black_box(vec![1u8; 64]);
     assert!(allocations() > before);
+}
+
+/// A metrics recorder whose handles count: `(metric name and labels, value)` of every handle
+/// registered.
+struct Recorder {
+    handles: Mutex<Vec<(String, Arc<AtomicU64>)>>,
+}
+
+static RECORDER: Recorder = Recorder {
+    handles: Mutex::new(Vec::new()),
+};
+
+impl Recorder {
+    fn handle(&self, key: &metrics::Key) -> Arc<AtomicU64> {
+        let labels: Vec<String> = key
+            .labels()
+            .map(|l| format!("{}={}", l.key(), l.value()))
+            .collect();
+        let name = format!("{}{{{}}}", key.name(), labels.join(","));
+        let value = Arc::new(AtomicU64::new(0));
+        self.handles.lock().unwrap().push((name, value.clone()));
+        value
+    }
+
+    /// The sum of the counters whose name and labels contain every one of `parts`.
+    fn total(&self, parts: &[&str]) -> u64 {
+        let handles = self.handles.lock().unwrap();
+        handles
+            .iter()
+            .filter(|(name, _)| parts.iter().all(|p| name.contains(p)))
+            .map(|(_, v)| v.load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
+impl metrics::Recorder for Recorder {
+    fn describe_counter(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_gauge(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_histogram(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+
+    fn register_counter(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
+        metrics::Counter::from_arc(self.handle(key))
+    }
+
+    fn register_gauge(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+        metrics::Gauge::from_arc(self.handle(key))
+    }
+
+    fn register_histogram(
+        &self,
+        _: &metrics::Key,
+        _: &metrics::Metadata<'_>,
+    ) -> metrics::Histogram {
+        metrics::Histogram::noop()
+    }
+}
+
+/// Round-robin picks until instance `id` (allocation-free: the id is compared in place).
+fn pick_of(users: &ServiceCache, id: &str) -> Picked {
+    (0..1000)
+        .filter_map(|_| users.pick())
+        .find(|p| p.id() == id)
+        .expect("the instance is picked")
+}
+
+/// Every picker of the cache and of a selection once, and every kind of report: successes,
+/// a failure and a drop each answered by a success on the same instance, so that nothing is
+/// ejected here.
+fn round(users: &ServiceCache, canaries: &etcd_registry::Selection, n: usize) {
+    const KEYS: [&str; 4] = ["user-1", "user-2", "session:abc", "tenant/7"];
+    let key = KEYS[n % KEYS.len()];
+    black_box(users.pick().map(|p| p.weight()));
+    black_box(users.pick_random().map(|p| p.weight()));
+    black_box(users.pick_weighted().map(|p| p.weight()));
+    black_box(users.pick_weighted_random().map(|p| p.weight()));
+    black_box(users.pick_by(key).map(|p| p.weight()));
+    black_box(canaries.pick().map(|p| p.weight()));
+    black_box(canaries.pick_random().map(|p| p.weight()));
+    black_box(canaries.pick_weighted().map(|p| p.weight()));
+    black_box(canaries.pick_weighted_random().map(|p| p.weight()));
+    black_box(canaries.pick_by(key).map(|p| p.weight()));
+
+    users.pick().expect("up").success(Duration::from_millis(3));
+    users.pick_weighted().expect("up").start().success();
+    canaries
+        .pick()
+        .expect("up")
+        .success(Duration::from_millis(1));
+    canaries.pick_p2c().expect("up").success();
+    drop(canaries.pick_p2c().expect("up"));
+    drop(users.pick().expect("up").start());
+
+    let call = users.pick_p2c().expect("up");
+    let target: Arc<Instance> = call.instance().clone();
+    call.failure();
+    pick_of(users, target.id()).success(Duration::from_millis(2));
+    let picked = users.pick_random().expect("up");
+    let target = picked.to_arc();
+    picked.failure();
+    pick_of(users, target.id()).start().success();
+    let call = users.pick_p2c().expect("up");
+    let target = call.instance().clone();
+    drop(call);
+    pick_of(users, target.id()).start().failure();
+    pick_of(users, target.id()).success(Duration::from_millis(2));
+}
+
+/// Five failures of `id` through each kind of report (it is ejected), picks while it is.
+fn eject(users: &ServiceCache, canaries: &etcd_registry::Selection, id: &str) {
+    pick_of(users, id).failure();
+    pick_of(users, id).failure();
+    pick_of(users, id).start().failure();
+    pick_of(users, id).start().failure();
+    pick_of(users, id).failure();
+    for n in 0..20 {
+        round(users, canaries, n);
+    }
+}
+
+/// Every picker and every outcome report allocates nothing once warm.
+#[test]
+fn balancing_picks_and_reports_allocate_nothing() {
+    // Every picker and every report allocates nothing once warm: the lazy tables built and each
+    // instance's health made (both on first need), an ejection and a return seen once. Ejection,
+    // its end noticed by a pick (probation) and the restoring success included.
+    let _ = metrics::set_global_recorder(&RECORDER);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    let etcd = MemoryBackend::new();
+    let codec = codec();
+    for n in 0..10u32 {
+        let mut builder = Instance::builder("user", format!("10.0.1.{n}:80"))
+            .id(format!("i{n}"))
+            .weight(1 + n % 3);
+        if n < 4 {
+            builder = builder.tag("canary");
+        }
+        let instance = builder.build().unwrap();
+        etcd.put(codec.key(&instance, 0), codec.encode_value(&instance));
+    }
+    let users = rt.block_on(async {
+        Discovery::memory(etcd.clone())
+            .namespace(NS)
+            .build()
+            .unwrap()
+            .service("user")
+            .await
+            .unwrap()
+    });
+    let canaries = users.select(Selector::new().tag("canary"));
+    // Balancing reads tokio's (paused) clock: picks run in the runtime's context, not in it.
+    let _context = rt.enter();
+    let counted = |f: &mut dyn FnMut()| {
+        let before = allocations();
+        f();
+        allocations() - before
+    };
+    let cycle = |counting: bool| {
+        let mut allocated = 0;
+        let mut run = |f: &mut dyn FnMut()| {
+            if counting {
+                allocated += counted(f);
+            } else {
+                f();
+            }
+        };
+        run(&mut || {
+            for n in 0..300 {
+                round(&users, &canaries, n);
+            }
+            eject(&users, &canaries, "i5");
+        });
+        assert_eq!(ejected_ids(&users), ["i5"]);
+        rt.block_on(tokio::time::advance(Duration::from_secs(301)));
+        // The first pick notices the end of the ejection; the probe's success restores it.
+        run(&mut || pick_of(&users, "i5").success(Duration::from_millis(1)));
+        assert!(ejected_ids(&users).is_empty());
+        allocated
+    };
+    cycle(false);
+    let outcomes =
+        |outcome: &str| RECORDER.total(&["picks", "service=user", &format!("outcome={outcome}")]);
+    let before = [
+        outcomes("success"),
+        outcomes("failure"),
+        outcomes("dropped"),
+    ];
+    let allocated: u64 = (0..3).map(|_| cycle(true)).sum();
+    assert_eq!(allocated, 0, "picks or reports allocated");
+    // Every report reached its metric: per round 7 successes, 3 failures, 3 drops; per cycle
+    // 320 rounds, the 5 failures that eject and the restoring success.
+    let after = [
+        outcomes("success"),
+        outcomes("failure"),
+        outcomes("dropped"),
+    ];
+    let per_cycle = [320 * 7 + 1, 320 * 3 + 5, 320 * 3];
+    for ((b, a), want) in before.iter().zip(after).zip(per_cycle) {
+        assert_eq!(
+            a - b,
+            3 * want,
+            "success, failure, dropped: {before:?} -> {after:?}"
+        );
+    }
+    assert_eq!(RECORDER.total(&["ejections_total", "service=user"]), 4);
+}
+
+/// The ids of the instances ejected now (allocates: outside the counted parts).
+fn ejected_ids(users: &ServiceCache) -> Vec<String> {
+    users
+        .health()
+        .into_iter()
+        .filter(|h| h.ejected_until.is_some())
+        .map(|h| h.instance.id().to_owned())
+        .collect()
 }

@@ -132,8 +132,15 @@ pub(crate) struct Outliers {
     pub(crate) service: Arc<str>,
     pub(crate) ejection: OutlierEjection,
     pub(crate) slow_start: Option<SlowStart>,
-    /// Instances ejected right now (an expired ejection counts until someone notices it).
+    /// Instances ejected right now (an expired ejection counts until the next pick sweeps it
+    /// out: see [`sweep_due`](Self::sweep_due)).
     ejected: AtomicU32,
+    /// The clock origin of `sweep_at`.
+    origin: Instant,
+    /// When some ejection may have ended, in nanoseconds after `origin` (`u64::MAX`: none):
+    /// at or before the end of every ejection, so a pick past it sweeps the expired ones out of
+    /// the count.
+    sweep_at: AtomicU64,
     metrics: Metrics,
 }
 
@@ -168,6 +175,8 @@ impl Balancing {
                 ejection,
                 slow_start,
                 ejected: AtomicU32::new(0),
+                origin: super::clock::now(),
+                sweep_at: AtomicU64::new(u64::MAX),
                 metrics,
             }),
             registry: Mutex::new(HashMap::new()),
@@ -211,6 +220,12 @@ impl Balancing {
                     }
                     None => None,
                 };
+                // A draining instance is out of the instances up, the ones the max ejected share
+                // and the panic threshold count: an ejection of it (which no pick would notice
+                // over, since none picks it) would hold a slot for nothing.
+                if let Some(health) = &health {
+                    health.bench(!instance.is_up());
+                }
                 health.map_or_else(HealthSlot::new, HealthSlot::from)
             })
             .collect();
@@ -218,11 +233,28 @@ impl Balancing {
         registry.retain(|id, health| {
             let keep = present.contains(&**id);
             if !keep {
-                health.forget();
+                // For good: calls still in flight to it may report, but not eject it.
+                health.bench(true);
             }
             keep
         });
         slots
+    }
+
+    /// Lets every ejection that ended by `now` end (back on probation, its slot released), and
+    /// schedules the next sweep at the end of the first one still running. The registry holds
+    /// every health that can be ejected (a benched one cannot).
+    #[cold]
+    pub(crate) fn sweep(&self, now: Instant) {
+        let registry = self.registry.lock().unwrap_or_else(PoisonError::into_inner);
+        for health in registry.values() {
+            if health.maybe_ejected()
+                && health.is_ejected(now)
+                && let Some(until) = health.ejected_until()
+            {
+                self.sweep_after(until);
+            }
+        }
     }
 }
 
@@ -246,6 +278,31 @@ impl Outliers {
         let healthy = up.saturating_sub(ejected);
         healthy.saturating_mul(100)
             < up.saturating_mul(usize::from(self.ejection.panic_threshold_percent))
+    }
+
+    /// `at` as nanoseconds after `origin` (0 before it).
+    fn nanos(&self, at: Instant) -> u64 {
+        duration_nanos(at.saturating_duration_since(self.origin))
+    }
+
+    /// Makes sure a pick at or after `at` sweeps (an ejection ends then).
+    pub(crate) fn sweep_after(&self, at: Instant) {
+        self.sweep_at.fetch_min(self.nanos(at), Ordering::AcqRel);
+    }
+
+    /// Whether an ejection may have ended by `now` and the ejected count may be stale: if so,
+    /// the caller got the sweep (no other thread gets it until one is due again) and must look
+    /// at every instance's ejection, calling [`sweep_after`](Self::sweep_after) with the end of
+    /// each one still running. Without it, an expired ejection would count until a pick of
+    /// that very instance noticed it, which in panic mode (picks do not look) is never.
+    #[inline]
+    pub(crate) fn sweep_due(&self, now: Instant) -> bool {
+        let due = self.sweep_at.load(Ordering::Acquire);
+        due <= self.nanos(now)
+            && self
+                .sweep_at
+                .compare_exchange(due, u64::MAX, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
     }
 
     /// Takes one ejection slot out of `limit`, or says there is none.
@@ -291,6 +348,9 @@ pub(crate) struct Health {
     last_ejection_end: AtomicU64,
     /// Back from an ejection and not yet proven: one failure ejects it again.
     probation: AtomicBool,
+    /// Not up (draining, or its key is gone): not counted among the instances up, so never
+    /// ejected.
+    benched: AtomicBool,
     /// Peak-sensitive EWMA of latency, in nanoseconds (`f64` bits); 0 before the first sample.
     latency: AtomicU64,
     /// EWMA of the success rate, 0.0 to 1.0 (`f64` bits); starts at 1.0.
@@ -324,6 +384,7 @@ impl Health {
             ejected_until: AtomicU64::new(0),
             last_ejection_end: AtomicU64::new(0),
             probation: AtomicBool::new(false),
+            benched: AtomicBool::new(false),
             latency: AtomicU64::new(0f64.to_bits()),
             success: AtomicU64::new(1f64.to_bits()),
             last_report: AtomicU64::new(0),
@@ -520,7 +581,10 @@ impl Health {
     fn eject(&self, now: Instant, up: usize) -> Verdict {
         let balancing = &self.balancing;
         let policy = &balancing.ejection;
-        if self.maybe_ejected() || !balancing.reserve(policy.max_ejected(up)) {
+        if self.benched.load(Ordering::SeqCst)
+            || self.maybe_ejected()
+            || !balancing.reserve(policy.max_ejected(up))
+        {
             return Verdict::Unchanged;
         }
         let stamp = self.stamp(now);
@@ -540,7 +604,9 @@ impl Health {
             .base_ejection_time
             .saturating_mul(times)
             .min(policy.max_ejection_time);
-        let until = stamp.saturating_add(duration_nanos(length)).max(stamp + 1);
+        let until = stamp
+            .saturating_add(duration_nanos(length))
+            .max(stamp.saturating_add(1));
         if self
             .ejected_until
             .compare_exchange(0, until, Ordering::AcqRel, Ordering::Relaxed)
@@ -550,6 +616,12 @@ impl Health {
             balancing.release();
             return Verdict::Unchanged;
         }
+        if self.benched.load(Ordering::SeqCst) {
+            // Benched meanwhile: `bench` may have looked before this ejection was there.
+            self.lift();
+            return Verdict::Unchanged;
+        }
+        balancing.sweep_after(self.instant(until));
         self.times_ejected.store(times, Ordering::Relaxed);
         self.probation.store(false, Ordering::Release);
         self.consecutive_failures.store(0, Ordering::Relaxed);
@@ -567,9 +639,19 @@ impl Health {
         Verdict::Ejected
     }
 
-    /// The key left etcd: give back its ejection slot, if it held one.
-    pub(crate) fn forget(&self) {
-        if self.ejected_until.swap(0, Ordering::AcqRel) != 0 {
+    /// Benches the instance (it is draining, or its key left etcd: `true`) or brings it back
+    /// (up again: `false`). A benched instance gives back its ejection slot, if it held one, and
+    /// cannot be ejected: the max ejected share and the panic threshold count instances up.
+    pub(crate) fn bench(&self, benched: bool) {
+        self.benched.store(benched, Ordering::SeqCst);
+        if benched {
+            self.lift();
+        }
+    }
+
+    /// Ends the ejection, if any, without probation: its slot is given back.
+    fn lift(&self) {
+        if self.ejected_until.swap(0, Ordering::SeqCst) != 0 {
             self.balancing.release();
         }
     }

@@ -7,7 +7,7 @@
 //!
 //! | picker | on [`ServiceCache`](crate::ServiceCache) | how |
 //! |---|---|---|
-//! | round-robin | [`pick`](crate::ServiceCache::pick) | one cursor per thread |
+//! | round-robin | [`pick`](crate::ServiceCache::pick) | per-thread cursors, one per snapshot |
 //! | random | [`pick_random`](crate::ServiceCache::pick_random) | per-thread xorshift |
 //! | smooth weighted round-robin | [`pick_weighted`](crate::ServiceCache::pick_weighted) | nginx's cycle, precomputed |
 //! | weighted random | [`pick_weighted_random`](crate::ServiceCache::pick_weighted_random) | Vose's alias method |

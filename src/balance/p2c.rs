@@ -45,10 +45,7 @@ pub(crate) fn pick(tables: &Tables, instances: &[Arc<Instance>], now: Instant) -
     if len == 0 {
         return None;
     }
-    let mut gate = tables.gate();
-    if let Some(gate) = gate.as_mut() {
-        gate.set_now(now);
-    }
+    let mut gate = tables.gate_at(Some(now));
     let mut admit = |index: u32| match gate.as_mut() {
         None => Admit::Yes(1.0),
         Some(gate) => gate.admit(index),

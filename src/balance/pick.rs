@@ -8,21 +8,13 @@ use super::rng;
 use super::table::Tables;
 use crate::instance::Instance;
 
-thread_local! {
-    /// The smooth weighted round-robin position of this thread, apart from `pick()`'s cursor so
-    /// that mixing the two keeps each exact.
-    static WEIGHTED_CURSOR: std::cell::Cell<u64> = const { std::cell::Cell::new(u64::MAX) };
-}
-
 /// Round-robin: this thread's next position in the table of instances up. A skipped
 /// (ejected) instance moves the cursor on, so the others keep even shares.
 #[inline]
 pub(crate) fn round_robin(tables: &Tables) -> Option<u32> {
-    let n = rng::next_cursor();
-    tables.choose(|attempt| match attempt {
-        0 => tables.nth(n),
-        _ => tables.nth(rng::next_cursor()),
-    })
+    let owner = tables.cursor_owner();
+    // The cursor is 64 bits; positions wrap at 2^32, once in four billion picks.
+    tables.choose(|_| tables.nth(rng::next_position(owner) as u32))
 }
 
 /// Uniformly random among the instances up.
@@ -36,7 +28,8 @@ pub(crate) fn random(tables: &Tables) -> Option<u32> {
     })
 }
 
-/// Smooth weighted round-robin: this thread's next position in the snapshot's weighted cycle.
+/// Smooth weighted round-robin: this thread's next position in the snapshot's weighted cycle
+/// (a cursor apart from round-robin's, so that mixing the two keeps each exact).
 #[inline]
 pub(crate) fn weighted(tables: &Tables, instances: &[Arc<Instance>]) -> Option<u32> {
     let cycle = tables.cycle(instances);
@@ -44,25 +37,12 @@ pub(crate) fn weighted(tables: &Tables, instances: &[Arc<Instance>]) -> Option<u
     if len == 0 {
         return None;
     }
-    let n = WEIGHTED_CURSOR.with(|c| {
-        let mut n = c.get();
-        if n == u64::MAX {
-            n = u64::from(rng::next_cursor());
-        }
-        c.set(n.wrapping_add(1) % len);
-        n % len
-    });
-    tables.choose(|attempt| {
-        let at = match attempt {
-            0 => n,
-            // A skipped instance moves this thread's cursor on, as in round-robin.
-            _ => WEIGHTED_CURSOR.with(|c| {
-                let n = c.get() % len;
-                c.set(n.wrapping_add(1) % len);
-                n
-            }),
-        };
-        cycle.get(at as usize).copied()
+    let owner = tables.cursor_owner() | 1;
+    // A skipped instance moves this thread's cursor on, as in round-robin.
+    tables.choose(|_| {
+        cycle
+            .get((rng::next_position(owner) % len) as usize)
+            .copied()
     })
 }
 

@@ -1,10 +1,17 @@
-//! Per-thread round-robin cursors and random numbers: no shared state on the pick path.
+//! Per-thread round-robin cursors (one per table) and random numbers: no shared state on the
+//! pick path.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// How many tables (and pickers) a thread keeps a round-robin cursor for at once.
+const CURSORS: usize = 8;
+
 thread_local! {
-    static CURSOR: Cell<u32> = const { Cell::new(u32::MAX) };
+    /// `(owner, next position)` of this thread's cursors; owner 0 is a free slot.
+    static CURSOR: [Cell<(usize, u64)>; CURSORS] = const { [const { Cell::new((0, 0)) }; CURSORS] };
+    /// The slot the next new owner takes (oldest first).
+    static EVICT: Cell<usize> = const { Cell::new(0) };
     static RNG: Cell<u64> = const { Cell::new(0) };
 }
 
@@ -16,17 +23,40 @@ fn thread_seed() -> u64 {
     splitmix64(THREADS.fetch_add(1, Ordering::Relaxed))
 }
 
-/// The next round-robin position of this thread.
+/// This thread's next position in the cycle of `owner` (not 0: the address of one snapshot's
+/// tables, with its low bit telling round-robin from weighted round-robin).
+///
+/// Each owner has its own cursor, so a thread that picks from several caches, or from a cache
+/// and its selections, in turn still goes round each one in order: with one cursor per thread,
+/// a thread alternating between two caches of two instances would always get the same
+/// instance of each. The last [`CURSORS`] owners of a thread keep their cursors; a new owner
+/// starts at a random position, so that threads spread out.
 #[inline]
-pub(crate) fn next_cursor() -> u32 {
-    CURSOR.with(|c| {
-        let mut n = c.get();
-        if n == u32::MAX {
-            n = thread_seed() as u32 & 0x7FFF_FFFF;
+pub(crate) fn next_position(owner: usize) -> u64 {
+    CURSOR.with(|slots| {
+        for slot in slots {
+            let (held, n) = slot.get();
+            if held == owner {
+                slot.set((owner, n.wrapping_add(1)));
+                return n;
+            }
         }
-        c.set(n.wrapping_add(1));
-        n
+        new_cursor(slots, owner)
     })
+}
+
+#[cold]
+fn new_cursor(slots: &[Cell<(usize, u64)>; CURSORS], owner: usize) -> u64 {
+    let start = u64::from(next_random());
+    let evict = EVICT.with(|e| {
+        let n = e.get() % CURSORS;
+        e.set((n + 1) % CURSORS);
+        n
+    });
+    if let Some(slot) = slots.get(evict) {
+        slot.set((owner, start.wrapping_add(1)));
+    }
+    start
 }
 
 /// A uniformly random 32-bit number from this thread's xorshift generator.

@@ -69,7 +69,9 @@ struct Built {
 ///
 /// A selection has pick tables of its own, built once per snapshot (the first pick after a
 /// publish builds them), not a filter run on every pick. Ejection and slow start apply as for
-/// the whole service: health is shared. Cheap to clone; clones share the built tables.
+/// the whole service: health is shared, and the max ejected share and the panic threshold are
+/// weighed with the service's count of ejected instances against the selection's instances up.
+/// Cheap to clone; clones share the built tables.
 ///
 /// ```
 /// # use etcd_registry::{Codec, Discovery, Instance, KeyLayout, MemoryBackend, Selector};
@@ -123,6 +125,10 @@ impl Selection {
             }
         }
         let view = Arc::new(current.select(|instance| self.selector.matches(instance)));
+        // Health is read and made in the whole snapshot's slots, shared with the cache.
+        if let Some(at) = positions(&current, &view) {
+            view.tables().select_from(Arc::clone(&current), at);
+        }
         self.store(&current, &view);
         view
     }
@@ -169,6 +175,19 @@ impl Selection {
     pub fn pick_p2c(&self) -> Option<Call> {
         self.snapshot().pick_p2c()
     }
+}
+
+/// Where each instance of `view` (selected from `source`, in the same order) is in `source`;
+/// `None` if one is missing (never: a selection only leaves instances out).
+fn positions(source: &Snapshot, view: &Snapshot) -> Option<Box<[u32]>> {
+    let mut all = source.instances().iter().enumerate();
+    view.instances()
+        .iter()
+        .map(|instance| {
+            let (n, _) = all.find(|(_, candidate)| Arc::ptr_eq(candidate, instance))?;
+            u32::try_from(n).ok()
+        })
+        .collect()
 }
 
 impl std::fmt::Debug for Selection {

@@ -13,6 +13,16 @@ use super::health::{Balancing, Health, HealthSlot};
 use super::rng;
 use super::weighted::{Alias, smooth_cycle};
 use crate::instance::Instance;
+use crate::snapshot::Snapshot;
+
+/// Where a selection's tables read and make health: the snapshot the selection was made from
+/// (the whole service), and the position there of each selected instance. So a selection and
+/// its cache share each instance's health slot, whichever of them reports first.
+#[derive(Debug)]
+struct Selected {
+    source: Arc<Snapshot>,
+    at: Box<[u32]>,
+}
 
 /// The pick tables of one snapshot; shared by the snapshots that differ only in freshness.
 #[derive(Debug)]
@@ -31,6 +41,8 @@ pub(crate) struct Tables {
     warming_until: Option<Instant>,
     /// Set once a pick saw the clock past `warming_until`: no clock reads after that.
     warmed: AtomicBool,
+    /// For a selection's tables: where health lives (see [`select_from`](Self::select_from)).
+    selected: OnceLock<Selected>,
 }
 
 impl Tables {
@@ -56,7 +68,7 @@ impl Tables {
             up.iter()
                 .filter_map(|&n| health.get(n as usize)?.get()?.born())
                 .max()
-                .map(|born| born + slow_start.window())
+                .map(|born| warm_until(born, slow_start.window()))
         });
         Self {
             up,
@@ -68,7 +80,23 @@ impl Tables {
             maglev: OnceLock::new(),
             warming_until,
             warmed: AtomicBool::new(false),
+            selected: OnceLock::new(),
         }
+    }
+
+    /// Makes these (a selection's) tables read and make health in `source`'s slots: `at[n]` is
+    /// where instance `n` of the selection is in `source`. Without it, a selection made before
+    /// an instance had health would never see the health its cache made later (and the other
+    /// way round): an instance ejected through one would still be picked by the other.
+    pub(crate) fn select_from(&self, source: Arc<Snapshot>, at: Box<[u32]>) {
+        let _ = self.selected.set(Selected { source, at });
+    }
+
+    /// This table's round-robin cursor owner (see [`rng::next_position`]): its address, which
+    /// is even (the weighted cursor sets the low bit).
+    #[inline]
+    pub(crate) fn cursor_owner(&self) -> usize {
+        std::ptr::from_ref(self) as usize & !1
     }
 
     /// How many instances may be picked.
@@ -85,6 +113,10 @@ impl Tables {
     /// The health of instance `index`, if it has any yet.
     #[inline]
     pub(crate) fn health(&self, index: u32) -> Option<&Arc<Health>> {
+        if let Some(selected) = self.selected.get() {
+            let at = *selected.at.get(index as usize)?;
+            return selected.source.tables().health(at);
+        }
         self.health.get(index as usize)?.get()
     }
 
@@ -94,6 +126,11 @@ impl Tables {
         index: u32,
         instances: &[Arc<Instance>],
     ) -> Option<&Arc<Health>> {
+        if let Some(selected) = self.selected.get() {
+            let at = *selected.at.get(index as usize)?;
+            let source = &selected.source;
+            return source.tables().health_or_new(at, source.instances());
+        }
         let slot = self.health.get(index as usize)?;
         if let Some(health) = slot.get() {
             return Some(health);
@@ -159,13 +196,30 @@ impl Tables {
     /// read.
     #[inline]
     pub(crate) fn gate(&self) -> Option<Gate<'_>> {
-        let eject = self.balancing.any_ejected() && !self.balancing.panicking(self.up.len());
+        self.gate_at(None)
+    }
+
+    /// [`gate`](Self::gate) for a pick at `now` (read from the clock when needed, if `None`).
+    /// While some instance is ejected the clock is read, to sweep out ejections that ended
+    /// (see [`Outliers::sweep_due`](super::health::Outliers::sweep_due)), so that the panic
+    /// threshold and the max ejected share count only the ejections running.
+    #[inline]
+    pub(crate) fn gate_at(&self, now: Option<Instant>) -> Option<Gate<'_>> {
         let warm = self.warming_until.is_some() && !self.warmed.load(Ordering::Relaxed);
+        let mut now = now;
+        let mut eject = false;
+        if self.balancing.any_ejected() {
+            let at = *now.get_or_insert_with(super::clock::now);
+            if self.balancing.sweep_due(at) {
+                self.balancing.sweep(at);
+            }
+            eject = self.balancing.any_ejected() && !self.balancing.panicking(self.up.len());
+        }
         (eject || warm).then_some(Gate {
             tables: self,
             eject,
             warm,
-            now: None,
+            now,
         })
     }
 
@@ -193,6 +247,15 @@ impl Tables {
     }
 }
 
+/// `born + window`, or a century after `born` when the window is too long for an instant (a
+/// valid setting: it must not panic), or `born` itself if even that is.
+fn warm_until(born: Instant, window: std::time::Duration) -> Instant {
+    const CENTURY: std::time::Duration = std::time::Duration::from_secs(100 * 365 * 86_400);
+    born.checked_add(window)
+        .or_else(|| born.checked_add(CENTURY))
+        .unwrap_or(born)
+}
+
 /// What an admission check found out about one candidate.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) enum Admit {
@@ -211,11 +274,6 @@ pub(crate) struct Gate<'a> {
 }
 
 impl Gate<'_> {
-    /// Uses `now` as the pick's time instead of reading the clock.
-    pub(crate) fn set_now(&mut self, now: Instant) {
-        self.now = Some(now);
-    }
-
     /// Leaves slow start out of this pick (the consistent hash: keys must not move).
     pub(crate) fn without_slow_start(mut self) -> Self {
         self.warm = false;

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::health::{Balancing, OutlierEjection};
-use super::rng::{next_cursor, next_random};
+use super::rng::{next_position, next_random};
 use super::table::Tables;
 use crate::instance::{Instance, State};
 
@@ -57,15 +57,23 @@ fn draining_never_in_table() {
 
 #[test]
 fn cursor_advances_by_one_per_pick() {
-    let a = next_cursor();
-    let b = next_cursor();
+    let a = next_position(8);
+    let b = next_position(8);
     assert_eq!(b, a.wrapping_add(1));
 }
 
 #[test]
+fn each_owner_has_its_own_cursor() {
+    let a = next_position(16);
+    let x = next_position(24);
+    assert_eq!(next_position(16), a.wrapping_add(1));
+    assert_eq!(next_position(24), x.wrapping_add(1));
+}
+
+#[test]
 fn threads_start_at_different_offsets() {
-    let starts: std::collections::HashSet<u32> = (0..8)
-        .map(|_| std::thread::spawn(next_cursor).join().unwrap())
+    let starts: std::collections::HashSet<u64> = (0..8)
+        .map(|_| std::thread::spawn(|| next_position(8)).join().unwrap())
         .collect();
     assert!(starts.len() > 1, "every thread started at the same cursor");
 }

@@ -28,7 +28,8 @@ pub struct InstanceHealth {
     pub ejected_until: Option<Instant>,
     /// Back from an ejection and not yet proven: one failure ejects it again.
     pub on_probation: bool,
-    /// When the cache first saw it, if after the first list (it may be warming up).
+    /// When the cache first saw it, if after the first list (it may be warming up). Known with
+    /// slow start on only: without it nothing warms up, and health is made on first need.
     pub first_seen: Option<Instant>,
 }
 

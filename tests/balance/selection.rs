@@ -1,0 +1,167 @@
+//! Selections by tags and metadata: only matching instances, tables rebuilt after a publish,
+//! `None` when nothing matches, and ejection counted for the whole service.
+
+use etcd_registry::{Selection, Selector};
+
+use super::*;
+
+/// Every picker of `selection`, `n` times each: the ids picked, with `"-"` for `None`.
+fn picked_ids(selection: &Selection, n: usize) -> BTreeMap<String, usize> {
+    let id = |p: Option<Picked>| p.map(|p| p.id().to_owned());
+    let mut all = BTreeMap::new();
+    let mut k = 0;
+    let mut add = |counts: BTreeMap<String, usize>| {
+        for (id, c) in counts {
+            *all.entry(id).or_insert(0) += c;
+        }
+    };
+    add(tally(n, || id(selection.pick())));
+    add(tally(n, || id(selection.pick_random())));
+    add(tally(n, || id(selection.pick_weighted())));
+    add(tally(n, || id(selection.pick_weighted_random())));
+    add(tally(n, || {
+        k += 1;
+        id(selection.pick_by(format!("key-{k}")))
+    }));
+    add(tally(n, || selection.pick_p2c().map(|c| c.id().to_owned())));
+    all
+}
+
+fn set(ids: &[&str]) -> Vec<String> {
+    ids.iter().map(|s| s.to_string()).collect()
+}
+
+fn keys_of(counts: &BTreeMap<String, usize>) -> Vec<String> {
+    counts.keys().cloned().collect()
+}
+
+/// Tags, metadata and both together select exactly the matching instances, for every picker.
+#[tokio::test(start_paused = true)]
+async fn a_selection_picks_only_matching_instances() {
+    let etcd = MemoryBackend::new();
+    put(&etcd, spec("a").tag("canary").meta("zone", "eu"));
+    put(&etcd, spec("b").tag("canary").meta("zone", "us"));
+    put(&etcd, spec("c").tag("stable").meta("zone", "eu"));
+    put(&etcd, spec("d").tag("stable").tag("canary"));
+    let users = users(discovery(&etcd)).await;
+
+    let cases = [
+        (Selector::new().tag("canary"), set(&["a", "b", "d"])),
+        (Selector::new().meta("zone", "eu"), set(&["a", "c"])),
+        (
+            Selector::new().tag("canary").meta("zone", "eu"),
+            set(&["a"]),
+        ),
+        (Selector::new().tag("stable").tag("canary"), set(&["d"])),
+        (Selector::new(), set(&["a", "b", "c", "d"])),
+    ];
+    for (selector, want) in cases {
+        let selection = users.select(selector.clone());
+        assert_eq!(ids_of(&selection.snapshot()), want, "{selector:?}");
+        let counts = picked_ids(&selection, 300);
+        assert_eq!(keys_of(&counts), want, "{selector:?}: {counts:?}");
+    }
+}
+
+/// A selection's tables are rebuilt after each publish and survive a freeze.
+#[tokio::test(start_paused = true)]
+async fn a_selection_follows_publishes() {
+    // A selection's tables are rebuilt after a publish: a new matching instance is picked, a
+    // removed one no longer is, a non-matching one never is.
+    let etcd = MemoryBackend::new();
+    put(&etcd, spec("a").tag("canary"));
+    put(&etcd, spec("b"));
+    let users = users(discovery(&etcd)).await;
+    let canaries = users.select(Selector::new().tag("canary"));
+    assert_eq!(keys_of(&picked_ids(&canaries, 100)), set(&["a"]));
+
+    put(&etcd, spec("c").tag("canary"));
+    put(&etcd, spec("d"));
+    until_ids(&users, &["a", "b", "c", "d"]).await;
+    assert_eq!(keys_of(&picked_ids(&canaries, 300)), set(&["a", "c"]));
+
+    remove(&etcd, "a");
+    until_ids(&users, &["b", "c", "d"]).await;
+    assert_eq!(keys_of(&picked_ids(&canaries, 300)), set(&["c"]));
+
+    // A freeze (same instances, new freshness) keeps the selection answering.
+    etcd.set_reachable(false);
+    until_frozen(&users).await;
+    assert!(!canaries.snapshot().freshness().is_live());
+    assert_eq!(keys_of(&picked_ids(&canaries, 100)), set(&["c"]));
+}
+
+/// A selection with nothing up (no match, or all draining) gives `None` from every picker.
+#[tokio::test(start_paused = true)]
+async fn an_empty_selection_gives_none() {
+    // A selection that matches nothing gives `None` from every picker, as does one whose matches
+    // are all draining.
+    let etcd = MemoryBackend::new();
+    put(&etcd, spec("a").tag("stable"));
+    put(
+        &etcd,
+        spec("b")
+            .tag("canary")
+            .state(etcd_registry::State::Draining),
+    );
+    let users = users(discovery(&etcd)).await;
+
+    let nobody = users.select(Selector::new().tag("nobody"));
+    assert!(nobody.snapshot().is_empty());
+    assert_eq!(keys_of(&picked_ids(&nobody, 10)), set(&["-"]));
+
+    let draining = users.select(Selector::new().tag("canary"));
+    assert_eq!(ids_of(&draining.snapshot()), set(&["b"]));
+    assert_eq!(keys_of(&picked_ids(&draining, 10)), set(&["-"]));
+}
+
+/// A selection and its cache share health: an ejection through either shows in both.
+#[tokio::test(start_paused = true)]
+async fn a_selection_and_its_cache_share_health() {
+    // A selection and its cache share each instance's health, whichever reports: an instance
+    // ejected through the cache's picks is skipped by a selection already built (its tables made
+    // before anything was reported), and one ejected through the selection's picks is skipped by
+    // the cache's picks and shows in its `health()`.
+    for through_selection in [false, true] {
+        let etcd = MemoryBackend::new();
+        for id in ["a", "b", "c"] {
+            put(&etcd, spec(id).tag("canary"));
+        }
+        put_all(&etcd, &["d", "e", "f"]);
+        let users = users(discovery(&etcd)).await;
+        let canaries = users.select(Selector::new().tag("canary"));
+        assert_eq!(
+            picked_ids(&canaries, 30).len(),
+            3,
+            "built, nothing reported"
+        );
+        assert_eq!(keys_of(&picked_ids(&canaries, 30)), set(&["a", "b", "c"]));
+
+        if through_selection {
+            for _ in 0..5 {
+                let picked = (0..100)
+                    .filter_map(|_| canaries.pick())
+                    .find(|p| p.id() == "b")
+                    .expect("b picked");
+                picked.failure();
+            }
+        } else {
+            fail(&users, "b", 5);
+        }
+        assert_eq!(
+            ejected(&users),
+            ["b"],
+            "through the selection: {through_selection}"
+        );
+        let counts = picked_ids(&canaries, 300);
+        assert_eq!(
+            keys_of(&counts),
+            set(&["a", "c"]),
+            "{through_selection}: {counts:?}"
+        );
+        let counts = tally(600, || users.pick().map(|p| p.id().to_owned()));
+        assert!(!counts.contains_key("b"), "{through_selection}: {counts:?}");
+        let counts = tally(600, || users.pick_p2c().map(|c| c.id().to_owned()));
+        assert!(!counts.contains_key("b"), "{through_selection}: {counts:?}");
+    }
+}
