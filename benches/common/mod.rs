@@ -57,3 +57,37 @@ pub async fn discover(etcd: &MemoryBackend, service: &str) -> ServiceCache {
         .await
         .expect("first list")
 }
+
+/// Like [`cache`], with instance `i` at `weight(i)` and outlier ejection set to `ejection`.
+pub fn cache_with(
+    n: usize,
+    weight: impl Fn(usize) -> u32,
+    ejection: etcd_registry::OutlierEjection,
+) -> (tokio::runtime::Runtime, MemoryBackend, ServiceCache) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let etcd = MemoryBackend::new();
+    for i in 0..n {
+        let weighted = instance(i, 8080)
+            .to_builder()
+            .weight(weight(i))
+            .build()
+            .expect("valid instance");
+        let (key, value) = encoded(&weighted);
+        etcd.put(key, value);
+    }
+    let cache = rt.block_on(async {
+        Discovery::memory(etcd.clone())
+            .namespace(NAMESPACE)
+            .outlier_ejection(ejection)
+            .build()
+            .expect("valid config")
+            .service("user")
+            .await
+            .expect("first list")
+    });
+    assert_eq!(cache.snapshot().len(), n);
+    (rt, etcd, cache)
+}

@@ -1,0 +1,611 @@
+//! Balancing: what each picker costs, and p2c's pick + report against the p2c a caller would run
+//! otherwise. Every baseline runs in the same process, right after ours.
+//!
+//! - `balance/pick/{1,2}-thread`: every picker of `ServiceCache`, over caches of 10 and 1 000
+//!   instances (weights 1, 4, 7, 10 in turn), nothing ejected. `load` (the bare snapshot read)
+//!   is the floor. `pick_by` hashes another key each time, from a precomputed array of 4 096.
+//! - `balance/one_ejected/1-thread`: the same picks over 10 instances with one ejected (one
+//!   shared counter says so; a pick that draws the ejected one reads the clock).
+//! - `balance/p2c/{1,2}-thread`: one operation is a pick and the report of its success.
+//!   - `ours`: `pick_p2c()`, then `Call::success()`.
+//!   - `mutex_gozero`: go-zero's p2c (`zrpc/internal/balancer/p2c/p2c.go`: a list of
+//!     {in-flight, latency EWMA, success EWMA, last report, last pick}, two random picks, the
+//!     forced pick after 1 s) with our cost formula, behind a `std::sync::Mutex` that the pick
+//!     and the report each take. The clock is read outside the lock (go-zero reads it inside).
+//!   - `tower_buffer`: tower's `p2c::Balance` over `PeakEwma` endpoints (a `service_fn` that
+//!     answers at once) behind a `Buffer` of 1 024 (a tonic `Channel`'s shape and default),
+//!     driven by tokio tasks: one caller task on a current-thread runtime for 1 thread, two
+//!     caller tasks on a 2-worker runtime for 2. The report is the response future completing
+//!     (`CompleteOnResponse`).
+//!   - `tower_mutex`: not a target, for scale: the same `Balance` behind a `std::sync::Mutex`,
+//!     polled directly, without `Buffer` or runtime: tower's p2c alone.
+//!
+//! Times are per operation per thread with every thread running: each thread does `iters`
+//! operations and a sample takes the slowest thread's time; throughput over all threads is
+//! `threads / time`. The medians of this run, and the targets, are printed at the end.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::future::{Future, Ready};
+use std::hint::black_box;
+use std::pin::pin;
+use std::sync::{Arc, Barrier, Mutex, PoisonError};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use criterion::measurement::WallTime;
+use criterion::{
+    BenchmarkGroup, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main,
+};
+use etcd_registry::{OutlierEjection, ServiceCache};
+use tower::balance::p2c::Balance;
+use tower::buffer::Buffer;
+use tower::discover::ServiceList;
+use tower::load::{CompleteOnResponse, PeakEwma};
+use tower::util::ServiceFn;
+use tower::{Service, ServiceExt};
+
+mod common;
+
+/// Cache sizes: a typical service, and a large one.
+const SIZES: [usize; 2] = [10, 1_000];
+/// Routing keys for `pick_by` (a power of two).
+const KEYS: usize = 4_096;
+/// Samples per benchmark; the summary takes the median of the last this many.
+const SAMPLES: usize = 60;
+/// Instance weights, in turn.
+const WEIGHTS: [u32; 4] = [1, 4, 7, 10];
+/// The EWMA decay of every p2c here (ours: `DECAY_TAU`, go-zero's `decayTime`).
+const DECAY: Duration = Duration::from_secs(10);
+/// go-zero's `forcePick` (and ours, `FORCE_PICK`).
+const FORCE_PICK: Duration = Duration::from_secs(1);
+/// tonic's `DEFAULT_BUFFER_SIZE`.
+const BUFFER: usize = 1_024;
+
+/// Runs `op(thread, i)` for `i` in `0..iters` on each of `threads` threads at once; returns
+/// the slowest thread's time.
+fn on_threads<F: Fn(usize, u64) + Sync>(threads: usize, iters: u64, op: &F) -> Duration {
+    let barrier = Barrier::new(threads);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|thread| {
+                let barrier = &barrier;
+                s.spawn(move || {
+                    barrier.wait();
+                    let start = Instant::now();
+                    for i in 0..iters {
+                        op(thread, i);
+                    }
+                    start.elapsed()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("bench thread"))
+            .max()
+            .unwrap_or_default()
+    })
+}
+
+/// Per-operation times of every sample, by benchmark, for the summary.
+#[derive(Default)]
+struct Record(Mutex<BTreeMap<String, Vec<f64>>>);
+
+impl Record {
+    fn add(&self, id: &str, elapsed: Duration, iters: u64) {
+        let per_op = elapsed.as_nanos() as f64 / iters.max(1) as f64;
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(id.to_owned())
+            .or_default()
+            .push(per_op);
+    }
+
+    /// The median time per operation of the measured samples (warm-up runs come first).
+    fn median(&self, id: &str) -> Option<f64> {
+        let all = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let samples = all.get(id)?;
+        let mut last: Vec<f64> = samples[samples.len().saturating_sub(SAMPLES)..].to_vec();
+        last.sort_by(f64::total_cmp);
+        Some(last[last.len() / 2])
+    }
+}
+
+/// One benchmark of `group` (named `group_name`): `routine(iters)` returns the time of `iters`
+/// operations per thread.
+fn bench(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    record: &Record,
+    group_name: &str,
+    name: &str,
+    n: usize,
+    mut routine: impl FnMut(u64) -> Duration,
+) {
+    let id = format!("{group_name}/{name}/{n}");
+    group.bench_with_input(BenchmarkId::new(name, n), &n, |b, _| {
+        b.iter_custom(|iters| {
+            let elapsed = routine(iters);
+            record.add(&id, elapsed, iters);
+            elapsed
+        })
+    });
+}
+
+fn weight(i: usize) -> u32 {
+    WEIGHTS[i % WEIGHTS.len()]
+}
+
+/// A cache of `n` weighted instances, with `ejection`.
+fn cache(
+    n: usize,
+    ejection: OutlierEjection,
+) -> (
+    tokio::runtime::Runtime,
+    etcd_registry::MemoryBackend,
+    ServiceCache,
+) {
+    common::cache_with(n, weight, ejection)
+}
+
+/// Routing keys, as a caller would pass them: a session id each.
+fn keys() -> Vec<String> {
+    (0..KEYS).map(|k| format!("session-{k:08x}")).collect()
+}
+
+/// The key of operation `i` on `thread`.
+fn key(keys: &[String], thread: usize, i: u64) -> &str {
+    &keys[(i as usize).wrapping_add(thread * 1_021) & (KEYS - 1)]
+}
+
+/// The pickers over `users`; `threads` at once.
+fn pickers(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    record: &Record,
+    group_name: &str,
+    threads: usize,
+    n: usize,
+    users: &ServiceCache,
+    keys: &[String],
+) {
+    // Monomorphised per picker: a `dyn` call would add its own cost to every pick.
+    macro_rules! picker {
+        ($name:literal, |$t:pat_param, $i:pat_param| $pick:expr) => {
+            bench(group, record, group_name, $name, n, |iters| {
+                on_threads(threads, iters, &|$t: usize, $i: u64| {
+                    let picked = $pick;
+                    black_box(picked.as_ref().map(|p| p.addr().len()));
+                })
+            })
+        };
+    }
+    bench(group, record, group_name, "load", n, |iters| {
+        on_threads(threads, iters, &|_, _| {
+            black_box(users.load().len());
+        })
+    });
+    picker!("pick", |_, _| users.pick());
+    picker!("pick_random", |_, _| users.pick_random());
+    picker!("pick_weighted", |_, _| users.pick_weighted());
+    picker!("pick_weighted_random", |_, _| users.pick_weighted_random());
+    picker!("pick_by", |t, i| users.pick_by(key(keys, t, i)));
+}
+
+/// Our p2c: a pick, and its success reported.
+fn ours(users: &ServiceCache) {
+    let call = users.pick_p2c().expect("an instance is up");
+    black_box(call.addr().len());
+    call.success();
+}
+
+/// go-zero's p2c behind a `Mutex`.
+mod gozero {
+    use super::*;
+
+    /// One endpoint, as go-zero's `subConn`.
+    struct Conn {
+        in_flight: u32,
+        /// Latency EWMA, in nanoseconds.
+        lag: f64,
+        /// Success EWMA, 0.0 to 1.0.
+        success: f64,
+        requests: u64,
+        /// Last report and last pick, in nanoseconds after `origin` plus one (0: never).
+        last: u64,
+        pick: u64,
+    }
+
+    impl Conn {
+        /// The same formula as ours (`balance::p2c`).
+        fn cost(&self) -> f64 {
+            (self.lag + 1.0).sqrt() * (f64::from(self.in_flight) + 1.0) / self.success.max(0.01)
+        }
+    }
+
+    struct State {
+        conns: Vec<Conn>,
+        /// xorshift64, under the lock like go-zero's `p.r`.
+        rng: u64,
+    }
+
+    pub(super) struct MutexP2c {
+        state: Mutex<State>,
+        origin: Instant,
+    }
+
+    impl MutexP2c {
+        pub(super) fn new(n: usize) -> Self {
+            let conns = (0..n)
+                .map(|_| Conn {
+                    in_flight: 0,
+                    lag: 0.0,
+                    success: 1.0,
+                    requests: 0,
+                    last: 0,
+                    pick: 0,
+                })
+                .collect();
+            Self {
+                state: Mutex::new(State {
+                    conns,
+                    rng: 0x9E37_79B9_7F4A_7C15,
+                }),
+                origin: Instant::now(),
+            }
+        }
+
+        fn stamp(&self, now: Instant) -> u64 {
+            now.saturating_duration_since(self.origin).as_nanos() as u64 + 1
+        }
+
+        /// The pick: an index, and when the request started.
+        pub(super) fn pick(&self) -> (usize, Instant) {
+            let now = Instant::now();
+            let stamp = self.stamp(now);
+            let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+            let len = state.conns.len() as u64;
+            let mut x = state.rng;
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            state.rng = x;
+            // Every endpoint is healthy here, so go-zero's first pair is taken.
+            let a = (((x & 0xFFFF_FFFF) * len) >> 32) as usize;
+            let chosen = if len < 2 {
+                state.conns[a].pick = stamp;
+                a
+            } else {
+                let mut b = (((x >> 32) * (len - 1)) >> 32) as usize;
+                if b >= a {
+                    b += 1;
+                }
+                let (win, lose) = if state.conns[a].cost() <= state.conns[b].cost() {
+                    (a, b)
+                } else {
+                    (b, a)
+                };
+                let loser = &mut state.conns[lose];
+                if stamp.saturating_sub(loser.pick) > FORCE_PICK.as_nanos() as u64 {
+                    loser.pick = stamp;
+                    lose
+                } else {
+                    state.conns[win].pick = stamp;
+                    win
+                }
+            };
+            let conn = &mut state.conns[chosen];
+            conn.in_flight += 1;
+            conn.requests += 1;
+            (chosen, now)
+        }
+
+        /// The outcome of the request to `index` started at `started` (go-zero's `Done`).
+        pub(super) fn report(&self, index: usize, started: Instant, success: bool) {
+            let now = Instant::now();
+            let stamp = self.stamp(now);
+            let lag = now.saturating_duration_since(started).as_nanos() as f64;
+            let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+            let conn = &mut state.conns[index];
+            conn.in_flight = conn.in_flight.saturating_sub(1);
+            let elapsed = stamp.saturating_sub(conn.last) as f64;
+            conn.last = stamp;
+            let mut w = (-elapsed / DECAY.as_nanos() as f64).exp();
+            if conn.lag == 0.0 {
+                w = 0.0;
+            }
+            conn.lag = conn.lag * w + lag * (1.0 - w);
+            let sample = if success { 1.0 } else { 0.0 };
+            conn.success = conn.success * w + sample * (1.0 - w);
+        }
+    }
+}
+
+/// tower's p2c.
+mod towerp2c {
+    use super::*;
+
+    pub(super) type Echo = ServiceFn<fn(u64) -> Ready<Result<u64, Infallible>>>;
+    pub(super) type Lb = Balance<ServiceList<Vec<PeakEwma<Echo>>>, u64>;
+    pub(super) type Buffered = Buffer<u64, <Lb as Service<u64>>::Future>;
+
+    fn echo(n: u64) -> Ready<Result<u64, Infallible>> {
+        std::future::ready(Ok(n))
+    }
+
+    /// `Balance` over `n` endpoints that answer at once.
+    pub(super) fn balance(n: usize) -> Lb {
+        let endpoints: Vec<PeakEwma<Echo>> = (0..n)
+            .map(|_| {
+                let echo: fn(u64) -> Ready<Result<u64, Infallible>> = echo;
+                PeakEwma::new(
+                    tower::service_fn(echo),
+                    Duration::from_millis(1),
+                    DECAY.as_nanos() as f64,
+                    CompleteOnResponse::default(),
+                )
+            })
+            .collect();
+        Balance::new(ServiceList::new::<u64>(endpoints))
+    }
+
+    /// A runtime for `threads` caller threads, and a `Buffer` over `balance(n)` whose worker
+    /// runs on it.
+    pub(super) fn buffered(threads: usize, n: usize) -> (tokio::runtime::Runtime, Buffered) {
+        let rt = if threads == 1 {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+        } else {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(threads)
+                .enable_all()
+                .build()
+        }
+        .expect("runtime");
+        let buffer = {
+            let _entered = rt.enter();
+            Buffer::new(balance(n), BUFFER)
+        };
+        (rt, buffer)
+    }
+
+    /// `threads` caller tasks each send `iters` requests through `buffer`, one at a time;
+    /// returns the slowest task's time.
+    pub(super) fn run_buffered(
+        rt: &tokio::runtime::Runtime,
+        buffer: &Buffered,
+        threads: usize,
+        iters: u64,
+    ) -> Duration {
+        rt.block_on(async {
+            let barrier = Arc::new(tokio::sync::Barrier::new(threads));
+            let tasks: Vec<_> = (0..threads)
+                .map(|_| {
+                    let mut svc = buffer.clone();
+                    let barrier = barrier.clone();
+                    tokio::spawn(async move {
+                        barrier.wait().await;
+                        let start = Instant::now();
+                        for i in 0..iters {
+                            let answer = svc
+                                .ready()
+                                .await
+                                .expect("balancer ready")
+                                .call(i)
+                                .await
+                                .expect("answer");
+                            black_box(answer);
+                        }
+                        start.elapsed()
+                    })
+                })
+                .collect();
+            let mut slowest = Duration::ZERO;
+            for task in tasks {
+                slowest = slowest.max(task.await.expect("caller task"));
+            }
+            slowest
+        })
+    }
+
+    /// One request through a `Balance` behind a `Mutex`: ready and call under the lock, the
+    /// response (and with it the report) outside.
+    pub(super) fn call_locked(lb: &Mutex<Lb>, i: u64) {
+        let mut cx = Context::from_waker(Waker::noop());
+        let response = {
+            let mut lb = lb.lock().unwrap_or_else(PoisonError::into_inner);
+            match lb.poll_ready(&mut cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => panic!("balancer failed: {e}"),
+                Poll::Pending => panic!("endpoints that answer at once are always ready"),
+            }
+            lb.call(i)
+        };
+        match pin!(response).poll(&mut cx) {
+            Poll::Ready(Ok(answer)) => {
+                black_box(answer);
+            }
+            Poll::Ready(Err(e)) => panic!("answer failed: {e}"),
+            Poll::Pending => panic!("endpoints answer at once"),
+        }
+    }
+}
+
+/// The default outlier ejection, but with ejections that outlast the run.
+fn long_ejection() -> OutlierEjection {
+    OutlierEjection {
+        base_ejection_time: Duration::from_secs(3_600),
+        max_ejection_time: Duration::from_secs(3_600),
+        ..OutlierEjection::default()
+    }
+}
+
+/// Ejects instance `id` of `users` by reporting failures on its round-robin picks.
+fn eject(users: &ServiceCache, id: &str) {
+    let mut left = OutlierEjection::default().consecutive_failures;
+    while left > 0 {
+        let picked = users.pick().expect("an instance is up");
+        if picked.id() == id {
+            picked.failure();
+            left -= 1;
+        }
+    }
+    let ejected = users
+        .health()
+        .iter()
+        .filter(|h| h.ejected_until.is_some())
+        .count();
+    assert_eq!(ejected, 1, "one instance ejected");
+}
+
+fn benches(c: &mut Criterion) {
+    let record = Record::default();
+    let keys = keys();
+    let caches: Vec<_> = SIZES
+        .iter()
+        .map(|&n| (n, cache(n, OutlierEjection::default())))
+        .collect();
+
+    for threads in [1usize, 2] {
+        let group_name = format!("balance/pick/{threads}-thread");
+        let mut group = c.benchmark_group(&group_name);
+        for (n, (_rt, _etcd, users)) in &caches {
+            pickers(&mut group, &record, &group_name, threads, *n, users, &keys);
+        }
+        group.finish();
+    }
+
+    {
+        let group_name = "balance/one_ejected/1-thread";
+        let mut group = c.benchmark_group(group_name);
+        let (_rt, _etcd, users) = cache(10, long_ejection());
+        eject(&users, "u3");
+        pickers(&mut group, &record, group_name, 1, 10, &users, &keys);
+        bench(&mut group, &record, group_name, "ours_p2c", 10, |iters| {
+            on_threads(1, iters, &|_, _| ours(&users))
+        });
+        group.finish();
+    }
+
+    for threads in [1usize, 2] {
+        let group_name = format!("balance/p2c/{threads}-thread");
+        let mut group = c.benchmark_group(&group_name);
+        group.throughput(Throughput::Elements(threads as u64));
+        for (n, (_rt, _etcd, users)) in &caches {
+            let n = *n;
+            bench(&mut group, &record, &group_name, "ours", n, |iters| {
+                on_threads(threads, iters, &|_, _| ours(users))
+            });
+            let gozero = gozero::MutexP2c::new(n);
+            bench(
+                &mut group,
+                &record,
+                &group_name,
+                "mutex_gozero",
+                n,
+                |iters| {
+                    on_threads(threads, iters, &|_, _| {
+                        let (index, started) = gozero.pick();
+                        black_box(index);
+                        gozero.report(index, started, true);
+                    })
+                },
+            );
+            let (rt, buffer) = towerp2c::buffered(threads, n);
+            bench(
+                &mut group,
+                &record,
+                &group_name,
+                "tower_buffer",
+                n,
+                |iters| towerp2c::run_buffered(&rt, &buffer, threads, iters),
+            );
+            let locked = Mutex::new(towerp2c::balance(n));
+            bench(
+                &mut group,
+                &record,
+                &group_name,
+                "tower_mutex",
+                n,
+                |iters| on_threads(threads, iters, &|_, i| towerp2c::call_locked(&locked, i)),
+            );
+        }
+        group.finish();
+    }
+
+    summary(&record);
+}
+
+/// The medians of this run against the targets.
+fn summary(record: &Record) {
+    let median = |id: &str| record.median(id);
+    let measured = record
+        .0
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .values()
+        .all(|samples| samples.len() > SAMPLES);
+    if !measured {
+        println!("balance: too few samples for a summary (as in --test mode)");
+        return;
+    }
+    let mut lines = vec!["balance: medians of this run, per operation per thread".to_owned()];
+    for (id, limit) in [
+        ("balance/pick/1-thread/pick/10", 10.0),
+        ("balance/pick/1-thread/pick_weighted/10", 20.0),
+        ("balance/pick/1-thread/pick_weighted_random/10", 20.0),
+        ("balance/pick/1-thread/pick_by/1000", 50.0),
+    ] {
+        match median(id) {
+            Some(ns) => {
+                let verdict = if ns <= limit { "met" } else { "MISSED" };
+                lines.push(format!(
+                    "  {id:<46} {ns:>6.1} ns  target <= {limit} ns: {verdict}"
+                ));
+            }
+            None => lines.push(format!("  {id:<46} not run")),
+        }
+    }
+    for threads in [1, 2] {
+        for n in SIZES {
+            let id = |name: &str| format!("balance/p2c/{threads}-thread/{name}/{n}");
+            let Some(ours) = median(&id("ours")) else {
+                continue;
+            };
+            for (baseline, target) in [
+                ("tower_buffer", Some(10.0)),
+                ("mutex_gozero", Some(3.0)),
+                ("tower_mutex", None),
+            ] {
+                let Some(theirs) = median(&id(baseline)) else {
+                    continue;
+                };
+                let ratio = theirs / ours;
+                // The targets are for 2 threads; the rest is for scale.
+                let verdict = match target {
+                    Some(target) if threads == 2 => {
+                        let met = if ratio >= target { "met" } else { "MISSED" };
+                        format!("  target >= {target}x: {met}")
+                    }
+                    _ => String::new(),
+                };
+                lines.push(format!(
+                    "  p2c {threads}-thread {n:>5} instances: ours {ours:>6.1} ns, \
+                     {baseline:<12} {theirs:>7.1} ns: {ratio:>5.1}x{verdict}"
+                ));
+            }
+        }
+    }
+    println!("{}", lines.join("\n"));
+}
+
+criterion_group! {
+    name = balance;
+    config = Criterion::default()
+        .sample_size(SAMPLES)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_millis(2_000));
+    targets = benches
+}
+criterion_main!(balance);
