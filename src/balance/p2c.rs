@@ -25,9 +25,11 @@ pub const FORCE_PICK: Duration = Duration::from_secs(1);
 /// How many random pairs p2c draws looking for two admissible instances (go-zero: 3).
 const PAIR_TRIES: u32 = 3;
 
-/// The cost of an instance; one with no health yet (never reported) costs as an idle, fast,
-/// always successful one.
-fn cost(health: Option<&Arc<Health>>, share: f64) -> f64 {
+/// The cost of an instance as a fraction `(numerator, denominator)`, squared so that no square
+/// root is taken: `((latency + 1) * (in_flight + 1)^2, (success * share)^2)`. One with no
+/// health yet (never reported) costs as an idle, fast, always successful one.
+#[inline]
+fn cost(health: Option<&Arc<Health>>, share: f64) -> (f64, f64) {
     let (latency, in_flight, success) = health.map_or((0.0, 0, 1.0), |health| {
         (
             health.latency_nanos(),
@@ -35,7 +37,16 @@ fn cost(health: Option<&Arc<Health>>, share: f64) -> f64 {
             health.success_rate(),
         )
     });
-    (latency + 1.0).sqrt() * (f64::from(in_flight) + 1.0) / success.max(0.01) / share.max(0.01)
+    let load = f64::from(in_flight) + 1.0;
+    let weight = success.max(0.01) * share.max(0.01);
+    ((latency + 1.0) * load * load, weight * weight)
+}
+
+/// Whether `a` costs no more than `b`: the documented cost compared without a square root or
+/// a division (both sides are positive, so cross-multiplying keeps the order).
+#[inline]
+fn no_costlier(a: (f64, f64), b: (f64, f64)) -> bool {
+    a.0 * b.1 <= b.0 * a.1
 }
 
 /// The p2c pick among the instances up, at `now`; `None` when none is up. The chosen instance
@@ -98,7 +109,10 @@ pub(crate) fn pick(tables: &Tables, instances: &[Arc<Instance>], now: Instant) -
         tables.health_or_new(a, instances)?.mark_picked(now);
         return Some(a);
     };
-    let (winner, loser) = if cost(tables.health(a), share_a) <= cost(tables.health(b), share_b) {
+    let (winner, loser) = if no_costlier(
+        cost(tables.health(a), share_a),
+        cost(tables.health(b), share_b),
+    ) {
         (a, b)
     } else {
         (b, a)
@@ -114,4 +128,41 @@ pub(crate) fn pick(tables: &Tables, instances: &[Arc<Instance>], now: Instant) -
     }
     tables.health_or_new(winner, instances)?.mark_picked(now);
     Some(winner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The squared, cross-multiplied comparison orders instances as the documented cost does.
+    #[test]
+    fn the_cheap_comparison_orders_as_the_documented_cost() {
+        let documented = |latency: f64, in_flight: f64, success: f64, share: f64| {
+            (latency + 1.0).sqrt() * (in_flight + 1.0) / (success * share)
+        };
+        let cases = [
+            (0.0, 0.0, 1.0, 1.0),
+            (1e6, 0.0, 1.0, 1.0),
+            (1e3, 3.0, 1.0, 1.0),
+            (1e6, 1.0, 0.5, 1.0),
+            (4e6, 0.0, 1.0, 0.25),
+            (25e4, 2.0, 0.9, 0.5),
+        ];
+        for a in cases {
+            for b in cases {
+                let cheap = no_costlier(
+                    (
+                        (a.0 + 1.0) * (a.1 + 1.0) * (a.1 + 1.0),
+                        (a.2 * a.3) * (a.2 * a.3),
+                    ),
+                    (
+                        (b.0 + 1.0) * (b.1 + 1.0) * (b.1 + 1.0),
+                        (b.2 * b.3) * (b.2 * b.3),
+                    ),
+                );
+                let exact = documented(a.0, a.1, a.2, a.3) <= documented(b.0, b.1, b.2, b.3);
+                assert_eq!(cheap, exact, "{a:?} vs {b:?}");
+            }
+        }
+    }
 }

@@ -33,17 +33,13 @@ pub(crate) fn random(tables: &Tables) -> Option<u32> {
 #[inline]
 pub(crate) fn weighted(tables: &Tables, instances: &[Arc<Instance>]) -> Option<u32> {
     let cycle = tables.cycle(instances);
-    let len = cycle.len() as u64;
-    if len == 0 {
+    if cycle.is_empty() {
         return None;
     }
     let owner = tables.cursor_owner() | 1;
-    // A skipped instance moves this thread's cursor on, as in round-robin.
-    tables.choose(|_| {
-        cycle
-            .get((rng::next_position(owner) % len) as usize)
-            .copied()
-    })
+    // A skipped instance moves this thread's cursor on, as in round-robin. Positions wrap at
+    // 2^32, once in four billion picks (the cycle is exact between wraps).
+    tables.choose(|_| cycle.nth(rng::next_position(owner) as u32))
 }
 
 /// Weighted random, through the snapshot's alias table.

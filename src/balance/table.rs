@@ -34,7 +34,7 @@ pub(crate) struct Tables {
     /// The health of each instance, parallel to the snapshot's instances; empty until needed.
     health: Box<[HealthSlot]>,
     pub(crate) balancing: Arc<Balancing>,
-    cycle: OnceLock<Box<[u32]>>,
+    cycle: OnceLock<Cycle>,
     alias: OnceLock<Alias>,
     maglev: OnceLock<Maglev>,
     /// Until when some instance of this snapshot warms up (slow start); `None` when none does.
@@ -60,10 +60,7 @@ impl Tables {
             // count limits keep it far below, and `try_from` drops any excess rather than wrapping.
             .filter_map(|(n, _)| u32::try_from(n).ok())
             .collect();
-        let magic = match up.len() {
-            0 => 0,
-            len => (u64::MAX / len as u64).wrapping_add(1),
-        };
+        let magic = lemire_magic(up.len());
         let warming_until = balancing.slow_start.and_then(|slow_start| {
             up.iter()
                 .filter_map(|&n| health.get(n as usize)?.get()?.born())
@@ -146,31 +143,55 @@ impl Tables {
     /// The instance index at position `n % len`, or `None` when nothing is up.
     #[inline]
     pub(crate) fn nth(&self, n: u32) -> Option<u32> {
-        let len = self.up.len() as u64;
-        if len == 0 {
-            return None;
-        }
-        // Lemire, Kaser, Kurz: "Faster Remainder by Direct Computation" (2019). Exact for every
-        // 32-bit n and divisor; the result is < len, so `get` never misses.
-        let low = self.magic.wrapping_mul(u64::from(n));
-        let rem = ((u128::from(low) * u128::from(len)) >> 64) as usize;
-        self.up.get(rem).copied()
+        self.up
+            .get(lemire_rem(self.magic, n, self.up.len())?)
+            .copied()
     }
 
     /// One cycle of smooth weighted round-robin over the instances up.
-    pub(crate) fn cycle(&self, instances: &[Arc<Instance>]) -> &[u32] {
+    #[inline]
+    pub(crate) fn cycle(&self, instances: &[Arc<Instance>]) -> &Cycle {
+        match self.cycle.get() {
+            Some(cycle) => cycle,
+            None => self.build_cycle(instances),
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn build_cycle(&self, instances: &[Arc<Instance>]) -> &Cycle {
         self.cycle
-            .get_or_init(|| smooth_cycle(&self.weights(instances)).into_boxed_slice())
+            .get_or_init(|| Cycle::new(smooth_cycle(&self.weights(instances))))
     }
 
     /// The alias table of the instances up, by weight.
+    #[inline]
     pub(crate) fn alias(&self, instances: &[Arc<Instance>]) -> &Alias {
+        match self.alias.get() {
+            Some(alias) => alias,
+            None => self.build_alias(instances),
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn build_alias(&self, instances: &[Arc<Instance>]) -> &Alias {
         self.alias
             .get_or_init(|| Alias::new(&self.weights(instances)))
     }
 
     /// The Maglev table of the instances up.
+    #[inline]
     pub(crate) fn maglev(&self, instances: &[Arc<Instance>]) -> &Maglev {
+        match self.maglev.get() {
+            Some(maglev) => maglev,
+            None => self.build_maglev(instances),
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn build_maglev(&self, instances: &[Arc<Instance>]) -> &Maglev {
         self.maglev.get_or_init(|| {
             let entries: Vec<(u32, &str, u32)> = self
                 .up
@@ -254,6 +275,56 @@ fn warm_until(born: Instant, window: std::time::Duration) -> Instant {
     born.checked_add(window)
         .or_else(|| born.checked_add(CENTURY))
         .unwrap_or(born)
+}
+
+/// `u64::MAX / len + 1`: Lemire's constant for a division-free `n % len` (0 for an empty table).
+fn lemire_magic(len: usize) -> u64 {
+    match len {
+        0 => 0,
+        len => (u64::MAX / len as u64).wrapping_add(1),
+    }
+}
+
+/// `n % len` with `magic` from [`lemire_magic`]; `None` when `len` is 0.
+///
+/// Lemire, Kaser, Kurz: "Faster Remainder by Direct Computation" (2019). Exact for every 32-bit
+/// `n` and divisor; the result is `< len`.
+#[inline]
+fn lemire_rem(magic: u64, n: u32, len: usize) -> Option<usize> {
+    if len == 0 {
+        return None;
+    }
+    let low = magic.wrapping_mul(u64::from(n));
+    Some(((u128::from(low) * u128::from(len as u64)) >> 64) as usize)
+}
+
+/// One smooth weighted round-robin cycle, with its divisor precomputed.
+#[derive(Debug)]
+pub(crate) struct Cycle {
+    slots: Box<[u32]>,
+    magic: u64,
+}
+
+impl Cycle {
+    fn new(slots: Vec<u32>) -> Self {
+        Self {
+            magic: lemire_magic(slots.len()),
+            slots: slots.into_boxed_slice(),
+        }
+    }
+
+    /// The instance at position `n % len` of the cycle, or `None` when it is empty.
+    #[inline]
+    pub(crate) fn nth(&self, n: u32) -> Option<u32> {
+        self.slots
+            .get(lemire_rem(self.magic, n, self.slots.len())?)
+            .copied()
+    }
+
+    /// Whether the cycle is empty (no instance up).
+    pub(crate) fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
 }
 
 /// What an admission check found out about one candidate.
