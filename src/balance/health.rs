@@ -183,6 +183,11 @@ impl Balancing {
         }
     }
 
+    /// The settings, ejected count and metric handles every health of this cache refers to.
+    pub(crate) fn outliers(&self) -> Arc<Outliers> {
+        self.outliers.clone()
+    }
+
     /// The health of `instance`, made now if it has none (an adult: it does not warm up).
     pub(crate) fn health_of(&self, instance: &Instance, now: Instant) -> Arc<Health> {
         let mut registry = self.registry.lock().unwrap_or_else(PoisonError::into_inner);

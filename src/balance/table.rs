@@ -9,7 +9,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use super::hash::Maglev;
-use super::health::{Balancing, Health, HealthSlot};
+use super::health::{Balancing, Health, HealthSlot, Outliers};
 use super::rng;
 use super::weighted::{Alias, smooth_cycle};
 use crate::instance::Instance;
@@ -34,6 +34,8 @@ pub(crate) struct Tables {
     /// The health of each instance, parallel to the snapshot's instances; empty until needed.
     health: Box<[HealthSlot]>,
     pub(crate) balancing: Arc<Balancing>,
+    /// The balancing's [`Outliers`], one pointer closer for the pick path.
+    outliers: Arc<Outliers>,
     cycle: OnceLock<Cycle>,
     alias: OnceLock<Alias>,
     maglev: OnceLock<Maglev>,
@@ -71,6 +73,7 @@ impl Tables {
             up,
             magic,
             health,
+            outliers: balancing.outliers(),
             balancing,
             cycle: OnceLock::new(),
             alias: OnceLock::new(),
@@ -250,6 +253,22 @@ impl Tables {
     #[inline]
     pub(crate) fn choose(&self, candidate: impl Fn(u32) -> Option<u32>) -> Option<u32> {
         let first = candidate(0)?;
+        if self.quiet() {
+            return Some(first);
+        }
+        self.choose_slow(first, candidate)
+    }
+
+    /// Nothing ejected and nothing warming: a pick needs no gate at all. Two loads of lines no
+    /// pick writes (the ejected count is written only by ejections and returns).
+    #[inline]
+    fn quiet(&self) -> bool {
+        !self.outliers.any_ejected()
+            && (self.warming_until.is_none() || self.warmed.load(Ordering::Relaxed))
+    }
+
+    #[cold]
+    fn choose_slow(&self, first: u32, candidate: impl Fn(u32) -> Option<u32>) -> Option<u32> {
         match self.gate() {
             None => Some(first),
             Some(mut gate) => gate.choose(first, candidate),
@@ -260,6 +279,9 @@ impl Tables {
     #[inline]
     pub(crate) fn choose_sticky(&self, candidate: impl Fn(u32) -> Option<u32>) -> Option<u32> {
         let first = candidate(0)?;
+        if !self.outliers.any_ejected() {
+            return Some(first);
+        }
         match self.gate().map(Gate::without_slow_start) {
             None => Some(first),
             Some(mut gate) if gate.eject => gate.choose(first, candidate),
