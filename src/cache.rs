@@ -433,8 +433,8 @@ mod tests {
             "user".into(),
             7,
             Freshness::Live,
-            Vec::new(),
-            Box::default(),
+            Arc::default(),
+            Arc::default(),
             Arc::new(balancing),
         );
         Arc::new(Shared::new(Arc::new(initial)))

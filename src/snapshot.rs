@@ -137,8 +137,8 @@ impl Snapshot {
         service: Arc<str>,
         revision: i64,
         freshness: Freshness,
-        instances: Vec<Arc<Instance>>,
-        health: Box<[HealthSlot]>,
+        instances: Arc<[Arc<Instance>]>,
+        health: Arc<[HealthSlot]>,
         balancing: Arc<Balancing>,
     ) -> Self {
         let tables = Arc::new(Tables::new(&instances, health, balancing));
@@ -146,7 +146,7 @@ impl Snapshot {
             service,
             revision,
             freshness,
-            instances: instances.into(),
+            instances,
             tables,
         }
     }
@@ -171,8 +171,8 @@ impl Snapshot {
             self.service.clone(),
             self.revision,
             self.freshness,
-            instances,
-            health.into_boxed_slice(),
+            instances.into(),
+            health.into(),
             self.tables.balancing.clone(),
         )
     }

@@ -113,9 +113,21 @@ pub(crate) const DECAY_TAU: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub(crate) struct Balancing {
     outliers: Arc<Outliers>,
-    /// The health of every instance that has some, by instance id.
-    registry: Mutex<HashMap<Arc<str>, Arc<Health>>>,
+    /// The health of every instance that has some, by instance id, and the newest snapshot's
+    /// instances and health slots: one lock, so health made on a report lands in the newest
+    /// slots too, never in a registry that a snapshot built a moment earlier does not show.
+    registry: Mutex<Registry>,
 }
+
+/// See [`Balancing::registry`].
+#[derive(Debug, Default)]
+struct Registry {
+    by_id: HashMap<Arc<str>, Arc<Health>>,
+    newest: Option<Newest>,
+}
+
+/// The newest snapshot's instances and their health slots.
+type Newest = (Arc<[Arc<Instance>]>, Arc<[HealthSlot]>);
 
 impl std::ops::Deref for Balancing {
     type Target = Outliers;
@@ -179,7 +191,7 @@ impl Balancing {
                 sweep_at: AtomicU64::new(u64::MAX),
                 metrics,
             }),
-            registry: Mutex::new(HashMap::new()),
+            registry: Mutex::new(Registry::default()),
         }
     }
 
@@ -189,13 +201,31 @@ impl Balancing {
     }
 
     /// The health of `instance`, made now if it has none (an adult: it does not warm up).
+    ///
+    /// Made health goes into the registry and into the newest snapshot's slot of the instance,
+    /// under one lock, so no snapshot published since shows the instance without it. An
+    /// instance the newest snapshot no longer holds (etcd removed it; a call to it was still
+    /// in flight) gets health of its own, benched: it can be reported on, never ejected.
     pub(crate) fn health_of(&self, instance: &Instance, now: Instant) -> Arc<Health> {
-        let mut registry = self.registry.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(health) = registry.get(instance.id()) {
+        let mut guard = self.registry.lock().unwrap_or_else(PoisonError::into_inner);
+        let Registry { by_id, newest } = &mut *guard;
+        if let Some(health) = by_id.get(instance.id()) {
             return health.clone();
         }
         let health = Arc::new(Health::new(self.outliers.clone(), now, true));
-        registry.insert(instance.id().into(), health.clone());
+        let newest_slot = newest.as_ref().and_then(|(instances, slots)| {
+            let at = instances.iter().position(|i| i.id() == instance.id())?;
+            Some((slots.get(at)?, instances.get(at)?.is_up()))
+        });
+        match newest_slot {
+            Some((slot, up)) => {
+                health.bench(!up);
+                // Empty: a pick fills a slot only through this registry, which had no entry.
+                let _ = slot.set(health.clone());
+                by_id.insert(instance.id().into(), health.clone());
+            }
+            None => health.bench(true),
+        }
         health
     }
 
@@ -205,22 +235,25 @@ impl Balancing {
     /// (`first_list` false) warm up from `now`.
     pub(crate) fn slots(
         &self,
-        instances: &[Arc<Instance>],
+        instances: &Arc<[Arc<Instance>]>,
         now: Instant,
         first_list: bool,
-    ) -> Box<[HealthSlot]> {
-        let mut registry = self.registry.lock().unwrap_or_else(PoisonError::into_inner);
-        if registry.is_empty() && self.slow_start.is_none() {
-            return instances.iter().map(|_| HealthSlot::new()).collect();
+    ) -> Arc<[HealthSlot]> {
+        let mut guard = self.registry.lock().unwrap_or_else(PoisonError::into_inner);
+        let registry = &mut *guard;
+        if registry.by_id.is_empty() && self.slow_start.is_none() {
+            let slots: Arc<[HealthSlot]> = instances.iter().map(|_| HealthSlot::new()).collect();
+            registry.newest = Some((instances.clone(), slots.clone()));
+            return slots;
         }
-        let slots = instances
+        let slots: Arc<[HealthSlot]> = instances
             .iter()
             .map(|instance| {
-                let health = match registry.get(instance.id()) {
+                let health = match registry.by_id.get(instance.id()) {
                     Some(health) => Some(health.clone()),
                     None if self.slow_start.is_some() => {
                         let health = Arc::new(Health::new(self.outliers.clone(), now, first_list));
-                        registry.insert(instance.id().into(), health.clone());
+                        registry.by_id.insert(instance.id().into(), health.clone());
                         Some(health)
                     }
                     None => None,
@@ -235,7 +268,7 @@ impl Balancing {
             })
             .collect();
         let present: HashSet<&str> = instances.iter().map(|i| i.id()).collect();
-        registry.retain(|id, health| {
+        registry.by_id.retain(|id, health| {
             let keep = present.contains(&**id);
             if !keep {
                 // For good: calls still in flight to it may report, but not eject it.
@@ -243,6 +276,7 @@ impl Balancing {
             }
             keep
         });
+        registry.newest = Some((instances.clone(), slots.clone()));
         slots
     }
 
@@ -252,7 +286,7 @@ impl Balancing {
     #[cold]
     pub(crate) fn sweep(&self, now: Instant) {
         let registry = self.registry.lock().unwrap_or_else(PoisonError::into_inner);
-        for health in registry.values() {
+        for health in registry.by_id.values() {
             if health.maybe_ejected()
                 && health.is_ejected(now)
                 && let Some(until) = health.ejected_until()

@@ -32,7 +32,7 @@ pub(crate) struct Tables {
     /// `u64::MAX / up.len() + 1`: Lemire's constant for a division-free `n % up.len()`.
     magic: u64,
     /// The health of each instance, parallel to the snapshot's instances; empty until needed.
-    health: Box<[HealthSlot]>,
+    health: Arc<[HealthSlot]>,
     pub(crate) balancing: Arc<Balancing>,
     /// The balancing's [`Outliers`], one pointer closer for the pick path.
     outliers: Arc<Outliers>,
@@ -51,7 +51,7 @@ impl Tables {
     /// Tables for `instances` and their `health` slots (same length, same order).
     pub(crate) fn new(
         instances: &[Arc<Instance>],
-        health: Box<[HealthSlot]>,
+        health: Arc<[HealthSlot]>,
         balancing: Arc<Balancing>,
     ) -> Self {
         let up: Box<[u32]> = instances
@@ -136,7 +136,12 @@ impl Tables {
             return Some(health);
         }
         let instance = instances.get(index as usize)?;
-        Some(slot.get_or_init(|| self.balancing.health_of(instance, super::clock::now())))
+        // Not `get_or_init` around `health_of`: that fills the newest snapshot's slot itself,
+        // which may be this very slot, and a `OnceLock` set from inside its own initializer
+        // would wait for itself.
+        let health = self.balancing.health_of(instance, super::clock::now());
+        let _ = slot.set(health);
+        slot.get()
     }
 
     pub(crate) fn slots(&self) -> &[HealthSlot] {

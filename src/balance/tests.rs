@@ -13,7 +13,7 @@ use crate::instance::{Instance, State};
 fn tables(instances: &[Arc<Instance>]) -> Tables {
     let balancing = Arc::new(Balancing::new("s".into(), OutlierEjection::default(), None));
     let now = Instant::now();
-    let health = balancing.slots(instances, now, true);
+    let health = balancing.slots(&instances.iter().cloned().collect(), now, true);
     Tables::new(instances, health, balancing)
 }
 

@@ -238,8 +238,8 @@ impl Machine {
                 service.clone(),
                 0,
                 freshness,
-                Vec::new(),
-                Box::default(),
+                Arc::default(),
+                Arc::default(),
                 balancing.clone(),
             )),
             balancing,
@@ -697,7 +697,7 @@ impl Machine {
     /// so idle caches do not wake their subscribers.)
     fn publish(&mut self, now: Instant) -> Option<Arc<Snapshot>> {
         let snapshot = if self.changed {
-            let instances: Vec<Arc<Instance>> = self
+            let instances: Arc<[Arc<Instance>]> = self
                 .entries
                 .values()
                 .filter_map(|entry| entry.instance.clone())

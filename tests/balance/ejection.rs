@@ -567,3 +567,36 @@ async fn drill_a_failing_instance_gets_only_probes_while_frozen() {
         }
     }
 }
+
+/// Issue (review): an instance whose first reports came through an older snapshot, after a
+/// newer one was built while it had no health, looked never-reported in the newer snapshot (an
+/// empty health slot), so an ejected instance was still picked there. Health made now lands
+/// in the newest snapshot's slot too.
+#[tokio::test(start_paused = true)]
+async fn an_instance_ejected_through_an_older_snapshot_is_skipped_in_the_newer_one() {
+    let (etcd, users) = setup(&["a", "b", "c"], OutlierEjection::default(), Mode::Live).await;
+    // Five picks of `a` from the current snapshot, held: nothing reported yet, so `a` has no
+    // health when the next snapshot is built.
+    let held: Vec<Picked> = (0..5).map(|_| pick_id(&users, "a").expect("a")).collect();
+    let before = users.snapshot().revision();
+    put_all(&etcd, &["d"]);
+    wait_for(&users, secs(10), "d published", |s| s.revision() > before).await;
+    for picked in held {
+        picked.failure();
+    }
+    assert_eq!(
+        ejected(&users),
+        ["a"],
+        "five failures through the older snapshot eject a"
+    );
+    let counts = picks(&users, Picker::RoundRobin, 300);
+    assert!(
+        !counts.contains_key("a"),
+        "the newer snapshot still picks a: {counts:?}"
+    );
+    let counts = picks(&users, Picker::P2c, 300);
+    assert!(
+        !counts.contains_key("a"),
+        "p2c in the newer snapshot still picks a: {counts:?}"
+    );
+}
