@@ -147,6 +147,9 @@ pub(crate) struct Handle {
     /// Never sent on: its receivers see it closed when the last handle is dropped. A restarted
     /// task subscribes anew.
     pub(crate) stop: watch::Sender<()>,
+    /// The health registry and ejection state, handed to every sync task of this cache, so a
+    /// restarted task keeps them.
+    pub(crate) balancing: Arc<crate::balance::health::Balancing>,
 }
 
 /// The endpoints of one service, kept in step with etcd by a background task.

@@ -190,11 +190,18 @@ impl Discovery {
 
     /// A new cache of `service` and its sync task.
     fn spawn(&self, service: &str) -> Result<Arc<Handle>> {
-        let machine = self.machine(service);
+        let config = &self.inner.config;
+        let balancing = Arc::new(Balancing::new(
+            service.into(),
+            config.ejection,
+            config.slow_start,
+        ));
+        let machine = self.machine(service, &balancing);
         let shared = Arc::new(Shared::new(machine.published().clone()));
         let handle = Arc::new(Handle {
             shared,
             stop: tokio::sync::watch::Sender::new(()),
+            balancing,
         });
         // A new cache: nothing else can have claimed its task, so this always grants.
         handle.shared.claim_task();
@@ -203,9 +210,10 @@ impl Discovery {
     }
 
     /// A new sync task for an existing cache. It lists afresh; until then the cache keeps the
-    /// snapshot it has, frozen, and its counters go on from where they were.
+    /// snapshot it has, frozen, and its counters and the health of its instances (ejections
+    /// included) go on from where they were.
     fn start(&self, service: &str, handle: &Handle) -> Result<()> {
-        let mut machine = self.machine(service);
+        let mut machine = self.machine(service, &handle.balancing);
         machine.continue_stats(handle.shared.stats());
         self.run(machine, handle)
     }
@@ -226,7 +234,7 @@ impl Discovery {
         )
     }
 
-    fn machine(&self, service: &str) -> Machine {
+    fn machine(&self, service: &str, balancing: &Arc<Balancing>) -> Machine {
         let config = &self.inner.config;
         let codec = Codec::new(config.layout, config.namespace.clone())
             .with_max_value_size(config.max_value_size);
@@ -240,11 +248,7 @@ impl Discovery {
             seed,
             tokio::time::Instant::now().into_std(),
         )
-        .with_balancing(Arc::new(Balancing::new(
-            service.into(),
-            config.ejection,
-            config.slow_start,
-        )))
+        .with_balancing(balancing.clone())
     }
 }
 

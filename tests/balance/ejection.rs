@@ -600,3 +600,43 @@ async fn an_instance_ejected_through_an_older_snapshot_is_skipped_in_the_newer_o
         "p2c in the newer snapshot still picks a: {counts:?}"
     );
 }
+
+/// Issue (review): a sync task restarted after its runtime shut down started a fresh health
+/// registry, so an ejected instance was picked again at once. Health now belongs to the cache
+/// and outlives its tasks.
+#[test]
+fn an_ejection_survives_a_restart_of_the_sync_task() {
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime")
+    };
+    let etcd = MemoryBackend::new();
+    put_all(&etcd, &["a", "b", "c"]);
+    let discovery = discovery(&etcd).build().expect("valid settings");
+    let first = runtime();
+    let users = first
+        .block_on(discovery.service("user"))
+        .expect("first list");
+    fail(&users, "a", 5);
+    assert_eq!(ejected(&users), ["a"]);
+    drop(first);
+    assert!(
+        !users.freshness().is_live(),
+        "the task ended with its runtime"
+    );
+
+    let second = runtime();
+    second.block_on(async {
+        let again = discovery.service("user").await.expect("restarted");
+        until_live(&again).await;
+        assert_eq!(
+            ejected(&again),
+            ["a"],
+            "the restarted task kept the ejection"
+        );
+        let counts = tally(300, || again.pick().map(|p| p.id().to_owned()));
+        assert!(!counts.contains_key("a"), "a is picked again: {counts:?}");
+    });
+}
