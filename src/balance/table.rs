@@ -438,16 +438,31 @@ impl Gate<'_> {
                 return Some(next);
             }
         }
-        // Nothing passed the coin: any instance that is not ejected (young or warming ones
-        // included: better than none), else the first candidate.
+        // Nothing passed the coin: an instance that is not ejected (young or warming ones
+        // included: better than none), chosen uniformly among them, so that this rare path
+        // spreads its picks instead of sending them to the first instance in key order (or to
+        // the one after an ejected one); else the first candidate. O(n), off the common path.
         let eject = self.eject;
         let tables = self.tables;
-        let fallback = tables.up.iter().copied().find(|&n| {
+        let mut eligible = |n: u32| {
             !eject
                 || tables
                     .health(n)
                     .is_none_or(|h| !h.maybe_ejected() || !h.is_ejected(self.now()))
-        });
+        };
+        let allowed: u32 = tables.up.iter().map(|&n| u32::from(eligible(n))).sum();
+        let fallback = match allowed {
+            0 => None,
+            allowed => {
+                let nth = rng::next_random() % allowed;
+                tables
+                    .up
+                    .iter()
+                    .copied()
+                    .filter(|&n| eligible(n))
+                    .nth(nth as usize)
+            }
+        };
         Some(fallback.unwrap_or(first))
     }
 }

@@ -640,3 +640,24 @@ fn an_ejection_survives_a_restart_of_the_sync_task() {
         assert!(!counts.contains_key("a"), "a is picked again: {counts:?}");
     });
 }
+
+/// Issue (review): when no candidate passed, the fallback took the first instance up in key
+/// order. With weights 100:1:1 and the heavy instance ejected, weighted random then sent about
+/// 87 % of its picks to one light instance and almost none to the other. The fallback now
+/// starts from a random place: the two light instances share evenly.
+#[tokio::test(start_paused = true)]
+async fn with_the_heavy_instance_ejected_the_light_ones_share_evenly() {
+    let etcd = MemoryBackend::new();
+    put(&etcd, spec("a").weight(100));
+    put(&etcd, spec("b").weight(1));
+    put(&etcd, spec("c").weight(1));
+    let users = users(discovery(&etcd)).await;
+    fail(&users, "a", 5);
+    assert_eq!(ejected(&users), ["a"]);
+    let counts = tally(20_000, || {
+        users.pick_weighted_random().map(|p| p.id().to_owned())
+    });
+    assert!(!counts.contains_key("a"), "{counts:?}");
+    let b = share(&counts, "b");
+    assert!((0.45..=0.55).contains(&b), "b's share {b}: {counts:?}");
+}
