@@ -442,7 +442,10 @@ impl Health {
     }
 
     fn instant(&self, stamp: u64) -> Instant {
-        self.born + Duration::from_nanos(stamp.saturating_sub(1))
+        // A stamp is at most u64::MAX ns (584 years) after `born`: checked all the same, so
+        // no input can make this panic.
+        let after = Duration::from_nanos(stamp.saturating_sub(1));
+        self.born.checked_add(after).unwrap_or(self.born)
     }
 
     /// How long since the key was first seen; `None` for an instance present at the first list.
@@ -619,6 +622,11 @@ impl Health {
     pub(crate) fn on_failure(&self, now: Instant, up: usize) -> Verdict {
         self.sample(now, None, false);
         self.balancing.metrics.failure.increment(1);
+        // An ejection that ended with nobody noticing (no pick of it since) ends now: the
+        // instance is on probation, so this failure ejects it again, for longer.
+        if self.maybe_ejected() {
+            self.is_ejected(now);
+        }
         let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
         let policy = &self.balancing.ejection;
         if failures < policy.consecutive_failures && !self.probation.load(Ordering::Acquire) {
@@ -630,8 +638,10 @@ impl Health {
     fn eject(&self, now: Instant, up: usize) -> Verdict {
         let balancing = &self.balancing;
         let policy = &balancing.ejection;
+        // `is_ejected`, not `maybe_ejected`: an ejection that ended unnoticed ends here (the
+        // instance goes on probation), so this failure ejects it again instead of being lost.
         if self.benched.load(Ordering::SeqCst)
-            || self.maybe_ejected()
+            || self.is_ejected(now)
             || !balancing.reserve(policy.max_ejected(up))
         {
             return Verdict::Unchanged;
@@ -644,11 +654,20 @@ impl Health {
         } else {
             stamp.saturating_sub(last_end) / duration_nanos(policy.base_ejection_time).max(1)
         };
+        // Capped where it stops mattering (Envoy caps its multiplier the same way): past
+        // ceil(max / base) ejections the length is the max anyway, and an uncapped count would
+        // take as many healthy periods to come down.
+        let cap = u32::try_from(
+            duration_nanos(policy.max_ejection_time)
+                .div_ceil(duration_nanos(policy.base_ejection_time).max(1)),
+        )
+        .unwrap_or(u32::MAX);
         let times = self
             .times_ejected
             .load(Ordering::Relaxed)
             .saturating_sub(u32::try_from(healthy_for).unwrap_or(u32::MAX))
-            .saturating_add(1);
+            .saturating_add(1)
+            .min(cap);
         let length = policy
             .base_ejection_time
             .saturating_mul(times)

@@ -661,3 +661,38 @@ async fn with_the_heavy_instance_ejected_the_light_ones_share_evenly() {
     let b = share(&counts, "b");
     assert!((0.45..=0.55).contains(&b), "b's share {b}: {counts:?}");
 }
+
+/// Issue (review): a failure reported after an ejection had ended, but before any pick noticed
+/// the end, was lost: the instance came back as if it had never failed again. It now counts as
+/// a failure on probation and ejects the instance again, for twice as long.
+#[tokio::test(start_paused = true)]
+async fn a_failure_right_after_an_unnoticed_return_ejects_again() {
+    let (_etcd, users) = setup(&["a", "b", "c"], OutlierEjection::default(), Mode::Live).await;
+    let late = pick_id(&users, "a").expect("a");
+    fail(&users, "a", 5);
+    assert_eq!(ejected(&users), ["a"]);
+    advance(secs(31)).await;
+    late.failure();
+    let a = health_of(&users, "a");
+    assert_eq!(a.times_ejected, 2, "{a:?}");
+    let until = a.ejected_until.expect("ejected again");
+    assert_eq!(until.saturating_duration_since(now()), secs(60), "{a:?}");
+}
+
+/// Issue (review): the ejection multiplier grew without bound, so an instance ejected a hundred
+/// times needed a hundred healthy periods before its ejections got shorter. It stops at
+/// ceil(max / base) = 10 with the defaults, where the length reaches the 300 s cap anyway.
+#[tokio::test(start_paused = true)]
+async fn the_ejection_multiplier_stops_at_the_cap() {
+    let (_etcd, users) = setup(&["a", "b", "c"], OutlierEjection::default(), Mode::Live).await;
+    fail(&users, "a", 5);
+    for _ in 0..12 {
+        let until = health_of(&users, "a").ejected_until.expect("ejected");
+        advance(until.saturating_duration_since(now()) + ms(1)).await;
+        fail(&users, "a", 1);
+    }
+    let a = health_of(&users, "a");
+    assert_eq!(a.times_ejected, 10, "{a:?}");
+    let until = a.ejected_until.expect("ejected");
+    assert_eq!(until.saturating_duration_since(now()), secs(300), "{a:?}");
+}
