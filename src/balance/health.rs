@@ -279,22 +279,6 @@ impl Balancing {
         registry.newest = Some((instances.clone(), slots.clone()));
         slots
     }
-
-    /// Lets every ejection that ended by `now` end (back on probation, its slot released), and
-    /// schedules the next sweep at the end of the first one still running. The registry holds
-    /// every health that can be ejected (a benched one cannot).
-    #[cold]
-    pub(crate) fn sweep(&self, now: Instant) {
-        let registry = self.registry.lock().unwrap_or_else(PoisonError::into_inner);
-        for health in registry.by_id.values() {
-            if health.maybe_ejected()
-                && health.is_ejected(now)
-                && let Some(until) = health.ejected_until()
-            {
-                self.sweep_after(until);
-            }
-        }
-    }
 }
 
 impl Outliers {

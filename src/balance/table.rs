@@ -240,7 +240,7 @@ impl Tables {
         if self.balancing.any_ejected() {
             let at = *now.get_or_insert_with(super::clock::now);
             if self.balancing.sweep_due(at) {
-                self.balancing.sweep(at);
+                self.sweep(at);
             }
             eject = self.balancing.any_ejected() && !self.balancing.panicking(self.up.len());
         }
@@ -291,6 +291,29 @@ impl Tables {
             None => Some(first),
             Some(mut gate) if gate.eject => gate.choose(first, candidate),
             Some(_) => Some(first),
+        }
+    }
+}
+
+impl Tables {
+    /// Lets every ejection of this snapshot's instances that ended by `now` end (back on
+    /// probation, slot released), and schedules the next sweep at the end of the first one
+    /// still running. Lock-free: it reads the health slots, not the registry, so a pick never
+    /// waits for a publish. A selection sweeps the whole snapshot it was made from. (An
+    /// instance no longer in the snapshot was benched when it left, which released its slot.)
+    #[cold]
+    fn sweep(&self, now: Instant) {
+        let tables = self.selected.get().map_or(self, |s| s.source.tables());
+        for index in 0..tables.health.len() {
+            let Some(health) = u32::try_from(index).ok().and_then(|n| tables.health(n)) else {
+                continue;
+            };
+            if health.maybe_ejected()
+                && health.is_ejected(now)
+                && let Some(until) = health.ejected_until()
+            {
+                self.outliers.sweep_after(until);
+            }
         }
     }
 }
