@@ -100,9 +100,11 @@ impl Freshness {
 
 /// One service's instances at one etcd revision; immutable, shared as `Arc<Snapshot>`.
 ///
-/// Instances are sorted by their etcd key. A snapshot also carries the tables that picks use,
-/// built once when the snapshot is made, so reading and picking never compute anything that
-/// depends on the instance count.
+/// Instances are sorted by their etcd key. A snapshot also carries the tables that picks use:
+/// the list of instances up is built with the snapshot, and the weighted cycle, the alias
+/// table and the Maglev table the first time a picker needs them (that first pick builds it,
+/// once); after that a pick does no work that grows with the instance count, except while
+/// some instance is ejected (see [`OutlierEjection`](crate::OutlierEjection)).
 ///
 /// ```
 /// # use etcd_registry::{Discovery, Instance, MemoryBackend, Codec, KeyLayout};

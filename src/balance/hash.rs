@@ -12,11 +12,16 @@
 //! the same set of instances:
 //! - a key's slot: `xxh3(key, seed 0)`, reduced to `0..M` by `(h * M) >> 64` (Lemire);
 //! - its next choices when the instance there is ejected: `xxh3(key, seed attempt)` for attempts
-//!   1 to 8, then the slots after the last one in order;
+//!   1 to 8, then, for attempt `a` above 8, slot `(s0 + a - 8) % M` where `s0` is the key's own
+//!   (seed 0) slot, up to `n + 3` attempts in all; when none of those is admitted, an instance
+//!   not ejected chosen at random (a last resort that is not sticky);
 //! - an instance's permutation: `offset = xxh3(id, OFFSET_SEED) % M`,
 //!   `skip = xxh3(id, SKIP_SEED) % (M - 1) + 1`, from its instance id;
 //! - `M` is the first prime at or above `64 * n.next_power_of_two()` (`n` the instances up), at
-//!   least 1031: it changes only when the count crosses a power of two, and then most keys move.
+//!   least 1031: it changes only when the count crosses a power of two, and then most keys move;
+//! - the table is filled in rounds over the instances in key order: each round an instance earns
+//!   `weight / max_weight` of a turn (an `f64` credit) and, with a whole turn, takes the next
+//!   free slot of its permutation, until every slot is taken (Maglev's fill, weighted).
 //!
 //! A test pins golden values of all of it.
 

@@ -31,7 +31,11 @@ impl Deref for Source {
     }
 }
 
-/// An instance picked from a snapshot, borrowed from it without touching any reference count.
+/// An instance picked from a snapshot, borrowed from it: a pick from a [`ServiceCache`] touches
+/// no reference count (it holds the arc-swap guard); a pick from a
+/// [`Selection`](crate::Selection) holds an `Arc` of the selection's snapshot.
+///
+/// [`ServiceCache`]: crate::ServiceCache
 ///
 /// Dereferences to the [`Instance`]. Meant to be short-lived, like the guard of
 /// [`ServiceCache::load`](crate::ServiceCache::load): keep [`to_arc`](Self::to_arc) across an

@@ -22,7 +22,9 @@ pub struct InstanceHealth {
     pub success_rate: f64,
     /// Failures reported in a row since the last success or ejection.
     pub consecutive_failures: u32,
-    /// The ejection multiplier: how many times it was ejected, less its healthy periods since.
+    /// The ejection multiplier as of the last ejection: how many times it was ejected, less
+    /// the healthy periods between ejections (those since the last one count at the next),
+    /// at most `ceil(max_ejection_time / base_ejection_time)`.
     pub times_ejected: u32,
     /// When its ejection ends, if it is ejected (on tokio's clock).
     pub ejected_until: Option<Instant>,

@@ -283,15 +283,16 @@ impl Machine {
         self.stats
     }
 
-    /// Carries the counters of a previous machine of the same cache over, so they keep going
-    /// up when a sync task is restarted.
-    /// Uses `balancing` (outlier ejection and slow start settings, and the ejected count) for
-    /// the snapshots from now on.
+    /// Uses `balancing` (outlier ejection and slow start settings, the ejected count and the
+    /// health registry) for the snapshots from now on. (The not-listed snapshot made by `new`
+    /// keeps the default one: it holds no instance.)
     pub(crate) fn with_balancing(mut self, balancing: Arc<Balancing>) -> Self {
         self.balancing = balancing;
         self
     }
 
+    /// Carries the counters of a previous machine of the same cache over, so they keep going
+    /// up when a sync task is restarted.
     pub(crate) fn continue_stats(&mut self, stats: Stats) {
         self.stats = stats;
     }
