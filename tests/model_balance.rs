@@ -26,28 +26,14 @@ use etcd_registry::{
     ServiceCache, SlowStart, State,
 };
 use proptest::prelude::*;
-use proptest::test_runner::{Config as ProptestConfig, FileFailurePersistence};
+use proptest::test_runner::Config as ProptestConfig;
 use support::{NS, codec, wait_for};
 
 /// Cases per run unless `PROPTEST_CASES` says otherwise: a few seconds in the debug profile.
 const DEFAULT_CASES: u32 = 256;
 
 fn config() -> ProptestConfig {
-    // `ProptestConfig::default()` reads `PROPTEST_CASES`, but setting `cases` here would
-    // override it: read it first so the environment wins.
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(DEFAULT_CASES);
-    ProptestConfig {
-        cases,
-        max_shrink_iters: 2048,
-        failure_persistence: Some(Box::new(FileFailurePersistence::Direct(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/proptest-regressions/model_balance.txt"
-        )))),
-        ..ProptestConfig::default()
-    }
+    support::proptest_config::config(DEFAULT_CASES, 2048, Some("model_balance"))
 }
 
 /// One instance of the model: `i{n}` of service `user`.

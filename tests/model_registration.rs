@@ -232,16 +232,7 @@ impl StateMachineTest for Sut {
 }
 
 fn config() -> ProptestConfig {
-    // The default case count, unless PROPTEST_CASES says otherwise.
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(48);
-    ProptestConfig {
-        cases,
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    }
+    support::proptest_config::config(48, ProptestConfig::default().max_shrink_iters, None)
 }
 
 prop_state_machine! {

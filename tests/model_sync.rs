@@ -11,9 +11,10 @@
 //! `PROPTEST_CASES` overrides the default number of cases.
 
 mod model;
+mod support;
 
 use model::{Model, Sut, Transition};
-use proptest::test_runner::{Config as ProptestConfig, FileFailurePersistence};
+use proptest::test_runner::Config as ProptestConfig;
 use proptest_state_machine::{ReferenceStateMachine, StateMachineTest, prop_state_machine};
 
 /// Cases per run unless `PROPTEST_CASES` says otherwise: sized for the debug profile of
@@ -21,24 +22,7 @@ use proptest_state_machine::{ReferenceStateMachine, StateMachineTest, prop_state
 const DEFAULT_CASES: u32 = 256;
 
 fn config() -> ProptestConfig {
-    // `ProptestConfig::default()` reads `PROPTEST_CASES`, but setting `cases` here would
-    // override it: read it first so the environment wins.
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(DEFAULT_CASES);
-    ProptestConfig {
-        cases,
-        max_shrink_iters: 4096,
-        // The default looks for a `lib.rs` above the test's source and finds none under
-        // `tests/`; put failures in `proptest-regressions/` at the crate root, where proptest
-        // keeps them for unit tests.
-        failure_persistence: Some(Box::new(FileFailurePersistence::Direct(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/proptest-regressions/model_sync.txt"
-        )))),
-        ..ProptestConfig::default()
-    }
+    support::proptest_config::config(DEFAULT_CASES, 4096, Some("model_sync"))
 }
 
 prop_state_machine! {

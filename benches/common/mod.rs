@@ -33,18 +33,7 @@ pub fn encoded(instance: &Instance) -> (String, Vec<u8>) {
 /// A memory backend holding `n` instances, a live cache of them, and the runtime that keeps the
 /// cache's task.
 pub fn cache(n: usize) -> (tokio::runtime::Runtime, MemoryBackend, ServiceCache) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let etcd = MemoryBackend::new();
-    for i in 0..n {
-        let (key, value) = encoded(&instance(i, 8080));
-        etcd.put(key, value);
-    }
-    let cache = rt.block_on(discover(&etcd, "user"));
-    assert_eq!(cache.snapshot().len(), n);
-    (rt, etcd, cache)
+    cache_with(n, |_| 1, etcd_registry::OutlierEjection::default())
 }
 
 /// A live cache of `service` over `etcd`, once its first list is in.

@@ -110,5 +110,6 @@ impl Drop for Recorder {
 }
 pub mod alloc;
 pub mod etcd;
+pub mod proptest_config;
 pub mod proxy;
 pub mod wait;
