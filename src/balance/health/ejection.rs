@@ -1,0 +1,82 @@
+//! [`OutlierEjection`]: the settings of outlier ejection.
+
+use std::time::Duration;
+
+/// Outlier ejection: when an instance that keeps failing stops being picked, and how it comes
+/// back.
+///
+/// Defaults after Envoy's outlier detection (`envoy/api/v3/cluster/outlier_detection.proto`:
+/// `consecutive_5xx` 5, `base_ejection_time` 30 s, `max_ejection_time` 300 s) and its panic
+/// threshold (`healthy_panic_threshold` 50 %). The max ejected share defaults to 10 % like
+/// Envoy's `max_ejection_percent`, but at least one instance may always be ejected (as in gRPC's
+/// `outlier_detection` balancer), so a service of three can route around one failed instance.
+///
+/// ```
+/// use std::time::Duration;
+/// use etcd_registry::OutlierEjection;
+///
+/// let ejection = OutlierEjection {
+///     consecutive_failures: 3,
+///     base_ejection_time: Duration::from_secs(10),
+///     ..OutlierEjection::default()
+/// };
+/// assert_eq!(ejection.max_ejection_time, Duration::from_secs(300));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OutlierEjection {
+    /// Consecutive failures that eject an instance (default 5). At least 1.
+    pub consecutive_failures: u32,
+    /// How long the first ejection lasts (default 30 s); the n-th lasts n times as long, up to
+    /// [`max_ejection_time`](Self::max_ejection_time). The multiplier goes down by one for every
+    /// `base_ejection_time` an instance stays healthy between ejections.
+    pub base_ejection_time: Duration,
+    /// The longest an ejection lasts (default 300 s). At least `base_ejection_time`.
+    pub max_ejection_time: Duration,
+    /// The most instances ejected at once, in percent of the instances up (default 10); one may
+    /// always be ejected, whatever the share. 0 to 100.
+    pub max_ejection_percent: u8,
+    /// Panic threshold, in percent (default 50): when fewer than this share of the instances up
+    /// are healthy (not ejected), picks ignore ejection and choose among all of them, as Envoy
+    /// does. 0 turns panic mode off. 0 to 100.
+    pub panic_threshold_percent: u8,
+}
+
+impl Default for OutlierEjection {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 5,
+            base_ejection_time: Duration::from_secs(30),
+            max_ejection_time: Duration::from_secs(300),
+            max_ejection_percent: 10,
+            panic_threshold_percent: 50,
+        }
+    }
+}
+
+impl OutlierEjection {
+    /// Checks the settings; the error says which one is wrong.
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        if self.consecutive_failures == 0 {
+            return Err("outlier ejection: consecutive_failures must be at least 1".into());
+        }
+        if self.base_ejection_time.is_zero() {
+            return Err("outlier ejection: base_ejection_time must be more than zero".into());
+        }
+        if self.max_ejection_time < self.base_ejection_time {
+            return Err(format!(
+                "outlier ejection: max_ejection_time ({:?}) is less than base_ejection_time ({:?})",
+                self.max_ejection_time, self.base_ejection_time
+            ));
+        }
+        if self.max_ejection_percent > 100 || self.panic_threshold_percent > 100 {
+            return Err("outlier ejection: percentages must be 0 to 100".into());
+        }
+        Ok(())
+    }
+
+    /// How many of `up` instances may be ejected at once: the share, but at least one.
+    pub(crate) fn max_ejected(&self, up: usize) -> u32 {
+        let share = up.saturating_mul(usize::from(self.max_ejection_percent)) / 100;
+        u32::try_from(share.max(1)).unwrap_or(u32::MAX)
+    }
+}

@@ -1,0 +1,253 @@
+//! [`Balancing`]: one cache's registry of instance health, and [`Outliers`]: its settings,
+//! ejected count and metric handles.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
+use super::{Health, HealthSlot, OutlierEjection, duration_nanos};
+use crate::balance::slow_start::SlowStart;
+use crate::instance::Instance;
+
+/// What one cache's balancing shares across snapshots: its [`Outliers`] and the registry of
+/// instance health.
+#[derive(Debug)]
+pub(crate) struct Balancing {
+    outliers: Arc<Outliers>,
+    /// The health of every instance that has some, by instance id, and the newest snapshot's
+    /// instances and health slots: one lock, so health made on a report lands in the newest
+    /// slots too, never in a registry that a snapshot built a moment earlier does not show.
+    registry: Mutex<Registry>,
+}
+
+/// See [`Balancing::registry`].
+#[derive(Debug, Default)]
+struct Registry {
+    by_id: HashMap<Arc<str>, Arc<Health>>,
+    newest: Option<Newest>,
+}
+
+/// The newest snapshot's instances and their health slots.
+type Newest = (Arc<[Arc<Instance>]>, Arc<[HealthSlot]>);
+
+impl std::ops::Deref for Balancing {
+    type Target = Outliers;
+
+    fn deref(&self) -> &Outliers {
+        &self.outliers
+    }
+}
+
+/// Settings, the ejected count and metric handles of one cache: what each instance's health
+/// refers to (not the registry, which refers to the health: no cycle).
+#[derive(Debug)]
+pub(crate) struct Outliers {
+    pub(crate) service: Arc<str>,
+    pub(crate) ejection: OutlierEjection,
+    pub(crate) slow_start: Option<SlowStart>,
+    /// Instances ejected right now (an expired ejection counts until the next pick sweeps it
+    /// out: see [`sweep_due`](Self::sweep_due)).
+    ejected: AtomicU32,
+    /// The clock origin of `sweep_at`.
+    origin: Instant,
+    /// When some ejection may have ended, in nanoseconds after `origin` (`u64::MAX`: none):
+    /// at or before the end of every ejection, so a pick past it sweeps the expired ones out of
+    /// the count.
+    sweep_at: AtomicU64,
+    pub(super) metrics: Metrics,
+}
+
+/// Metric handles registered once per cache, so that reporting never allocates.
+#[derive(Debug)]
+pub(super) struct Metrics {
+    pub(super) success: metrics::Counter,
+    pub(super) failure: metrics::Counter,
+    pub(super) dropped: metrics::Counter,
+    pub(super) ejections: metrics::Counter,
+    pub(super) ejected: metrics::Gauge,
+}
+
+impl Balancing {
+    pub(crate) fn new(
+        service: Arc<str>,
+        ejection: OutlierEjection,
+        slow_start: Option<SlowStart>,
+    ) -> Self {
+        let label = service.to_string();
+        let picks = |outcome: &'static str| metrics::counter!(crate::metrics::PICKS, "service" => label.clone(), "outcome" => outcome);
+        let metrics = Metrics {
+            success: picks("success"),
+            failure: picks("failure"),
+            dropped: picks("dropped"),
+            ejections: metrics::counter!(crate::metrics::EJECTIONS, "service" => label.clone()),
+            ejected: metrics::gauge!(crate::metrics::EJECTED, "service" => label),
+        };
+        Self {
+            outliers: Arc::new(Outliers {
+                service,
+                ejection,
+                slow_start,
+                ejected: AtomicU32::new(0),
+                origin: crate::balance::now(),
+                sweep_at: AtomicU64::new(u64::MAX),
+                metrics,
+            }),
+            registry: Mutex::new(Registry::default()),
+        }
+    }
+
+    /// The settings, ejected count and metric handles every health of this cache refers to.
+    pub(crate) fn outliers(&self) -> Arc<Outliers> {
+        self.outliers.clone()
+    }
+
+    /// The health of `instance`, made now if it has none (an adult: it does not warm up).
+    ///
+    /// Made health goes into the registry and into the newest snapshot's slot of the instance,
+    /// under one lock, so no snapshot published since shows the instance without it. An
+    /// instance the newest snapshot no longer holds (etcd removed it; a call to it was still
+    /// in flight) gets health of its own, benched: it can be reported on, never ejected.
+    pub(crate) fn health_of(&self, instance: &Instance, now: Instant) -> Arc<Health> {
+        let mut guard = self.registry.lock().unwrap_or_else(PoisonError::into_inner);
+        let Registry { by_id, newest } = &mut *guard;
+        if let Some(health) = by_id.get(instance.id()) {
+            return health.clone();
+        }
+        let health = Arc::new(Health::new(self.outliers.clone(), now, true));
+        let newest_slot = newest.as_ref().and_then(|(instances, slots)| {
+            let at = instances.iter().position(|i| i.id() == instance.id())?;
+            Some((slots.get(at)?, instances.get(at)?.is_up()))
+        });
+        match newest_slot {
+            Some((slot, up)) => {
+                health.bench(!up);
+                // Empty: a pick fills a slot only through this registry, which had no entry.
+                let _ = slot.set(health.clone());
+                by_id.insert(instance.id().into(), health.clone());
+            }
+            None => health.bench(true),
+        }
+        health
+    }
+
+    /// The health slots of a new snapshot of `instances`, filled from the registry; the
+    /// registry drops (and releases the ejection of) every instance no longer there. With slow
+    /// start on, every instance gets health now, and those first seen after the first list
+    /// (`first_list` false) warm up from `now`.
+    pub(crate) fn slots(
+        &self,
+        instances: &Arc<[Arc<Instance>]>,
+        now: Instant,
+        first_list: bool,
+    ) -> Arc<[HealthSlot]> {
+        let mut guard = self.registry.lock().unwrap_or_else(PoisonError::into_inner);
+        let registry = &mut *guard;
+        if registry.by_id.is_empty() && self.slow_start.is_none() {
+            let slots: Arc<[HealthSlot]> = instances.iter().map(|_| HealthSlot::new()).collect();
+            registry.newest = Some((instances.clone(), slots.clone()));
+            return slots;
+        }
+        let slots: Arc<[HealthSlot]> = instances
+            .iter()
+            .map(|instance| {
+                let health = match registry.by_id.get(instance.id()) {
+                    Some(health) => Some(health.clone()),
+                    None if self.slow_start.is_some() => {
+                        let health = Arc::new(Health::new(self.outliers.clone(), now, first_list));
+                        registry.by_id.insert(instance.id().into(), health.clone());
+                        Some(health)
+                    }
+                    None => None,
+                };
+                // A draining instance is out of the instances up, the ones the max ejected share
+                // and the panic threshold count: an ejection of it (which no pick would notice
+                // over, since none picks it) would hold a slot for nothing.
+                if let Some(health) = &health {
+                    health.bench(!instance.is_up());
+                }
+                health.map_or_else(HealthSlot::new, HealthSlot::from)
+            })
+            .collect();
+        let present: HashSet<&str> = instances.iter().map(|i| i.id()).collect();
+        registry.by_id.retain(|id, health| {
+            let keep = present.contains(&**id);
+            if !keep {
+                // For good: calls still in flight to it may report, but not eject it.
+                health.bench(true);
+            }
+            keep
+        });
+        registry.newest = Some((instances.clone(), slots.clone()));
+        slots
+    }
+}
+
+impl Outliers {
+    /// Whether any instance may be ejected now: when not, picks skip every health check.
+    #[inline]
+    pub(crate) fn any_ejected(&self) -> bool {
+        self.ejected.load(Ordering::Relaxed) != 0
+    }
+
+    /// How many instances are ejected now.
+    pub(crate) fn ejected(&self) -> u32 {
+        self.ejected.load(Ordering::Relaxed)
+    }
+
+    /// Panic mode: fewer than the panic threshold of `up` instances are healthy, so picks ignore
+    /// ejection.
+    #[inline]
+    pub(crate) fn panicking(&self, up: usize) -> bool {
+        let ejected = self.ejected.load(Ordering::Relaxed) as usize;
+        let healthy = up.saturating_sub(ejected);
+        healthy.saturating_mul(100)
+            < up.saturating_mul(usize::from(self.ejection.panic_threshold_percent))
+    }
+
+    /// `at` as nanoseconds after `origin` (0 before it).
+    fn nanos(&self, at: Instant) -> u64 {
+        duration_nanos(at.saturating_duration_since(self.origin))
+    }
+
+    /// Makes sure a pick at or after `at` sweeps (an ejection ends then).
+    pub(crate) fn sweep_after(&self, at: Instant) {
+        self.sweep_at.fetch_min(self.nanos(at), Ordering::AcqRel);
+    }
+
+    /// Whether an ejection may have ended by `now` and the ejected count may be stale: if so,
+    /// the caller got the sweep (no other thread gets it until one is due again) and must look
+    /// at every instance's ejection, calling [`sweep_after`](Self::sweep_after) with the end of
+    /// each one still running. Without it, an expired ejection would count until a pick of
+    /// that very instance noticed it, which in panic mode (picks do not look) is never.
+    #[inline]
+    pub(crate) fn sweep_due(&self, now: Instant) -> bool {
+        let due = self.sweep_at.load(Ordering::Acquire);
+        due <= self.nanos(now)
+            && self
+                .sweep_at
+                .compare_exchange(due, u64::MAX, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+    }
+
+    /// Takes one ejection slot out of `limit`, or says there is none.
+    pub(super) fn reserve(&self, limit: u32) -> bool {
+        self.ejected
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    pub(super) fn release(&self) {
+        let left = self
+            .ejected
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| n.checked_sub(1))
+            .map_or(0, |n| n.saturating_sub(1));
+        self.metrics.ejected.set(f64::from(left));
+    }
+
+    pub(crate) fn count_dropped(&self) {
+        self.metrics.dropped.increment(1);
+    }
+}
