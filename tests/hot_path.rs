@@ -33,15 +33,7 @@ fn picks_and_loads_allocate_nothing_even_while_frozen() {
     for n in 0..10 {
         register(&etcd, &format!("i{n}"), 8000 + n);
     }
-    let users = rt.block_on(async {
-        Discovery::memory(etcd.clone())
-            .namespace(NS)
-            .build()
-            .unwrap()
-            .service("user")
-            .await
-            .unwrap()
-    });
+    let users = users_of(&rt, &etcd);
 
     let read_many = || {
         // Warm up: a thread's first read registers it with arc-swap (one allocation, once).
@@ -241,15 +233,7 @@ fn balancing_picks_and_reports_allocate_nothing() {
         let instance = builder.build().unwrap();
         etcd.put(codec.key(&instance, 0), codec.encode_value(&instance));
     }
-    let users = rt.block_on(async {
-        Discovery::memory(etcd.clone())
-            .namespace(NS)
-            .build()
-            .unwrap()
-            .service("user")
-            .await
-            .unwrap()
-    });
+    let users = users_of(&rt, &etcd);
     let canaries = users.select(Selector::new().tag("canary"));
     // Balancing reads tokio's (paused) clock: picks run in the runtime's context, not in it.
     let _context = rt.enter();
@@ -316,4 +300,17 @@ fn ejected_ids(users: &ServiceCache) -> Vec<String> {
         .filter(|h| h.ejected_until.is_some())
         .map(|h| h.instance.id().to_owned())
         .collect()
+}
+
+/// The live cache of service `user` over `etcd`, its task on `rt`.
+fn users_of(rt: &tokio::runtime::Runtime, etcd: &MemoryBackend) -> ServiceCache {
+    rt.block_on(async {
+        Discovery::memory(etcd.clone())
+            .namespace(NS)
+            .build()
+            .unwrap()
+            .service("user")
+            .await
+            .unwrap()
+    })
 }

@@ -237,12 +237,12 @@ impl Tables {
         let warm = self.warming_until.is_some() && !self.warmed.load(Ordering::Relaxed);
         let mut now = now;
         let mut eject = false;
-        if self.balancing.any_ejected() {
+        if self.outliers.any_ejected() {
             let at = *now.get_or_insert_with(super::clock::now);
-            if self.balancing.sweep_due(at) {
+            if self.outliers.sweep_due(at) {
                 self.sweep(at);
             }
-            eject = self.balancing.any_ejected() && !self.balancing.panicking(self.up.len());
+            eject = self.outliers.any_ejected() && !self.outliers.panicking(self.up.len());
         }
         (eject || warm).then_some(Gate {
             tables: self,

@@ -68,17 +68,6 @@ pub(crate) struct Health {
     last_pick: AtomicU64,
 }
 
-/// The result of one reported outcome, for the caller to log or count.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Verdict {
-    /// Nothing changed in the instance's standing.
-    Unchanged,
-    /// The instance was ejected until the given time.
-    Ejected,
-    /// The instance was on probation and is healthy again.
-    Restored,
-}
-
 impl Health {
     pub(crate) fn new(balancing: Arc<Outliers>, born: Instant, adult: bool) -> Self {
         Self {
@@ -267,7 +256,7 @@ impl Health {
     }
 
     /// A request succeeded after `latency` (if measured).
-    pub(crate) fn on_success(&self, now: Instant, latency: Option<Duration>) -> Verdict {
+    pub(crate) fn on_success(&self, now: Instant, latency: Option<Duration>) {
         self.sample(now, latency, true);
         self.balancing.metrics.success.increment(1);
         // Written only when they change: a success on a healthy instance (the common case)
@@ -280,14 +269,12 @@ impl Health {
                 service = %self.balancing.service,
                 "an instance on probation succeeded: it is healthy again"
             );
-            return Verdict::Restored;
         }
-        Verdict::Unchanged
     }
 
     /// A request failed. Ejects the instance after the consecutive-failure threshold, or at
     /// once when on probation, if the max ejected share of `up` instances allows.
-    pub(crate) fn on_failure(&self, now: Instant, up: usize) -> Verdict {
+    pub(crate) fn on_failure(&self, now: Instant, up: usize) {
         self.sample(now, None, false);
         self.balancing.metrics.failure.increment(1);
         // An ejection that ended with nobody noticing (no pick of it since) ends now: the
@@ -298,12 +285,12 @@ impl Health {
         let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
         let policy = &self.balancing.ejection;
         if failures < policy.consecutive_failures && !self.probation.load(Ordering::Acquire) {
-            return Verdict::Unchanged;
+            return;
         }
-        self.eject(now, up)
+        self.eject(now, up);
     }
 
-    fn eject(&self, now: Instant, up: usize) -> Verdict {
+    fn eject(&self, now: Instant, up: usize) {
         let balancing = &self.balancing;
         let policy = &balancing.ejection;
         // `is_ejected`, not `maybe_ejected`: an ejection that ended unnoticed ends here (the
@@ -312,7 +299,7 @@ impl Health {
             || self.is_ejected(now)
             || !balancing.reserve(policy.max_ejected(up))
         {
-            return Verdict::Unchanged;
+            return;
         }
         let stamp = self.stamp(now);
         // The multiplier decays by one per base ejection time spent healthy since the last one.
@@ -350,12 +337,12 @@ impl Health {
         {
             // Another thread ejected it first.
             balancing.release();
-            return Verdict::Unchanged;
+            return;
         }
         if self.benched.load(Ordering::SeqCst) {
             // Benched meanwhile: `bench` may have looked before this ejection was there.
             self.lift();
-            return Verdict::Unchanged;
+            return;
         }
         balancing.sweep_after(self.instant(until));
         self.times_ejected.store(times, Ordering::Relaxed);
@@ -372,7 +359,6 @@ impl Health {
             seconds = length.as_secs_f64(),
             "ejected an instance that kept failing; it gets no requests until its ejection ends"
         );
-        Verdict::Ejected
     }
 
     /// Benches the instance (it is draining, or its key left etcd: `true`) or brings it back
