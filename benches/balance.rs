@@ -4,6 +4,8 @@
 //! - `balance/pick/{1,2}-thread`: every picker of `ServiceCache`, over caches of 10 and 1 000
 //!   instances (weights 1, 4, 7, 10 in turn), nothing ejected. `load` (the bare snapshot read)
 //!   is the floor. `pick_by` hashes another key each time, from a precomputed array of 4 096.
+//!   `bare_round_robin` is what a pick cost before balancing existed: `load()`, a thread-local
+//!   cursor and an index into the instances (no health check, no pick table).
 //! - `balance/one_ejected/1-thread`: the same picks over 10 instances with one ejected (one
 //!   shared counter says so; a pick that draws the ejected one reads the clock).
 //! - `balance/p2c/{1,2}-thread`: one operation is a pick and the report of its success.
@@ -19,6 +21,11 @@
 //!     (`CompleteOnResponse`).
 //!   - `tower_mutex`: not a target, for scale: the same `Balance` behind a `std::sync::Mutex`,
 //!     polled directly, without `Buffer` or runtime: tower's p2c alone.
+//!
+//!   - `atomic_floor`: not a baseline, the floor: what any p2c with outcome reporting costs
+//!     on this machine at least (two clock reads, the in-flight count up and down, the report's
+//!     stores; see `floor`). `mutex_gozero / atomic_floor` bounds the ratio any p2c can reach
+//!     over `mutex_gozero`.
 //!
 //! Times are per operation per thread with every thread running: each thread does `iters`
 //! operations and a sample takes the slowest thread's time; throughput over all threads is
@@ -185,11 +192,28 @@ fn pickers(
             black_box(users.load().len());
         })
     });
+    bench(group, record, group_name, "bare_round_robin", n, |iters| {
+        on_threads(threads, iters, &|_, _| {
+            let snapshot = users.load();
+            let instances = snapshot.instances();
+            let at = BARE_CURSOR.with(|cursor| {
+                let at = cursor.get().wrapping_add(1) % instances.len().max(1);
+                cursor.set(at);
+                at
+            });
+            black_box(instances.get(at).map(|i| i.addr().len()));
+        })
+    });
     picker!("pick", |_, _| users.pick());
     picker!("pick_random", |_, _| users.pick_random());
     picker!("pick_weighted", |_, _| users.pick_weighted());
     picker!("pick_weighted_random", |_, _| users.pick_weighted_random());
     picker!("pick_by", |t, i| users.pick_by(key(keys, t, i)));
+}
+
+thread_local! {
+    /// `bare_round_robin`'s cursor.
+    static BARE_CURSOR: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
 /// Our p2c: a pick, and its success reported.
@@ -317,6 +341,81 @@ mod gozero {
             conn.lag = conn.lag * w + lag * (1.0 - w);
             let sample = if success { 1.0 } else { 0.0 };
             conn.success = conn.success * w + sample * (1.0 - w);
+        }
+    }
+}
+
+/// The least any p2c with outcome reporting does per request: two clock reads (start and end),
+/// two random endpoints compared by two loads each, the in-flight count up and down, and three
+/// stores of report (last report, latency, success), on endpoints a cache line apart; no
+/// snapshot, no reference counts, no decay math. Not a balancer: the floor of this machine.
+mod floor {
+    use std::cell::Cell;
+    use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+    use super::*;
+
+    #[repr(align(128))]
+    struct Slot {
+        in_flight: AtomicU32,
+        latency: AtomicU64,
+        last: AtomicU64,
+        success: AtomicU64,
+    }
+
+    thread_local! {
+        static RNG: Cell<u64> = const { Cell::new(0x9E37_79B9_7F4A_7C15) };
+    }
+
+    pub(super) struct AtomicFloor {
+        slots: Vec<Slot>,
+        origin: Instant,
+    }
+
+    impl AtomicFloor {
+        pub(super) fn new(n: usize) -> Self {
+            let slots = (0..n)
+                .map(|_| Slot {
+                    in_flight: AtomicU32::new(0),
+                    latency: AtomicU64::new(0),
+                    last: AtomicU64::new(0),
+                    success: AtomicU64::new(0),
+                })
+                .collect();
+            Self {
+                slots,
+                origin: Instant::now(),
+            }
+        }
+
+        pub(super) fn op(&self) {
+            let n = self.slots.len() as u64;
+            let r = RNG.with(|rng| {
+                let mut x = rng.get();
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                rng.set(x);
+                x
+            });
+            let a = ((r & 0xFFFF_FFFF) * n) >> 32;
+            let b = (a + 1 + (((r >> 32) * n.saturating_sub(1)) >> 32)) % n;
+            let cost = |i: u64| {
+                let slot = &self.slots[i as usize];
+                u64::from(slot.in_flight.load(Ordering::Relaxed))
+                    .wrapping_mul(slot.latency.load(Ordering::Relaxed))
+            };
+            let slot = &self.slots[if cost(a) <= cost(b) { a } else { b } as usize];
+            let started = Instant::now();
+            slot.in_flight.fetch_add(1, Ordering::Relaxed);
+            black_box(slot);
+            let now = Instant::now();
+            slot.in_flight.fetch_sub(1, Ordering::Relaxed);
+            let stamp = now.saturating_duration_since(self.origin).as_nanos() as u64;
+            let latency = now.saturating_duration_since(started).as_nanos() as u64;
+            slot.last.store(stamp, Ordering::Relaxed);
+            slot.latency.store(latency, Ordering::Relaxed);
+            slot.success.store(1, Ordering::Relaxed);
         }
     }
 }
@@ -512,6 +611,15 @@ fn benches(c: &mut Criterion) {
                     })
                 },
             );
+            let atomic_floor = floor::AtomicFloor::new(n);
+            bench(
+                &mut group,
+                &record,
+                &group_name,
+                "atomic_floor",
+                n,
+                |iters| on_threads(threads, iters, &|_, _| atomic_floor.op()),
+            );
             let (rt, buffer) = towerp2c::buffered(threads, n);
             bench(
                 &mut group,
@@ -551,6 +659,19 @@ fn summary(record: &Record) {
         return;
     }
     let mut lines = vec!["balance: medians of this run, per operation per thread".to_owned()];
+    let ids: Vec<String> = record
+        .0
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .keys()
+        .cloned()
+        .collect();
+    for id in &ids {
+        if let Some(ns) = median(id) {
+            lines.push(format!("  {id:<50} {ns:>8.1} ns"));
+        }
+    }
+    lines.push("balance: targets".to_owned());
     for (id, limit) in [
         ("balance/pick/1-thread/pick/10", 10.0),
         ("balance/pick/1-thread/pick_weighted/10", 20.0),
@@ -577,6 +698,7 @@ fn summary(record: &Record) {
                 ("tower_buffer", Some(10.0)),
                 ("mutex_gozero", Some(3.0)),
                 ("tower_mutex", None),
+                ("atomic_floor", None),
             ] {
                 let Some(theirs) = median(&id(baseline)) else {
                     continue;
@@ -593,6 +715,32 @@ fn summary(record: &Record) {
                 lines.push(format!(
                     "  p2c {threads}-thread {n:>5} instances: ours {ours:>6.1} ns, \
                      {baseline:<12} {theirs:>7.1} ns: {ratio:>5.1}x{verdict}"
+                ));
+            }
+            if let (Some(mutex), Some(floor)) =
+                (median(&id("mutex_gozero")), median(&id("atomic_floor")))
+            {
+                lines.push(format!(
+                    "  p2c {threads}-thread {n:>5} instances: the most any p2c reaches over \
+                     mutex_gozero here (mutex_gozero / atomic_floor): {:.1}x",
+                    mutex / floor
+                ));
+            }
+        }
+    }
+    for threads in [1, 2] {
+        for n in SIZES {
+            let id = |name: &str| format!("balance/pick/{threads}-thread/{name}/{n}");
+            if let (Some(pick), Some(bare), Some(load)) = (
+                median(&id("pick")),
+                median(&id("bare_round_robin")),
+                median(&id("load")),
+            ) {
+                lines.push(format!(
+                    "  pick() {threads}-thread {n:>5} instances: {:.2}x bare_round_robin, \
+                     {:.2}x load()",
+                    pick / bare,
+                    pick / load
                 ));
             }
         }

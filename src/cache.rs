@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use arc_swap::{ArcSwap, Guard};
 use tokio::sync::watch;
 
-use crate::balance::picked::{Call, Picked, Source};
+use crate::balance::picked::{Call, Picked};
 use crate::balance::select::{Selection, Selector};
 use crate::balance::view::InstanceHealth;
 use crate::snapshot::{FreezeCause, Freshness, Snapshot};
@@ -370,7 +370,7 @@ impl ServiceCache {
     fn picked(&self, pick: impl FnOnce(&Snapshot) -> Option<u32>) -> Option<Picked> {
         let snapshot = self.load();
         let index = pick(&snapshot)?;
-        Some(Picked::new(Source::Guard(snapshot), index))
+        Some(Picked::new(snapshot, index))
     }
 
     /// A receiver of the snapshots published from now on. The current one counts as seen; read

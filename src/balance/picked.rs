@@ -12,25 +12,6 @@ use super::health::Health;
 use crate::instance::Instance;
 use crate::snapshot::Snapshot;
 
-/// The snapshot a pick came from: a cheap guard for the cache's own picks, an `Arc` for a
-/// selection's.
-pub(crate) enum Source {
-    Guard(Guard<Arc<Snapshot>>),
-    Arc(Arc<Snapshot>),
-}
-
-impl Deref for Source {
-    type Target = Snapshot;
-
-    #[inline]
-    fn deref(&self) -> &Snapshot {
-        match self {
-            Source::Guard(guard) => guard,
-            Source::Arc(arc) => arc,
-        }
-    }
-}
-
 /// An instance picked from a snapshot, borrowed from it: a pick from a [`ServiceCache`] touches
 /// no reference count (it holds the arc-swap guard); a pick from a
 /// [`Selection`](crate::Selection) holds an `Arc` of the selection's snapshot.
@@ -46,12 +27,15 @@ impl Deref for Source {
 /// failing is ejected (see [`OutlierEjection`](crate::OutlierEjection)); dropping it reports
 /// nothing.
 pub struct Picked {
-    snapshot: Source,
+    /// The cache's own picks hold arc-swap's guard (no reference-count write); a selection's
+    /// hold an `Arc` wrapped in a guard ([`Guard::from_inner`]), so that reading the instance
+    /// is the same code, without a branch, for both.
+    snapshot: Guard<Arc<Snapshot>>,
     index: u32,
 }
 
 impl Picked {
-    pub(crate) fn new(snapshot: Source, index: u32) -> Self {
+    pub(crate) fn new(snapshot: Guard<Arc<Snapshot>>, index: u32) -> Self {
         Self { snapshot, index }
     }
 

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
 
-use super::picked::{Call, Picked, Source};
+use super::picked::{Call, Picked};
 use crate::cache::ServiceCache;
 use crate::instance::Instance;
 use crate::snapshot::Snapshot;
@@ -143,7 +143,7 @@ impl Selection {
     fn picked(&self, pick: impl FnOnce(&Snapshot) -> Option<u32>) -> Option<Picked> {
         let view = self.snapshot();
         let index = pick(&view)?;
-        Some(Picked::new(Source::Arc(view), index))
+        Some(Picked::new(arc_swap::Guard::from_inner(view), index))
     }
 
     /// Round-robin among the selected instances; see [`ServiceCache::pick`].
