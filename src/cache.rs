@@ -9,6 +9,7 @@ use tokio::sync::watch;
 use crate::balance::picked::{Call, Picked};
 use crate::balance::select::{Selection, Selector};
 use crate::balance::view::InstanceHealth;
+use crate::diff::Diffs;
 use crate::snapshot::{FreezeCause, Freshness, Snapshot};
 use crate::sync::machine::Stats;
 
@@ -391,6 +392,12 @@ impl ServiceCache {
     /// ```
     pub fn changes(&self) -> watch::Receiver<Arc<Snapshot>> {
         self.shared().changes.subscribe()
+    }
+
+    /// What changes between consecutive snapshots, instance by instance: for callers that keep
+    /// something per instance (a connection, a pool). See [`Diffs`].
+    pub fn diffs(&self) -> Diffs {
+        Diffs::new(self.clone())
     }
 
     /// Whether the cache follows etcd right now, or is frozen at the last known state.

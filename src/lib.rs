@@ -27,7 +27,8 @@
 //!
 //! The parts, one module each: [`instance`] (what is registered), [`codec`] (how it is laid out
 //! in etcd: native JSON, go-zero, or etcd's naming package), [`snapshot`] (an immutable view),
-//! [`cache`] (the always-readable handle), [`balance`] (pickers, outlier ejection, slow start),
+//! [`cache`] (the always-readable handle), [`diff`] (changes between snapshots, per instance),
+//! [`balance`] (pickers, outlier ejection, slow start),
 //! [`sync`] (the sans-IO list/watch machine and the task that drives it), [`backend`] (etcd or
 //! the in-memory model), and [`metrics`] (metric names). `ARCHITECTURE.md` in the repository
 //! describes how they fit together, the invariants they keep (§4) and how each is tested.
@@ -80,6 +81,7 @@ mod backoff;
 pub mod balance;
 pub mod cache;
 pub mod codec;
+pub mod diff;
 mod discovery;
 mod error;
 pub mod instance;
@@ -99,6 +101,7 @@ pub use balance::slow_start::SlowStart;
 pub use balance::view::InstanceHealth;
 pub use cache::{ServiceCache, SyncStats};
 pub use codec::{Codec, DecodeError, Decoded, KeyLayout, ParseLayoutError};
+pub use diff::{Diff, Diffs, InstanceChange};
 pub use discovery::{Discovery, DiscoveryBuilder};
 pub use error::{Error, Result};
 pub use instance::{Instance, InstanceBuilder, InstanceError, State};
