@@ -187,6 +187,38 @@ impl Instance {
         self
     }
 
+    /// The instance's URI, for HTTP and gRPC clients: `scheme://addr`, with the scheme from
+    /// the metadata entry `scheme` (`grpc` is read as `http` and `grpcs` as `https`, as
+    /// registries written by Go frameworks use them), `http` by default. An address that
+    /// carries its own scheme (`https://10.0.0.7:443`) is taken as it is.
+    ///
+    /// ```
+    /// use etcd_registry::Instance;
+    ///
+    /// let plain = Instance::builder("user", "10.0.0.7:8080").build()?;
+    /// assert_eq!(plain.uri()?, "http://10.0.0.7:8080/");
+    /// let tls = Instance::builder("user", "10.0.0.7:8443").meta("scheme", "grpcs").build()?;
+    /// assert_eq!(tls.uri()?, "https://10.0.0.7:8443/");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// When the address and scheme do not make a valid URI.
+    #[cfg(feature = "tower")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
+    pub fn uri(&self) -> Result<http::Uri, http::uri::InvalidUri> {
+        if self.addr.contains("://") {
+            return self.addr.parse();
+        }
+        let scheme = match self.meta("scheme") {
+            None | Some("grpc") => "http",
+            Some("grpcs") => "https",
+            Some(other) => other,
+        };
+        format!("{scheme}://{}", self.addr).parse()
+    }
+
     /// The instance's tags, in the order they were given.
     pub fn tags(&self) -> impl ExactSizeIterator<Item = &str> + '_ {
         self.tags.iter().map(|t| &**t)

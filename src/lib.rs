@@ -89,6 +89,12 @@ pub mod metrics;
 mod register;
 pub mod snapshot;
 pub mod sync;
+#[cfg(feature = "tonic")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tonic")))]
+pub mod tonic;
+#[cfg(feature = "tower")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
+pub mod tower;
 
 pub use backend::{Backend, MemoryBackend};
 #[cfg(feature = "etcd")]

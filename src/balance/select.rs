@@ -104,6 +104,11 @@ impl Selection {
         }
     }
 
+    /// The cache this selection picks from.
+    pub fn cache(&self) -> &ServiceCache {
+        &self.cache
+    }
+
     /// The selector.
     pub fn selector(&self) -> &Selector {
         &self.selector

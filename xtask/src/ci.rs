@@ -64,6 +64,7 @@ fn ci_steps(t: &mut Timings) -> Result<()> {
             "clippy",
             "--workspace",
             "--all-targets",
+            "--all-features",
             "--locked",
             "--",
             "-D",
@@ -73,12 +74,24 @@ fn ci_steps(t: &mut Timings) -> Result<()> {
     })?;
     t.step("doc", || {
         // Broken or private intra-doc links are errors: the docs are part of the API.
-        let mut cmd = tools.apply(cargo(["doc", "--no-deps", "--locked"]));
+        let mut cmd = tools.apply(cargo(["doc", "--no-deps", "--all-features", "--locked"]));
         cmd.env("RUSTDOCFLAGS", "-D warnings");
         run(&mut cmd)
     })?;
+    // The core builds without any feature (no etcd-client, tower or tonic).
+    t.step("check_no_default_features", || {
+        let args = [
+            "check",
+            "-p",
+            "etcd-registry",
+            "--no-default-features",
+            "--locked",
+        ];
+        run(&mut tools.apply(cargo(args)))
+    })?;
     t.step("test", || {
-        run(&mut tools.apply(cargo(["test", "--workspace", "--locked"])))
+        let args = ["test", "--workspace", "--all-features", "--locked"];
+        run(&mut tools.apply(cargo(args)))
     })?;
 
     let benches = bench_names()?;

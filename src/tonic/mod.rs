@@ -1,0 +1,151 @@
+//! tonic integration (feature `tonic`): a balanced gRPC client over the instances of a cache,
+//! with one tonic [`Channel`] per instance built from an [`Endpoint`] template.
+//!
+//! ```no_run
+//! # mod greeter { #[derive(Clone)] pub struct GreeterClient<T>(T);
+//! #   impl<T> GreeterClient<T> { pub fn new(t: T) -> Self { Self(t) } } }
+//! # use greeter::GreeterClient;
+//! # async fn run(discovery: etcd_registry::Discovery) -> Result<(), etcd_registry::Error> {
+//! let greeters = discovery.service("greeter").await?;
+//! let channel = etcd_registry::tonic::channel(&greeters);
+//! let client = GreeterClient::new(channel);
+//! # Ok(()) }
+//! ```
+//!
+//! Each instance gets its own `Channel`, connected the first time a request goes to it
+//! (eagerly, so that an instance that refuses the connection was never sent the request: the
+//! request goes to another instance and the refusal counts as a failure), dropped when etcd
+//! removes the instance, and connected again after a transport error. Requests are balanced by
+//! p2c and their outcomes (transport errors, gRPC statuses) feed outlier ejection: see
+//! [`Balanced`].
+//!
+//! For tonic's own balancer, [`feed_balance_channel`] feeds `Channel::balance_channel` from
+//! the cache; it has tonic's limits (below), which [`channel`] does not.
+
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tonic::transport::{Channel, Endpoint};
+use tower::discover::Change;
+
+use crate::cache::ServiceCache;
+use crate::diff::InstanceChange;
+use crate::instance::Instance;
+use crate::tower::{Balanced, BalancedBuilder, BoxError};
+
+/// How long [`channel`] waits for a connection to an instance by default, before the
+/// template applies: an instance that does not answer must not hold a request for the
+/// operating system's TCP timeout (minutes).
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The tonic [`Endpoint`] of `instance` (its [`uri`](Instance::uri)), with `template` applied
+/// (timeouts, HTTP/2 keep-alive, TLS, user agent…).
+///
+/// # Errors
+///
+/// When the instance's address does not make a valid URI.
+pub fn endpoint(
+    instance: &Instance,
+    template: impl FnOnce(Endpoint) -> Endpoint,
+) -> Result<Endpoint, http::uri::InvalidUri> {
+    let uri = instance.uri()?;
+    Ok(template(
+        Endpoint::from(uri).connect_timeout(DEFAULT_CONNECT_TIMEOUT),
+    ))
+}
+
+/// A balanced client channel over the instances of `cache`: p2c, one `Channel` per instance,
+/// default endpoint settings (and [`DEFAULT_CONNECT_TIMEOUT`]). Pass it to any generated tonic
+/// client.
+pub fn channel(cache: &ServiceCache) -> Balanced<Channel> {
+    channel_with(Balanced::builder(cache), |endpoint| endpoint)
+}
+
+/// [`channel`] with a route, classifier or selection from `builder`, and `template` applied to
+/// each instance's endpoint.
+///
+/// ```no_run
+/// # async fn run(greeters: etcd_registry::ServiceCache) {
+/// use std::time::Duration;
+/// use etcd_registry::tower::{Balanced, Route};
+///
+/// let channel = etcd_registry::tonic::channel_with(
+///     Balanced::builder(&greeters).route(Route::RoundRobin),
+///     |endpoint| endpoint.timeout(Duration::from_secs(2)).http2_keep_alive_interval(Duration::from_secs(30)),
+/// );
+/// # }
+/// ```
+pub fn channel_with<F>(builder: BalancedBuilder, template: F) -> Balanced<Channel>
+where
+    F: Fn(Endpoint) -> Endpoint + Send + Sync + 'static,
+{
+    builder.connector(move |instance: &Instance| {
+        let endpoint = endpoint(instance, &template);
+        async move {
+            let channel = endpoint.map_err(BoxError::from)?.connect().await?;
+            Ok::<_, BoxError>(channel)
+        }
+    })
+}
+
+/// Feeds tonic's own balancer (`Channel::balance_channel`) with the instances of `cache`,
+/// until the channel is dropped: `Change::Insert` of each instance up (keyed by instance id,
+/// with `template` applied to its endpoint), `Change::Remove` when it drains or etcd removes
+/// it. Nothing is removed while the cache is frozen.
+///
+/// tonic's balancer keeps its limits: its endpoints report no load, so p2c is random; a dead
+/// endpoint that connects lazily stays ready and keeps being picked (tonic issues #643, #1147,
+/// #2839); calls wait (not fail) while it has no endpoint; and it learns of changes only while
+/// it is polled, so with little traffic they wait (#1581). [`channel`] has none of these.
+///
+/// ```no_run
+/// # async fn run(greeters: etcd_registry::ServiceCache) {
+/// let (channel, sender) = tonic::transport::Channel::balance_channel::<String>(64);
+/// tokio::spawn(etcd_registry::tonic::feed_balance_channel(greeters, |e| e, sender));
+/// # let _ = channel;
+/// # }
+/// ```
+pub async fn feed_balance_channel<F>(
+    cache: ServiceCache,
+    template: F,
+    sender: mpsc::Sender<Change<String, Endpoint>>,
+) where
+    F: Fn(Endpoint) -> Endpoint + Send + Sync + 'static,
+{
+    let mut diffs = cache.diffs();
+    let mut inserted = std::collections::HashSet::new();
+    while let Some(diff) = diffs.next().await {
+        for change in diff.changes {
+            let (instance, removed) = match &change {
+                InstanceChange::Removed(instance) => (instance, true),
+                other => (other.instance(), !other.instance().is_up()),
+            };
+            let id = instance.id().to_owned();
+            let change = if removed {
+                if !inserted.remove(&id) {
+                    continue;
+                }
+                Change::Remove(id)
+            } else {
+                match endpoint(instance, &template) {
+                    Ok(endpoint) => {
+                        inserted.insert(id.clone());
+                        Change::Insert(id, endpoint)
+                    }
+                    Err(error) => {
+                        tracing::warn!(
+                            service = %cache.service(),
+                            addr = %instance.addr(),
+                            %error,
+                            "an instance's address is not a valid URI; it is left out"
+                        );
+                        continue;
+                    }
+                }
+            };
+            if sender.send(change).await.is_err() {
+                return;
+            }
+        }
+    }
+}
