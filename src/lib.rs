@@ -115,6 +115,6 @@ pub use register::{Registration, RegistrationBuilder, RegistrationStatus};
 pub use snapshot::{FreezeCause, Freshness, Snapshot};
 
 /// The README's Rust examples, compiled as doctests so they cannot drift from the API.
-#[cfg(all(doctest, feature = "etcd"))]
+#[cfg(all(doctest, feature = "etcd", feature = "tonic"))]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;

@@ -25,8 +25,8 @@
 use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tonic::transport::channel::Change;
 use tonic::transport::{Channel, Endpoint};
-use tower::discover::Change;
 
 use crate::cache::ServiceCache;
 use crate::diff::InstanceChange;

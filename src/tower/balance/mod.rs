@@ -334,8 +334,8 @@ impl<S: Send + Sync + 'static> Inner<S> {
         S::Error: Into<BoxError>,
     {
         // A backstop for services built outside a runtime (no pruning task): cheap when the
-        // instances did not change.
-        self.pool.prune(&self.source.cache().snapshot());
+        // instances did not change (a guard, not an `Arc` clone: no shared count is written).
+        self.pool.prune(&self.source.cache().load());
         let key = self.route.key(&request);
         let mut call = self.pick(key.as_deref())?;
         let mut retried = false;
@@ -357,6 +357,9 @@ impl<S: Send + Sync + 'static> Inner<S> {
             };
             match ready {
                 Ok(mut service) => {
+                    // The latency that p2c weighs is the request's, not the connection set-up's
+                    // (a first request that connected would otherwise look slow for seconds).
+                    call.restart_clock();
                     return match service.call(request).await {
                         Ok(response) => Ok(self.observe(response, call)),
                         Err(e) => {

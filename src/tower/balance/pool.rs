@@ -38,7 +38,9 @@ impl<S> Pool<S> {
         }
     }
 
-    /// The entry of `instance`: the one there if it was made for the same value, else a new one.
+    /// The entry of `instance`: the one there if it was made for the same value, else a new one
+    /// (an instance whose value changed, even only its metadata, gets a new service: the
+    /// constructor may read any of it).
     pub(crate) fn entry(&self, instance: &Arc<Instance>) -> Arc<Entry<S>> {
         if let Some(entry) = self.entries.load().get(instance.id())
             && (Arc::ptr_eq(&entry.instance, instance) || *entry.instance == **instance)
