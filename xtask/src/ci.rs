@@ -100,7 +100,15 @@ fn ci_steps(t: &mut Timings) -> Result<()> {
     }
     for bench in &benches {
         t.step(&format!("bench {bench}"), || {
-            let args = ["bench", "--locked", "--bench", bench, "--", "--test"];
+            let args = [
+                "bench",
+                "--locked",
+                "--all-features",
+                "--bench",
+                bench,
+                "--",
+                "--test",
+            ];
             run(&mut tools.apply(cargo(args)))
         })?;
     }
