@@ -22,6 +22,9 @@ use crate::snapshot::Snapshot;
 
 /// One instance's change between two consecutive snapshots. Instances are matched by
 /// [`id`](Instance::id), the last segment of their etcd key.
+///
+/// The three cases are all there can be (an instance is new, gone, or changed), so a match on
+/// them needs no wildcard.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InstanceChange {
     /// An instance that was not in the previous snapshot.
@@ -51,6 +54,7 @@ impl InstanceChange {
 
 /// The changes from one snapshot to the next, with the snapshot they lead to.
 #[derive(Clone)]
+#[non_exhaustive]
 pub struct Diff {
     /// The snapshot after the changes.
     pub snapshot: Arc<Snapshot>,

@@ -212,8 +212,9 @@ impl Instance {
             return self.addr.parse();
         }
         let scheme = match self.meta("scheme") {
-            None | Some("grpc") => "http",
-            Some("grpcs") => "https",
+            None => "http",
+            Some(s) if s.eq_ignore_ascii_case("grpc") => "http",
+            Some(s) if s.eq_ignore_ascii_case("grpcs") => "https",
             Some(other) => other,
         };
         format!("{scheme}://{}", self.addr).parse()

@@ -98,6 +98,17 @@ impl fmt::Display for RegistrationStatus {
     }
 }
 
+/// The default re-registration backoff for a lease of `ttl`: [`BackoffConfig::default`], its
+/// cap lowered to a third of the TTL (never under its initial delay); see
+/// [`RegistrationBuilder::backoff`].
+fn default_backoff(ttl: Duration) -> BackoffConfig {
+    let default = BackoffConfig::default();
+    BackoffConfig {
+        max: default.max.min(ttl / 3).max(default.initial),
+        ..default
+    }
+}
+
 /// Configures a [`Registration`]; every setting has a default that suits production.
 #[must_use = "a builder does nothing until .register() is called"]
 pub struct RegistrationBuilder {
@@ -107,7 +118,8 @@ pub struct RegistrationBuilder {
     layout: KeyLayout,
     ttl: Duration,
     replace: bool,
-    backoff: BackoffConfig,
+    /// `None`: the default, with its cap at a third of the TTL.
+    backoff: Option<BackoffConfig>,
     request_timeout: Duration,
     seed: Option<u64>,
 }
@@ -152,9 +164,17 @@ impl RegistrationBuilder {
         self
     }
 
-    /// Backoff between re-registration attempts (defaults 100 ms, doubling to 10 s, full jitter).
+    /// Backoff between re-registration attempts (default: 100 ms, doubling up to 10 s or a
+    /// third of the TTL, whichever is shorter, full jitter).
+    ///
+    /// The default's cap follows the TTL because of what etcd does after an outage: it keeps
+    /// the leases it had and extends them by about one TTL when it is back, so an attempt that
+    /// comes within that window moves the key to its new lease while the old one still holds
+    /// it, and callers never see the instance go; a later attempt lets the old lease expire
+    /// first, and the instance vanishes from every caller until then. A cap set here is kept
+    /// as it is.
     pub fn backoff(mut self, backoff: BackoffConfig) -> Self {
-        self.backoff = backoff;
+        self.backoff = Some(backoff);
         self
     }
 
@@ -187,7 +207,8 @@ impl RegistrationBuilder {
         crate::backoff::check_setting("ttl", self.ttl).map_err(Error::Config)?;
         crate::backoff::check_setting("request_timeout", self.request_timeout)
             .map_err(Error::Config)?;
-        self.backoff.validate().map_err(Error::Config)?;
+        let backoff = self.backoff.unwrap_or_else(|| default_backoff(self.ttl));
+        backoff.validate().map_err(Error::Config)?;
         let seed = self.seed.unwrap_or_else(|| {
             RandomState::new().hash_one((self.instance.service(), self.instance.id()))
         });
@@ -200,7 +221,7 @@ impl RegistrationBuilder {
             ttl: self.ttl,
             replace: self.replace,
             request_timeout: self.request_timeout,
-            backoff: Backoff::new(self.backoff, seed),
+            backoff: Backoff::new(backoff, seed),
             lease: 0,
             key: Vec::new(),
             revision: 0,
@@ -288,7 +309,7 @@ impl Registration {
             layout: KeyLayout::Native,
             ttl: Duration::from_secs(10),
             replace: false,
-            backoff: BackoffConfig::default(),
+            backoff: None,
             request_timeout: Duration::from_secs(5),
             seed: None,
         }

@@ -112,9 +112,19 @@ async fn the_first_diff_adds_everything_and_later_ones_say_what_changed() {
     etcd.delete(user_key("a"));
     assert!(matches!(&next(&mut diffs).await[..], [InstanceChange::Removed(i)] if i.id() == "a"));
 
-    // A value written again unchanged is no change: no diff for it. The next diff is the one
-    // after it.
-    register(&etcd, "c", 3);
+    // A value written again unchanged is no change: the cache applies that revision, and no
+    // diff comes of it.
+    let revision = register(&etcd, "c", 3);
+    wait_for(&users, LONG, "the rewrite applied", |s| {
+        s.revision() >= revision
+    })
+    .await;
+    let quiet = tokio::time::timeout(Duration::from_secs(30), diffs.next()).await;
+    assert!(
+        quiet.is_err(),
+        "a diff for an unchanged value: {:?}",
+        quiet.map(|d| d.map(|d| d.changes))
+    );
     register(&etcd, "d", 4);
     assert!(matches!(&next(&mut diffs).await[..], [InstanceChange::Added(i)] if i.id() == "d"));
 }
@@ -147,9 +157,15 @@ async fn nothing_is_removed_while_frozen_and_the_changes_arrive_after() {
             .await
             .expect("a diff within the bound")
             .expect("the diffs never end while they hold the cache");
+        if !diff.snapshot.freshness().is_live() {
+            let removed = diff
+                .changes
+                .iter()
+                .any(|c| matches!(c, InstanceChange::Removed(_)));
+            assert!(!removed, "removed while frozen: {diff:?}");
+        }
         apply(&mut state, &diff.changes);
         if state.keys().map(String::as_str).eq(["b", "c"]) {
-            assert!(diff.snapshot.freshness().is_live(), "removed while frozen");
             break;
         }
     }
@@ -200,15 +216,8 @@ async fn applying_every_diff_rebuilds_each_snapshot() {
         else {
             continue;
         };
-        if !diff.snapshot.freshness().is_live() {
-            assert!(
-                !diff
-                    .changes
-                    .iter()
-                    .any(|c| matches!(c, InstanceChange::Removed(_))),
-                "removed while frozen: {diff:?}"
-            );
-        }
+        // (Removals in frozen diffs are not checked here: a removal applied while live and the
+        // freeze right after it can reach a slow reader as one diff.)
         apply(&mut state, &diff.changes);
         let expected: BTreeMap<String, Arc<Instance>> = diff
             .snapshot

@@ -362,3 +362,48 @@ async fn updates_while_lost_do_not_hold_back_the_re_registration() {
         }
     }
 }
+
+/// With the default backoff, attempts after a lost lease come at least every TTL/3, however
+/// long the outage: an etcd that was down keeps the old lease and extends it by about one TTL
+/// when it is back, so an attempt later than that would let the instance vanish from callers
+/// (the old lease expiring) before the new key is written.
+#[tokio::test(start_paused = true)]
+async fn the_default_backoff_retries_within_a_third_of_the_ttl() {
+    let etcd = MemoryBackend::new();
+    let registration = Registration::with_backend(etcd.clone(), instance("user", "u1", 8080))
+        .namespace(NS)
+        .ttl(TTL)
+        .jitter_seed(3)
+        .register()
+        .await
+        .unwrap();
+    let mut status = registration.status();
+    etcd.set_reachable(false);
+    status_becomes(&mut status, TTL * 3, "lost", |s| {
+        *s == RegistrationStatus::Lost
+    })
+    .await;
+    // Long enough for an uncapped backoff to reach its 10 s cap.
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    for _ in 0..5 {
+        // Cut off again each time: every attempt now waits its full backoff step.
+        let healed = Instant::now();
+        etcd.set_reachable(true);
+        status_becomes(&mut status, Duration::from_secs(30), "reregistered", |s| {
+            matches!(s, RegistrationStatus::Reregistered { .. })
+        })
+        .await;
+        let took = healed.elapsed();
+        assert!(
+            took <= TTL / 3,
+            "back {took:?} after etcd's return; TTL/3 is {:?}",
+            TTL / 3
+        );
+        etcd.set_reachable(false);
+        status_becomes(&mut status, TTL * 3, "lost", |s| {
+            *s == RegistrationStatus::Lost
+        })
+        .await;
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    }
+}

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use etcd_registry::tower::{
-    Balanced, BoxError, Discover, NoInstance, NoInstanceReason, Route, RoutingKey,
+    Balanced, BoxError, Classifier, Discover, NoInstance, NoInstanceReason, Route, RoutingKey,
 };
 use etcd_registry::{
     Discovery, Instance, InstanceHealth, MemoryBackend, Selector, ServiceCache, State,
@@ -39,13 +39,19 @@ enum Behaviour {
     GrpcTrailers(i32),
     /// A trailers-only gRPC response with this code.
     GrpcHeaders(i32),
-    /// `Err` from the call: a transport error.
+    /// `Err` from the call that is not about the connection (a timeout, say).
     Transport,
+    /// `Err` from the call with an I/O error inside: the connection broke.
+    Broken,
+    /// A gRPC response that ends without any status.
+    GrpcNoStatus,
+    /// A gRPC response whose body fails.
+    BodyError,
     /// `Err` from `poll_ready`: the request is never sent.
     NotReady,
 }
 
-type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+type Body = http_body_util::combinators::BoxBody<Bytes, BoxError>;
 
 /// The instances' behaviours and what they saw, shared by every inner service of a test.
 #[derive(Default)]
@@ -53,6 +59,8 @@ struct Fleet {
     behaviour: Mutex<HashMap<String, Behaviour>>,
     /// Requests that reached each instance's `call`.
     served: Mutex<BTreeMap<String, usize>>,
+    /// `poll_ready` calls of each instance's service.
+    readied: Mutex<BTreeMap<String, usize>>,
     /// Inner services alive (made and not dropped), by instance.
     alive: Mutex<HashMap<String, Arc<()>>>,
     made: AtomicUsize,
@@ -77,6 +85,15 @@ impl Fleet {
 
     fn served(&self, id: &str) -> usize {
         self.served
+            .lock()
+            .expect("lock")
+            .get(id)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn readied(&self, id: &str) -> usize {
+        self.readied
             .lock()
             .expect("lock")
             .get(id)
@@ -129,6 +146,13 @@ impl Service<http::Request<()>> for Inner {
         &mut self,
         _cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Result<(), BoxError>> {
+        *self
+            .fleet
+            .readied
+            .lock()
+            .expect("lock")
+            .entry(self.id.clone())
+            .or_default() += 1;
         match self.fleet.behaviour(&self.id) {
             Behaviour::NotReady => std::task::Poll::Ready(Err("connection refused".into())),
             _ => std::task::Poll::Ready(Ok(())),
@@ -146,7 +170,8 @@ impl Service<http::Request<()>> for Inner {
         let behaviour = self.fleet.behaviour(&self.id);
         let id = self.id.clone();
         Box::pin(async move {
-            let body = Full::new(Bytes::from(id)).map_err(|never| match never {});
+            let body = Full::new(Bytes::from(id))
+                .map_err(|never: Infallible| -> BoxError { match never {} });
             let grpc = || http::Response::builder().header("content-type", "application/grpc");
             let response = match behaviour {
                 Behaviour::Ok | Behaviour::NotReady => http::Response::new(body.boxed()),
@@ -167,7 +192,21 @@ impl Service<http::Request<()>> for Inner {
                     let body = body.with_trailers(async move { Some(Ok(trailers)) });
                     grpc().body(body.boxed()).expect("valid")
                 }
-                Behaviour::Transport => return Err("connection reset".into()),
+                Behaviour::Transport => return Err("deadline has elapsed".into()),
+                Behaviour::Broken => {
+                    let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+                    return Err(BoxError::from(reset));
+                }
+                Behaviour::GrpcNoStatus => grpc().body(body.boxed()).expect("valid"),
+                Behaviour::BodyError => {
+                    let frames = futures_util::stream::iter([
+                        Ok(http_body::Frame::data(Bytes::from_static(b"partial"))),
+                        Err::<http_body::Frame<Bytes>, BoxError>("stream reset".into()),
+                    ]);
+                    grpc()
+                        .body(BodyExt::boxed(http_body_util::StreamBody::new(frames)))
+                        .expect("valid")
+                }
             };
             Ok(response)
         })
@@ -230,13 +269,26 @@ fn no_instance(error: &BoxError) -> NoInstanceReason {
 
 #[tokio::test(start_paused = true)]
 async fn nothing_to_pick_is_a_typed_error_at_once() {
+    /// The error of one request, which must come without any time passing (paused clock).
+    async fn refused(service: &mut Balanced<Inner>) -> NoInstanceReason {
+        let start = tokio::time::Instant::now();
+        let error = get(service).await.expect_err("no instance");
+        assert_eq!(
+            start.elapsed(),
+            Duration::ZERO,
+            "waited before failing: {error}"
+        );
+        no_instance(&error)
+    }
     let etcd = MemoryBackend::new();
     let users = users(&etcd).await;
     let fleet = Arc::new(Fleet::default());
     let mut service = balanced(&users, &fleet);
-    let start = tokio::time::Instant::now();
+    assert_eq!(
+        refused(&mut service).await,
+        NoInstanceReason::NoneRegistered
+    );
     let error = get(&mut service).await.expect_err("no instance");
-    assert_eq!(no_instance(&error), NoInstanceReason::NoneRegistered);
     assert!(error.to_string().contains("`user`"), "{error}");
 
     put(
@@ -244,8 +296,7 @@ async fn nothing_to_pick_is_a_typed_error_at_once() {
         &spec("a").state(State::Draining).build().expect("valid"),
     );
     wait_for(&users, LONG, "a draining", |s| s.len() == 1).await;
-    let error = get(&mut service).await.expect_err("all draining");
-    assert_eq!(no_instance(&error), NoInstanceReason::AllDraining);
+    assert_eq!(refused(&mut service).await, NoInstanceReason::AllDraining);
 
     put(&etcd, &spec("b").build().expect("valid"));
     wait_for(&users, LONG, "b up", |s| s.len() == 2).await;
@@ -254,13 +305,9 @@ async fn nothing_to_pick_is_a_typed_error_at_once() {
         let fleet = Arc::clone(&fleet);
         Balanced::builder_for(&canaries).service(move |i| fleet.make(i))
     };
-    let error = get(&mut selected).await.expect_err("no canary");
-    assert_eq!(no_instance(&error), NoInstanceReason::SelectionEmpty);
-    // Every answer came without time passing: nothing waited.
-    let waited = tokio::time::Instant::now() - start;
-    assert!(
-        waited < Duration::from_secs(5),
-        "waited {waited:?} (wait_for included)"
+    assert_eq!(
+        refused(&mut selected).await,
+        NoInstanceReason::SelectionEmpty
     );
     assert_eq!(get(&mut service).await.expect("b is up"), "b");
     assert_eq!(
@@ -641,4 +688,270 @@ async fn discover_inserts_removes_and_never_ends_or_removes_while_frozen() {
         }
     };
     assert_eq!(describe(&next().await), "-a", "removed once live");
+}
+
+#[tokio::test(start_paused = true)]
+async fn requests_waiting_for_a_failed_connection_go_elsewhere_at_once() {
+    let etcd = MemoryBackend::new();
+    for id in ["a", "b", "c"] {
+        put(&etcd, &spec(id).build().expect("valid"));
+    }
+    let users = users(&etcd).await;
+    let key = (0..1000)
+        .map(|n| format!("k{n}"))
+        .find(|k| users.pick_by(k).expect("up").id() == "a")
+        .expect("some key maps to a");
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let fleet = Arc::new(Fleet::default());
+    let service = {
+        let (attempts, fleet) = (attempts.clone(), fleet.clone());
+        Balanced::builder(&users)
+            .route(Route::Hash { header: None })
+            .connector(move |instance: &Instance| {
+                let dead = instance.id() == "a";
+                if dead {
+                    attempts.fetch_add(1, Ordering::Relaxed);
+                }
+                let inner = fleet.make(instance);
+                async move {
+                    if dead {
+                        // A host that does not answer: the attempt times out after 1 s.
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        Err::<Inner, BoxError>("connect timed out".into())
+                    } else {
+                        Ok(inner)
+                    }
+                }
+            })
+    };
+    let start = tokio::time::Instant::now();
+    let requests = (0..4).map(|_| {
+        let mut service = service.clone();
+        let key = key.clone();
+        async move {
+            let mut request = http::Request::new(());
+            request.extensions_mut().insert(RoutingKey::new(key));
+            let answer = send(&mut service, request).await;
+            (answer, start.elapsed())
+        }
+    });
+    for (answer, took) in futures_util::future::join_all(requests).await {
+        let answer = answer.expect("retried on another instance");
+        assert_ne!(answer, "a");
+        assert_eq!(
+            took,
+            Duration::from_secs(1),
+            "waited for one attempt, not a queue"
+        );
+    }
+    assert_eq!(
+        attempts.load(Ordering::Relaxed),
+        1,
+        "one attempt for the four waiters"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_is_retried_once_not_on_every_instance() {
+    let etcd = MemoryBackend::new();
+    for id in ["a", "b", "c"] {
+        put(&etcd, &spec(id).build().expect("valid"));
+    }
+    let users = users(&etcd).await;
+    let fleet = Arc::new(Fleet::default());
+    let mut service = {
+        let fleet = Arc::clone(&fleet);
+        Balanced::builder(&users)
+            .route(Route::RoundRobin)
+            .service(move |i| fleet.make(i))
+    };
+    fleet.set("a", Behaviour::NotReady);
+    fleet.set("b", Behaviour::NotReady);
+    let (mut answered, mut refused) = (0, 0);
+    for n in 1..=4 {
+        let before = fleet.readied("a") + fleet.readied("b") + fleet.readied("c");
+        match get(&mut service).await {
+            Ok(answer) => {
+                assert_eq!(answer, "c");
+                answered += 1;
+            }
+            Err(error) => {
+                assert_eq!(error.to_string(), "connection refused", "request {n}");
+                refused += 1;
+            }
+        }
+        let tried = fleet.readied("a") + fleet.readied("b") + fleet.readied("c") - before;
+        assert!(
+            (1..=2).contains(&tried),
+            "request {n} tried {tried} instances"
+        );
+    }
+    // Round-robin over a, b, c with two refusing: some request meets both and gives up.
+    assert!(
+        refused > 0 && answered > 0,
+        "{answered} answered, {refused} refused"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_timeout_keeps_the_connection_and_a_broken_one_is_made_again() {
+    let etcd = MemoryBackend::new();
+    put(&etcd, &spec("a").build().expect("valid"));
+    let users = users(&etcd).await;
+    let fleet = Arc::new(Fleet::default());
+    let mut service = balanced(&users, &fleet);
+    get(&mut service).await.expect("answered");
+    assert_eq!(fleet.made.load(Ordering::Relaxed), 1);
+    fleet.set("a", Behaviour::Transport);
+    get(&mut service).await.expect_err("timed out");
+    fleet.set("a", Behaviour::Ok);
+    get(&mut service).await.expect("answered");
+    assert_eq!(
+        fleet.made.load(Ordering::Relaxed),
+        1,
+        "a timeout keeps the connection"
+    );
+    fleet.set("a", Behaviour::Broken);
+    get(&mut service).await.expect_err("connection reset");
+    fleet.set("a", Behaviour::Ok);
+    get(&mut service).await.expect("answered");
+    assert_eq!(
+        fleet.made.load(Ordering::Relaxed),
+        2,
+        "a broken connection is made again"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn grpc_without_status_or_with_a_failing_body_fails_and_classifiers_apply() {
+    let etcd = MemoryBackend::new();
+    put(&etcd, &spec("a").build().expect("valid"));
+    let users = users(&etcd).await;
+    let fleet = Arc::new(Fleet::default());
+    let mut service = balanced(&users, &fleet);
+    fleet.set("a", Behaviour::GrpcNoStatus);
+    get(&mut service).await.expect("the body ends");
+    assert_eq!(
+        health(&users, "a").consecutive_failures,
+        1,
+        "no status: a failure"
+    );
+    fleet.set("a", Behaviour::BodyError);
+    get(&mut service).await.expect_err("the body fails");
+    assert_eq!(
+        health(&users, "a").consecutive_failures,
+        2,
+        "a body error: a failure"
+    );
+    assert_eq!(health(&users, "a").in_flight, 0);
+
+    // NOT_FOUND (5) is a success by default; a classifier can make it a failure.
+    let mut strict = {
+        let fleet = Arc::clone(&fleet);
+        Balanced::builder(&users)
+            .classifier(Classifier::default().grpc_failure(5, true))
+            .service(move |i| fleet.make(i))
+    };
+    fleet.set("a", Behaviour::GrpcHeaders(5));
+    get(&mut service).await.expect("answered");
+    assert_eq!(health(&users, "a").consecutive_failures, 0);
+    get(&mut strict).await.expect("answered");
+    assert_eq!(health(&users, "a").consecutive_failures, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_routing_key_extension_wins_over_the_header_and_no_key_goes_by_p2c() {
+    let etcd = MemoryBackend::new();
+    for id in ["a", "b", "c", "d"] {
+        put(&etcd, &spec(id).build().expect("valid"));
+    }
+    let users = users(&etcd).await;
+    let fleet = Arc::new(Fleet::default());
+    let mut service = {
+        let fleet = Arc::clone(&fleet);
+        Balanced::builder(&users)
+            .route(Route::Hash {
+                header: Some(http::HeaderName::from_static("x-user")),
+            })
+            .service(move |i| fleet.make(i))
+    };
+    let (by_extension, by_header) = (0..1000)
+        .map(|n| (format!("e{n}"), format!("h{n}")))
+        .find(|(e, h)| users.pick_by(e).expect("up").id() != users.pick_by(h).expect("up").id())
+        .expect("two keys on different instances");
+    let expected = users.pick_by(&by_extension).expect("up").id().to_owned();
+    let mut request = http::Request::builder()
+        .header("x-user", &by_header)
+        .body(())
+        .expect("valid");
+    request
+        .extensions_mut()
+        .insert(RoutingKey::new(&by_extension));
+    assert_eq!(
+        send(&mut service, request).await.expect("answered"),
+        expected
+    );
+    // No key at all: p2c, which spreads.
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..200 {
+        seen.insert(get(&mut service).await.expect("answered"));
+    }
+    assert!(seen.len() >= 3, "p2c without a key: {seen:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cache_never_listed_says_so() {
+    let etcd = MemoryBackend::new();
+    etcd.set_reachable(false);
+    let users = Discovery::memory(etcd.clone())
+        .namespace(NS)
+        .build()
+        .expect("valid config")
+        .service_now("user")
+        .expect("a cache");
+    let fleet = Arc::new(Fleet::default());
+    let mut service = balanced(&users, &fleet);
+    let error = get(&mut service).await.expect_err("nothing listed");
+    assert_eq!(no_instance(&error), NoInstanceReason::NotListed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn discover_reinserts_on_any_change_and_plugs_into_towers_balance() {
+    let etcd = MemoryBackend::new();
+    put(&etcd, &spec("a").build().expect("valid"));
+    let users = users(&etcd).await;
+    let mut discover = Discover::new(&users, |i: &Instance| i.meta("zone").map(str::to_owned));
+    let mut next = async || match tokio::time::timeout(LONG, discover.next()).await {
+        Ok(Some(Ok(change))) => change,
+        _ => panic!("no change"),
+    };
+    assert!(matches!(next().await, Change::Insert(id, None) if id == "a"));
+    put(
+        &etcd,
+        &spec("a").meta("zone", "eu-1").build().expect("valid"),
+    );
+    assert!(
+        matches!(next().await, Change::Insert(id, Some(zone)) if id == "a" && zone == "eu-1"),
+        "a metadata-only change makes a new service"
+    );
+
+    // tower's own balancer over it.
+    let echo = |i: &Instance| {
+        let id = i.id().to_owned();
+        tower::load::Constant::new(
+            tower::service_fn(move |_: ()| {
+                let id = id.clone();
+                async move { Ok::<_, Infallible>(id) }
+            }),
+            1,
+        )
+    };
+    let mut balance = tower::balance::p2c::Balance::new(Discover::new(&users, echo));
+    let answer = tokio::time::timeout(LONG, async {
+        balance.ready().await.expect("ready").call(()).await
+    })
+    .await
+    .expect("answered within the bound")
+    .expect("answered");
+    assert_eq!(answer, "a");
 }

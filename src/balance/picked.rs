@@ -146,6 +146,7 @@ impl Call {
 
     /// Starts the request's clock again now: for a caller that picked, then had to wait for
     /// something that is not the instance's doing (a connection being set up) before sending.
+    #[cfg(feature = "tower")]
     pub(crate) fn restart_clock(&mut self) {
         self.started = clock::now();
     }

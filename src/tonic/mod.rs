@@ -89,7 +89,7 @@ where
 }
 
 /// Feeds tonic's own balancer (`Channel::balance_channel`) with the instances of `cache`,
-/// until the channel is dropped: `Change::Insert` of each instance up (keyed by instance id,
+/// until the channel is dropped (this future then ends at once): `Change::Insert` of each instance up (keyed by instance id,
 /// with `template` applied to its endpoint), `Change::Remove` when it drains or etcd removes
 /// it. Nothing is removed while the cache is frozen.
 ///
@@ -114,7 +114,16 @@ pub async fn feed_balance_channel<F>(
 {
     let mut diffs = cache.diffs();
     let mut inserted = std::collections::HashSet::new();
-    while let Some(diff) = diffs.next().await {
+    loop {
+        // Ends as soon as the channel is dropped, not at the next change (which may never
+        // come): the diffs hold the cache, which would otherwise keep syncing for nobody.
+        let diff = tokio::select! {
+            () = sender.closed() => return,
+            diff = diffs.next() => diff,
+        };
+        let Some(diff) = diff else {
+            return;
+        };
         for change in diff.changes {
             let (instance, removed) = match &change {
                 InstanceChange::Removed(instance) => (instance, true),
@@ -139,7 +148,11 @@ pub async fn feed_balance_channel<F>(
                             %error,
                             "an instance's address is not a valid URI; it is left out"
                         );
-                        continue;
+                        // Its previous endpoint, if any, is no longer where it is.
+                        if !inserted.remove(&id) {
+                            continue;
+                        }
+                        Change::Remove(id)
                     }
                 }
             };

@@ -119,12 +119,18 @@ impl Classifier {
     }
 }
 
-/// Whether the response is gRPC (`content-type: application/grpc`, `application/grpc+proto`…).
+/// Whether the response is gRPC with HTTP/2 trailers (`application/grpc`,
+/// `application/grpc+proto`…). gRPC-Web (`application/grpc-web…`) carries its status in the
+/// body, not in trailers: it is classified as plain HTTP.
 fn is_grpc(headers: &HeaderMap) -> bool {
     headers
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/grpc"))
+        .is_some_and(|v| {
+            v.strip_prefix("application/grpc").is_some_and(|rest| {
+                rest.is_empty() || rest.starts_with('+') || rest.starts_with(';')
+            })
+        })
 }
 
 #[cfg(test)]
@@ -162,6 +168,25 @@ mod tests {
         assert_eq!(c.head(&grpc(None)), Verdict::AtTrailers);
         // A status that does not parse: wait for the trailers.
         assert_eq!(c.head(&grpc(Some("x"))), Verdict::AtTrailers);
+        let typed = |content_type: &str| {
+            http::Response::builder()
+                .header("content-type", content_type)
+                .body(())
+                .expect("valid response")
+        };
+        assert_eq!(
+            c.head(&typed("application/grpc+proto")),
+            Verdict::AtTrailers
+        );
+        assert_eq!(
+            c.head(&typed("application/grpc;charset=utf-8")),
+            Verdict::AtTrailers
+        );
+        // gRPC-Web has no trailers: judged by its head like plain HTTP.
+        assert_eq!(
+            c.head(&typed("application/grpc-web")),
+            Verdict::Now(Outcome::Success)
+        );
         let plain = |status: u16| {
             http::Response::builder()
                 .status(status)

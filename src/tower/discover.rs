@@ -29,8 +29,9 @@ type Diffs = Pin<Box<dyn Stream<Item = Diff> + Send>>;
 /// - **never ends** while it lives (it holds a clone of the cache);
 /// - **never removes while the cache is frozen** (a frozen snapshot keeps every instance);
 /// - **leaves draining instances out**: an instance that starts draining is removed, one that
-///   comes back up is inserted again; an instance whose address changes is inserted again
-///   (tower replaces the service of a key inserted twice).
+///   comes back up is inserted again; an instance whose value changes (address, metadata,
+///   weight) is inserted again with a new service (tower replaces the service of a key
+///   inserted twice).
 ///
 /// ```
 /// # use etcd_registry::{Discovery, MemoryBackend};
@@ -75,25 +76,24 @@ impl<S> Discover<S> {
     /// Turns `diff` into the changes tower needs.
     fn apply(&mut self, diff: &Diff) {
         for change in &diff.changes {
-            let (instance, was_up) = match change {
-                InstanceChange::Added(instance) => (instance, None),
-                InstanceChange::Updated { old, new } => (new, Some((old.is_up(), old.addr()))),
+            let instance = match change {
+                InstanceChange::Added(instance) | InstanceChange::Updated { new: instance, .. } => {
+                    instance
+                }
                 InstanceChange::Removed(instance) => {
                     self.remove(instance.id());
                     continue;
                 }
             };
             let id = instance.id();
-            match (instance.is_up(), was_up) {
-                (false, _) => self.remove(id),
-                // Up before and now, at the same address: the service is still good.
-                (true, Some((true, addr)))
-                    if addr == instance.addr() && self.inserted.contains(id) => {}
-                (true, _) => {
-                    self.inserted.insert(id.to_owned());
-                    self.pending
-                        .push_back(Change::Insert(id.to_owned(), (self.make)(instance)));
-                }
+            if instance.is_up() {
+                // Any change of value makes a new service (tower replaces the old one): the
+                // constructor may read any of it (the address, a scheme in the metadata).
+                self.inserted.insert(id.to_owned());
+                self.pending
+                    .push_back(Change::Insert(id.to_owned(), (self.make)(instance)));
+            } else {
+                self.remove(id);
             }
         }
     }

@@ -6,6 +6,9 @@ use std::fmt;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum NoInstanceReason {
+    /// The service has never been listed: etcd has not answered since the cache started
+    /// (see [`Discovery::service_now`](crate::Discovery::service_now)).
+    NotListed,
     /// The service has no instance in the snapshot: none registered (or none left).
     NoneRegistered,
     /// Every instance (of the selection, if any) is draining.
@@ -17,6 +20,7 @@ pub enum NoInstanceReason {
 impl fmt::Display for NoInstanceReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
+            Self::NotListed => "etcd has not listed the service yet",
             Self::NoneRegistered => "no instance is registered",
             Self::AllDraining => "every instance is draining",
             Self::SelectionEmpty => "no instance matches the selection",

@@ -9,6 +9,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 
 use ::tower::{Service, ServiceExt};
@@ -26,10 +27,36 @@ use crate::balance::picked::{Call, Picked};
 use crate::balance::select::Selection;
 use crate::cache::ServiceCache;
 use crate::instance::Instance;
-use crate::snapshot::Snapshot;
+use crate::snapshot::{FreezeCause, Freshness, Snapshot};
 
 type Connecting<S> = Pin<Box<dyn Future<Output = Result<S, BoxError>> + Send>>;
 type Connector<S> = Box<dyn Fn(&Instance) -> Connecting<S> + Send + Sync>;
+
+/// The error of a request that waited for a connection to its instance that failed: it goes
+/// to another instance (the failure itself was counted by the request that made the attempt).
+#[derive(Debug)]
+struct ConnectionFailed;
+
+impl fmt::Display for ConnectionFailed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the connection to the instance failed")
+    }
+}
+
+impl std::error::Error for ConnectionFailed {}
+
+/// Whether `error` says the connection broke: an I/O error (refused, reset, closed) anywhere
+/// in its chain. A timeout or a protocol error does not.
+fn is_connection_error(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(error) = cause {
+        if error.is::<std::io::Error>() {
+            return true;
+        }
+        cause = error.source();
+    }
+    false
+}
 
 /// Where picks come from: a whole service, or a selection of it.
 #[derive(Clone)]
@@ -74,7 +101,8 @@ impl Source {
         }
     }
 
-    /// The instances picks choose among (the selection's, for a selection).
+    /// The instances picks choose among (the selection's, for a selection): what the pool
+    /// keeps services for.
     fn snapshot(&self) -> Arc<Snapshot> {
         match self {
             Source::Cache(cache) => cache.snapshot(),
@@ -134,15 +162,19 @@ impl BalancedBuilder {
             Box::pin(async move { connecting.await.map_err(Into::into) })
         });
         let (stop, stopped) = oneshot::channel();
+        let runtime = tokio::runtime::Handle::try_current().ok();
         let inner = Arc::new(Inner {
-            pool: Pool::new(self.source.cache().snapshot()),
+            pool: Pool::new(self.source.snapshot()),
             source: self.source,
             connect: connector,
             route: self.route,
             classifier: self.classifier,
+            prune_on_requests: runtime.is_none(),
             _stop: stop,
         });
-        spawn_pruner(&inner, stopped);
+        if let Some(runtime) = runtime {
+            spawn_pruner(&runtime, &inner, stopped);
+        }
         Balanced { inner }
     }
 }
@@ -157,15 +189,13 @@ impl fmt::Debug for BalancedBuilder {
     }
 }
 
-/// Drops the services of removed instances as soon as the cache publishes their removal, when
-/// built inside a tokio runtime; outside one, requests prune the pool on their way.
+/// Drops the services of removed instances as soon as the cache publishes their removal (the
+/// one pruner: it sees the snapshots in the order they are published).
 fn spawn_pruner<S: Send + Sync + 'static>(
+    runtime: &tokio::runtime::Handle,
     inner: &Arc<Inner<S>>,
     mut stopped: oneshot::Receiver<()>,
 ) {
-    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-        return;
-    };
     let weak = Arc::downgrade(inner);
     let mut changes = inner.source.cache().changes();
     runtime.spawn(async move {
@@ -182,8 +212,8 @@ fn spawn_pruner<S: Send + Sync + 'static>(
             let Some(inner) = weak.upgrade() else {
                 return;
             };
-            let snapshot = Arc::clone(&changes.borrow_and_update());
-            inner.pool.prune(&snapshot);
+            changes.borrow_and_update();
+            inner.pool.prune(&inner.source.snapshot());
         }
     });
 }
@@ -194,6 +224,8 @@ struct Inner<S> {
     connect: Connector<S>,
     route: Route,
     classifier: Classifier,
+    /// Built outside a runtime: no pruning task, so requests prune on their way.
+    prune_on_requests: bool,
     /// Dropped with the service: stops the pruning task.
     _stop: oneshot::Sender<()>,
 }
@@ -208,17 +240,32 @@ struct Inner<S> {
 ///   snapshot is live or frozen.
 /// - **Never waits for an instance**: with none to pick the call fails at once with
 ///   [`NoInstance`], saying why (none registered, all draining, selection empty).
-/// - **A failed connection is retried elsewhere**: an instance whose connection (or inner
-///   readiness) fails was never sent the request, so it goes to another instance, once.
+/// - **A failed connection is retried elsewhere**: when an instance's connection (made by a
+///   [`connector`](BalancedBuilder::connector)) or its inner service's readiness fails, the
+///   request was never handed over, so it goes to another instance, once; requests that were
+///   waiting for that same connection go elsewhere at once instead of trying it again. An
+///   error returned by the inner service's `call` is not retried (the request is gone): an
+///   inner service that connects inside `call` (hyper's client) gets no retry. An I/O error
+///   in the error's chain (refused, reset, closed) drops the instance's service, so the next
+///   request connects again before sending; other errors (a timeout) keep it.
 /// - **`poll_ready` is always ready**: one instance down never makes the whole service
 ///   unavailable; each request waits for its own instance's readiness.
 /// - **Services follow the snapshot**: an instance's service lives while the instance is in
 ///   the snapshot (draining or frozen included) and is dropped when etcd removes it, or when
 ///   it fails (the next request connects again).
 ///
-/// Cheap to clone (clones share the services). The inner service must be `Clone` (each
-/// request clones the instance's service, as tonic's `Channel` and hyper's client are meant
-/// to be used); wrap others in `tower::buffer::Buffer`.
+/// Cheap to clone (clones share the services). The inner service must be `Clone + Send +
+/// Sync` (each request clones the instance's service, as tonic's `Channel` and hyper's client
+/// are meant to be used); wrap others in `tower::buffer::Buffer`, or box them as a
+/// `BoxCloneSyncService`.
+///
+/// Built inside a tokio runtime, it spawns one small task that follows the cache and drops the
+/// services of removed instances (it ends with the last clone); built outside one, requests do
+/// that on their way. The latency p2c weighs runs from the moment the instance's service is
+/// ready to the response's outcome: for a gRPC response that is the trailers, so a long
+/// server stream counts as one long request in flight. A connector's attempt is bounded only
+/// by the connector itself (tonic's [`channel`](crate::tonic::channel) sets a connect
+/// timeout): give yours one.
 ///
 /// ```
 /// # use std::convert::Infallible;
@@ -333,19 +380,33 @@ impl<S: Send + Sync + 'static> Inner<S> {
         S: Service<http::Request<B>, Response = http::Response<R>> + Clone,
         S::Error: Into<BoxError>,
     {
-        // A backstop for services built outside a runtime (no pruning task): cheap when the
-        // instances did not change (a guard, not an `Arc` clone: no shared count is written).
-        self.pool.prune(&self.source.cache().load());
+        if self.prune_on_requests {
+            // Cheap when the instances did not change.
+            self.pool.prune(&self.source.snapshot());
+        }
         let key = self.route.key(&request);
         let mut call = self.pick(key.as_deref())?;
         let mut retried = false;
         loop {
             let entry = self.pool.entry(call.instance());
-            let ready = match entry
+            let connected = entry
                 .service
-                .get_or_try_init(|| (self.connect)(call.instance()))
-                .await
-            {
+                .get_or_try_init(|| {
+                    // A request that waited for an attempt that failed does not try again.
+                    let connecting = (!entry.failed.load(Ordering::Acquire))
+                        .then(|| (self.connect)(call.instance()));
+                    async move {
+                        match connecting {
+                            Some(connecting) => connecting.await,
+                            None => Err(BoxError::from(ConnectionFailed)),
+                        }
+                    }
+                })
+                .await;
+            if connected.is_err() {
+                entry.failed.store(true, Ordering::Release);
+            }
+            let ready = match connected {
                 Ok(service) => {
                     let mut service = service.clone();
                     match service.ready().await {
@@ -363,11 +424,15 @@ impl<S: Send + Sync + 'static> Inner<S> {
                     return match service.call(request).await {
                         Ok(response) => Ok(self.observe(response, call)),
                         Err(e) => {
-                            // A transport error: the connection may be broken; the next
-                            // request to this instance connects again.
-                            self.pool.forget(&entry);
+                            let e: BoxError = e.into();
+                            // A broken connection (an I/O error in the chain): the next
+                            // request to this instance connects again, before sending. Other
+                            // errors (a timeout, a protocol error) keep the connection.
+                            if is_connection_error(&*e) {
+                                self.pool.forget(&entry);
+                            }
                             call.failure();
-                            Err(e.into())
+                            Err(e)
                         }
                     };
                 }
@@ -412,7 +477,16 @@ impl<S: Send + Sync + 'static> Inner<S> {
     /// Why nothing could be picked.
     fn no_instance(&self) -> NoInstance {
         let all = self.source.cache().snapshot();
-        let reason = if all.is_empty() {
+        let never_listed = matches!(
+            all.freshness(),
+            Freshness::Frozen {
+                cause: FreezeCause::NotListed,
+                ..
+            }
+        );
+        let reason = if all.is_empty() && never_listed {
+            NoInstanceReason::NotListed
+        } else if all.is_empty() {
             NoInstanceReason::NoneRegistered
         } else if matches!(self.source, Source::Selection(_)) && self.source.snapshot().is_empty() {
             NoInstanceReason::SelectionEmpty

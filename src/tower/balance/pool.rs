@@ -2,6 +2,7 @@
 //! in the snapshot, dropped when etcd removes it.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::ArcSwap;
@@ -17,6 +18,9 @@ pub(crate) struct Entry<S> {
     /// a new entry.
     pub(crate) instance: Arc<Instance>,
     pub(crate) service: OnceCell<S>,
+    /// Set when a connection attempt of this entry failed: the requests that were waiting for
+    /// it fail at once (and go elsewhere) instead of each trying again, one after another.
+    pub(crate) failed: AtomicBool,
 }
 
 /// The services by instance id. Reads are lock-free (an `ArcSwap` of the map); inserts and
@@ -57,7 +61,13 @@ impl<S> Pool<S> {
         let entry = Arc::new(Entry {
             instance: Arc::clone(instance),
             service: OnceCell::new(),
+            failed: AtomicBool::new(false),
         });
+        // An instance the newest snapshot no longer holds (picked just before its removal was
+        // pruned) gets a service for this request only: kept, it would outlive its instance.
+        if self.pruned.load().get(instance.id()).is_none() {
+            return entry;
+        }
         let mut next = HashMap::clone(&current);
         next.insert(Arc::from(instance.id()), Arc::clone(&entry));
         self.entries.store(Arc::new(next));
@@ -77,8 +87,9 @@ impl<S> Pool<S> {
     }
 
     /// Drops the entries of instances that `snapshot` no longer holds, if it holds other
-    /// instances than the snapshot of the last prune. Instances that are draining, and every
-    /// instance while the snapshot is frozen, keep their entries.
+    /// instances than the snapshot of the last prune. Called with the snapshots in the order
+    /// they were published (by one pruner), so it never goes back to an older one. Instances
+    /// that are draining, and every instance while the snapshot is frozen, keep their entries.
     pub(crate) fn prune(&self, snapshot: &Arc<Snapshot>) {
         if self.pruned.load().same_instances(snapshot) {
             return;

@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use etcd_registry::{BackoffConfig, EtcdBackend, EtcdOptions, Instance, Registration};
+use etcd_registry::{EtcdBackend, EtcdOptions, Instance, Registration};
 use etcd_registry_grpc_example::pb::greeter_server::{Greeter, GreeterServer};
 use etcd_registry_grpc_example::pb::{HelloReply, HelloRequest};
 use etcd_registry_grpc_example::{BoxError, NAMESPACE, SERVICE, env_or, etcd_endpoints};
@@ -40,18 +40,6 @@ impl Greeter for Hello {
     ) -> Result<Response<HelloReply>, Status> {
         let message = format!("hello {} from {}", request.into_inner().name, self.id);
         Ok(Response::new(HelloReply { message }))
-    }
-}
-
-/// Re-registration attempts after a lost lease at least every TTL/3 (the default backoff grows to
-/// 10 s). An etcd that was down kept the lease, and extends it when it comes back: an attempt
-/// within one TTL of its return moves the key to the new lease while the old one still holds
-/// it, so callers never see the instance go. A longer wait lets the old lease expire first and
-/// the instance vanishes from every caller until the next attempt.
-fn reregister_backoff(ttl: Duration) -> BackoffConfig {
-    BackoffConfig {
-        max: (ttl / 3).max(Duration::from_millis(100)),
-        ..BackoffConfig::default()
     }
 }
 
@@ -90,7 +78,6 @@ async fn serve() -> Result<(), BoxError> {
     let registration = Registration::with_backend(etcd, instance)
         .namespace(NAMESPACE)
         .ttl(ttl)
-        .backoff(reregister_backoff(ttl))
         .register()
         .await?;
     print_line(&format!("listening {addr} id {id}"))?;
