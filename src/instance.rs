@@ -208,11 +208,35 @@ impl Instance {
     #[cfg(feature = "tower")]
     #[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
     pub fn uri(&self) -> Result<http::Uri, http::uri::InvalidUri> {
+        self.uri_with_default_scheme("http")
+    }
+
+    /// [`uri`](Self::uri) with `default` as the scheme of an instance whose metadata names
+    /// none: `"https"` for a fleet that serves TLS and does not say so in its registrations
+    /// (go-zero's layout carries no metadata at all).
+    ///
+    /// ```
+    /// use etcd_registry::Instance;
+    ///
+    /// let instance = Instance::builder("user", "10.0.0.7:8443").build()?;
+    /// assert_eq!(instance.uri_with_default_scheme("https")?, "https://10.0.0.7:8443/");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// When the address and scheme do not make a valid URI.
+    #[cfg(feature = "tower")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
+    pub fn uri_with_default_scheme(
+        &self,
+        default: &str,
+    ) -> Result<http::Uri, http::uri::InvalidUri> {
         if self.addr.contains("://") {
             return self.addr.parse();
         }
         let scheme = match self.meta("scheme") {
-            None => "http",
+            None => default,
             Some(s) if s.eq_ignore_ascii_case("grpc") => "http",
             Some(s) if s.eq_ignore_ascii_case("grpcs") => "https",
             Some(other) => other,

@@ -79,10 +79,38 @@ pub fn channel_with<F>(builder: BalancedBuilder, template: F) -> Balanced<Channe
 where
     F: Fn(Endpoint) -> Endpoint + Send + Sync + 'static,
 {
+    channel_from(builder, move |instance: &Instance| {
+        endpoint(instance, &template)
+    })
+}
+
+/// [`channel`] with each instance's endpoint made by `endpoint`, for what a template cannot
+/// change: the URI (a TLS fleet whose registrations name no scheme), or settings that depend
+/// on the instance (its metadata). An instance whose endpoint cannot be made counts as a
+/// failed connection: the request goes to another instance.
+///
+/// ```no_run
+/// # async fn run(greeters: etcd_registry::ServiceCache) {
+/// use std::time::Duration;
+/// use etcd_registry::tower::{Balanced, BoxError};
+/// use tonic::transport::Endpoint;
+///
+/// let channel = etcd_registry::tonic::channel_from(Balanced::builder(&greeters), |instance| {
+///     // A TLS fleet: add `.tls_config(…)` (tonic's TLS features) to the endpoint.
+///     let uri = instance.uri_with_default_scheme("https")?;
+///     Ok::<_, BoxError>(Endpoint::from(uri).timeout(Duration::from_secs(2)))
+/// });
+/// # }
+/// ```
+pub fn channel_from<F, E>(builder: BalancedBuilder, endpoint: F) -> Balanced<Channel>
+where
+    F: Fn(&Instance) -> Result<Endpoint, E> + Send + Sync + 'static,
+    E: Into<BoxError>,
+{
     builder.connector(move |instance: &Instance| {
-        let endpoint = endpoint(instance, &template);
+        let endpoint = endpoint(instance).map_err(Into::into);
         async move {
-            let channel = endpoint.map_err(BoxError::from)?.connect().await?;
+            let channel = endpoint?.connect().await?;
             Ok::<_, BoxError>(channel)
         }
     })
