@@ -5,8 +5,8 @@
 //! `GREETER_ADDR` (where to listen; default `127.0.0.1:0`, a free loopback port),
 //! `GREETER_TTL` (lease TTL in whole seconds; default 10).
 //!
-//! Prints `listening ADDR id ID` on stdout (flushed) once it serves and is registered; status
-//! changes of the registration go to stderr. On SIGTERM or SIGINT it marks itself draining,
+//! Prints `listening ADDR id ID` on stdout (flushed) once it serves and is registered. On
+//! SIGTERM or SIGINT it marks itself draining,
 //! gives callers [`DRAIN_GRACE`] to stop picking it, revokes its lease, finishes the requests
 //! in flight and exits 0. Exit code 1: it could not listen or register, or the lease could not
 //! be revoked (the key then expires within one TTL).
@@ -58,16 +58,16 @@ async fn serve() -> Result<(), BoxError> {
     let id = env_or("GREETER_ID", format!("greeter-{}", std::process::id()))?;
     let addr = env_or("GREETER_ADDR", SocketAddr::from(([127, 0, 0, 1], 0)))?;
     let ttl = Duration::from_secs(env_or("GREETER_TTL", 10)?);
-    // Before anything else, so that a stop request during start-up is not lost.
-    let stop = stop_signal()?;
+    let stop = stop_signal()?; // first, so that a stop during start-up is not lost
 
     // Listen first: callers may find the instance as soon as it is registered.
     let incoming = TcpIncoming::bind(addr)?;
     let addr = incoming.local_addr()?;
+    let greeter = GreeterServer::new(Hello { id: id.clone() });
     let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(
         Server::builder()
-            .add_service(GreeterServer::new(Hello { id: id.clone() }))
+            .add_service(greeter)
             .serve_with_incoming_shutdown(incoming, async { stopped.await.unwrap_or(()) }),
     );
 
@@ -81,18 +81,13 @@ async fn serve() -> Result<(), BoxError> {
         .register()
         .await?;
     print_line(&format!("listening {addr} id {id}"))?;
-    let mut status = registration.status();
-    let status_log = tokio::spawn(async move {
-        while status.changed().await.is_ok() {
-            eprintln!("greeter_server {}: {}", addr, *status.borrow_and_update());
-        }
-    });
 
-    let signal = stop.await;
-    status_log.abort();
-    eprintln!("greeter_server {addr}: {signal}: draining, then deregistering");
+    eprintln!(
+        "greeter_server {addr}: {}: draining, then deregistering",
+        stop.await
+    );
     match registration.drain().await {
-        Ok(()) => tokio::time::sleep(DRAIN_GRACE).await,
+        Ok(()) => tokio::time::sleep(DRAIN_GRACE).await, // callers stop picking it
         Err(error) => eprintln!("greeter_server {addr}: could not mark draining: {error}"),
     }
     let deregistered = registration.deregister().await;
