@@ -21,6 +21,13 @@
 //!
 //! For tonic's own balancer, [`feed_balance_channel`] feeds `Channel::balance_channel` from
 //! the cache; it has tonic's limits (below), which [`channel`] does not.
+//!
+//! TLS to the instances: this crate's `tonic` feature turns on none of tonic's TLS features;
+//! enable one in your own `Cargo.toml` (`tonic = { version = "0.14", features =
+//! ["tls-ring"] }`, say), set `tls_config` in the template, and give the instances `https`
+//! URIs: registered with the metadata entry `scheme` = `https` (or `grpcs`), or, when the
+//! registrations name no scheme, through [`channel_from`] with
+//! [`Instance::uri_with_default_scheme`]`("https")`. tonic uses TLS only for `https` URIs.
 
 use std::time::Duration;
 
