@@ -31,7 +31,6 @@
 //! operations and a sample takes the slowest thread's time; throughput over all threads is
 //! `threads / time`. The medians of this run, and the targets, are printed at the end.
 
-use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::future::{Future, Ready};
 use std::hint::black_box;
@@ -53,6 +52,8 @@ use tower::util::ServiceFn;
 use tower::{Service, ServiceExt};
 
 mod common;
+
+use common::Record;
 
 /// Cache sizes: a typical service, and a large one.
 const SIZES: [usize; 2] = [10, 1_000];
@@ -93,31 +94,6 @@ fn on_threads<F: Fn(usize, u64) + Sync>(threads: usize, iters: u64, op: &F) -> D
             .max()
             .unwrap_or_default()
     })
-}
-
-/// Per-operation times of every sample, by benchmark, for the summary.
-#[derive(Default)]
-struct Record(Mutex<BTreeMap<String, Vec<f64>>>);
-
-impl Record {
-    fn add(&self, id: &str, elapsed: Duration, iters: u64) {
-        let per_op = elapsed.as_nanos() as f64 / iters.max(1) as f64;
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry(id.to_owned())
-            .or_default()
-            .push(per_op);
-    }
-
-    /// The median time per operation of the measured samples (warm-up runs come first).
-    fn median(&self, id: &str) -> Option<f64> {
-        let all = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        let samples = all.get(id)?;
-        let mut last: Vec<f64> = samples[samples.len().saturating_sub(SAMPLES)..].to_vec();
-        last.sort_by(f64::total_cmp);
-        Some(last[last.len() / 2])
-    }
 }
 
 /// One benchmark of `group` (named `group_name`): `routine(iters)` returns the time of `iters`
@@ -451,17 +427,7 @@ mod towerp2c {
     /// A runtime for `threads` caller threads, and a `Buffer` over `balance(n)` whose worker
     /// runs on it.
     pub(super) fn buffered(threads: usize, n: usize) -> (tokio::runtime::Runtime, Buffered) {
-        let rt = if threads == 1 {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-        } else {
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(threads)
-                .enable_all()
-                .build()
-        }
-        .expect("runtime");
+        let rt = common::runtime(threads);
         let buffer = {
             let _entered = rt.enter();
             Buffer::new(balance(n), BUFFER)
@@ -647,25 +613,13 @@ fn benches(c: &mut Criterion) {
 
 /// The medians of this run against the targets.
 fn summary(record: &Record) {
-    let median = |id: &str| record.median(id);
-    let measured = record
-        .0
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .values()
-        .all(|samples| samples.len() > SAMPLES);
-    if !measured {
+    let median = |id: &str| record.median(id, SAMPLES);
+    let ids = record.ids();
+    if ids.iter().any(|id| median(id).is_none()) {
         println!("balance: too few samples for a summary (as in --test mode)");
         return;
     }
     let mut lines = vec!["balance: medians of this run, per operation per thread".to_owned()];
-    let ids: Vec<String> = record
-        .0
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .keys()
-        .cloned()
-        .collect();
     for id in &ids {
         if let Some(ns) = median(id) {
             lines.push(format!("  {id:<50} {ns:>8.1} ns"));

@@ -14,11 +14,10 @@
 //! runtime for 2. Times are per request per task (the slower task's), printed as medians at
 //! the end with the ratios.
 
-use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::future::{Ready, ready};
 use std::hint::black_box;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -49,20 +48,6 @@ fn noop_answer(_: Request) -> Ready<Result<Response, Infallible>> {
 fn noop() -> Noop {
     let f: fn(Request) -> Ready<Result<Response, Infallible>> = noop_answer;
     tower::service_fn(f)
-}
-
-fn runtime(threads: usize) -> tokio::runtime::Runtime {
-    if threads == 1 {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads)
-            .enable_all()
-            .build()
-    }
-    .expect("runtime")
 }
 
 /// `threads` tasks each send `iters` requests through a clone of `service`, one at a time;
@@ -105,39 +90,14 @@ where
     })
 }
 
-#[derive(Default)]
-struct Record(Mutex<BTreeMap<String, Vec<f64>>>);
-
-impl Record {
-    fn add(&self, id: &str, elapsed: Duration, iters: u64) {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry(id.to_owned())
-            .or_default()
-            .push(elapsed.as_nanos() as f64 / iters.max(1) as f64);
-    }
-
-    fn median(&self, id: &str) -> Option<f64> {
-        let all = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        let samples = all.get(id)?;
-        if samples.len() <= SAMPLES {
-            return None;
-        }
-        let mut last = samples[samples.len() - SAMPLES..].to_vec();
-        last.sort_by(f64::total_cmp);
-        Some(last[last.len() / 2])
-    }
-}
-
 fn benches(c: &mut Criterion) {
-    let record = Record::default();
+    let record = common::Record::default();
     // The cache's own runtime (its sync task) stays apart from the callers' runtimes.
     let (_cache_rt, _etcd, users) = common::cache(INSTANCES);
     for threads in [1usize, 2] {
         let group_name = format!("tower/request/{threads}-thread");
         let mut group = c.benchmark_group(&group_name);
-        let rt = runtime(threads);
+        let rt = common::runtime(threads);
         let ours = {
             let _entered = rt.enter();
             Balanced::new(&users, |_| noop())
@@ -180,14 +140,14 @@ fn benches(c: &mut Criterion) {
     summary(&record);
 }
 
-fn summary(record: &Record) {
+fn summary(record: &common::Record) {
     let mut lines = vec!["tower: medians of this run, per request per task".to_owned()];
     for threads in [1, 2] {
         let id = |name: &str| format!("tower/request/{threads}-thread/{name}");
         let (Some(ours), Some(balance), Some(single)) = (
-            record.median(&id("ours")),
-            record.median(&id("tower_buffer")),
-            record.median(&id("single_buffered")),
+            record.median(&id("ours"), SAMPLES),
+            record.median(&id("tower_buffer"), SAMPLES),
+            record.median(&id("single_buffered"), SAMPLES),
         ) else {
             lines.push(format!(
                 "  {threads}-thread: too few samples (as in --test mode)"

@@ -3,7 +3,69 @@
 //! Each bench uses only part of it.
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
 use etcd_registry::{Codec, Discovery, Instance, KeyLayout, MemoryBackend, ServiceCache};
+
+/// Per-operation times of every sample, by benchmark id, for the summary a bench prints at
+/// the end (criterion's own reports are per benchmark; the summaries compare within one run).
+#[derive(Default)]
+pub struct Record(Mutex<BTreeMap<String, Vec<f64>>>);
+
+impl Record {
+    /// One sample of benchmark `id`: `iters` operations in `elapsed`.
+    pub fn add(&self, id: &str, elapsed: Duration, iters: u64) {
+        let per_op = elapsed.as_nanos() as f64 / iters.max(1) as f64;
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(id.to_owned())
+            .or_default()
+            .push(per_op);
+    }
+
+    /// The median time per operation of the last `samples` samples (the measured ones:
+    /// warm-up runs come first); `None` with no more than `samples` in all (as in `--test`
+    /// mode, where each benchmark runs once).
+    pub fn median(&self, id: &str, samples: usize) -> Option<f64> {
+        let all = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let taken = all.get(id)?;
+        if taken.len() <= samples {
+            return None;
+        }
+        let mut last = taken[taken.len() - samples..].to_vec();
+        last.sort_by(f64::total_cmp);
+        Some(last[last.len() / 2])
+    }
+
+    /// Every benchmark id recorded, in order.
+    pub fn ids(&self) -> Vec<String> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys()
+            .cloned()
+            .collect()
+    }
+}
+
+/// A tokio runtime for `threads` caller threads: a current-thread runtime for 1, a
+/// multi-thread runtime with that many workers otherwise.
+pub fn runtime(threads: usize) -> tokio::runtime::Runtime {
+    if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    }
+    .expect("runtime")
+}
 
 /// The namespace the benches register under.
 pub const NAMESPACE: &str = "/services";
