@@ -9,23 +9,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_registry::{
-    Diffs, Discovery, Instance, InstanceChange, MemoryBackend, ServiceCache, State,
-};
+use etcd_registry::{Diffs, Instance, InstanceChange, MemoryBackend, State};
 use support::*;
 
 const LONG: Duration = Duration::from_secs(120);
-
-async fn users(etcd: &MemoryBackend) -> ServiceCache {
-    Discovery::memory(etcd.clone())
-        .namespace(NS)
-        .stall_timeout(Duration::from_secs(4))
-        .build()
-        .expect("valid config")
-        .service("user")
-        .await
-        .expect("first list")
-}
 
 /// The next diff, within `LONG` of paused time.
 async fn next(diffs: &mut Diffs) -> Vec<InstanceChange> {

@@ -5,23 +5,13 @@ mod support;
 
 use std::time::Duration;
 
-use etcd_registry::{Discovery, Instance, MemoryBackend, ServiceCache, State};
+use etcd_registry::{Instance, MemoryBackend, State};
 use support::*;
 use tokio::sync::mpsc;
 use tonic::transport::Endpoint;
 use tonic::transport::channel::Change;
 
 const LONG: Duration = Duration::from_secs(120);
-
-async fn users(etcd: &MemoryBackend) -> ServiceCache {
-    Discovery::memory(etcd.clone())
-        .namespace(NS)
-        .build()
-        .expect("valid config")
-        .service("user")
-        .await
-        .expect("first list")
-}
 
 fn put(etcd: &MemoryBackend, instance: Instance) {
     let codec = codec();

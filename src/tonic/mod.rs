@@ -36,8 +36,8 @@ use tonic::transport::channel::Change;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::cache::ServiceCache;
-use crate::diff::InstanceChange;
 use crate::instance::Instance;
+use crate::tower::discover::Membership;
 use crate::tower::{Balanced, BalancedBuilder, BoxError};
 
 /// How long [`channel`] waits for a connection to an instance by default, before the
@@ -148,7 +148,7 @@ pub async fn feed_balance_channel<F>(
     F: Fn(Endpoint) -> Endpoint + Send + Sync + 'static,
 {
     let mut diffs = cache.diffs();
-    let mut inserted = std::collections::HashSet::new();
+    let mut membership = Membership::default();
     loop {
         // Ends as soon as the channel is dropped, not at the next change (which may never
         // come): the diffs hold the cache, which would otherwise keep syncing for nobody.
@@ -159,37 +159,28 @@ pub async fn feed_balance_channel<F>(
         let Some(diff) = diff else {
             return;
         };
-        for change in diff.changes {
-            let (instance, removed) = match &change {
-                InstanceChange::Removed(instance) => (instance, true),
-                other => (other.instance(), !other.instance().is_up()),
-            };
-            let id = instance.id().to_owned();
-            let change = if removed {
-                if !inserted.remove(&id) {
-                    continue;
+        let mut changes = Vec::new();
+        membership.apply(
+            &diff,
+            |instance| match endpoint(instance, &template) {
+                Ok(endpoint) => Some(endpoint),
+                Err(error) => {
+                    // Left out; its previous endpoint, if any, is no longer where it is.
+                    tracing::warn!(
+                        service = %cache.service(),
+                        addr = %instance.addr(),
+                        %error,
+                        "an instance's address is not a valid URI; it is left out"
+                    );
+                    None
                 }
-                Change::Remove(id)
-            } else {
-                match endpoint(instance, &template) {
-                    Ok(endpoint) => {
-                        inserted.insert(id.clone());
-                        Change::Insert(id, endpoint)
-                    }
-                    Err(error) => {
-                        tracing::warn!(
-                            service = %cache.service(),
-                            addr = %instance.addr(),
-                            %error,
-                            "an instance's address is not a valid URI; it is left out"
-                        );
-                        // Its previous endpoint, if any, is no longer where it is.
-                        if !inserted.remove(&id) {
-                            continue;
-                        }
-                        Change::Remove(id)
-                    }
-                }
+            },
+            |change| changes.push(change),
+        );
+        for change in changes {
+            let change = match change {
+                tower::discover::Change::Insert(id, endpoint) => Change::Insert(id, endpoint),
+                tower::discover::Change::Remove(id) => Change::Remove(id),
             };
             if sender.send(change).await.is_err() {
                 return;

@@ -55,8 +55,7 @@ pub struct Discover<S> {
     diffs: Diffs,
     make: Arc<dyn Fn(&Instance) -> S + Send + Sync>,
     pending: VecDeque<Change<String, S>>,
-    /// The ids inserted and not removed since.
-    inserted: HashSet<String>,
+    membership: Membership,
 }
 
 impl<S> Discover<S> {
@@ -69,38 +68,55 @@ impl<S> Discover<S> {
             diffs: Box::pin(cache.diffs().into_stream()),
             make: Arc::new(make),
             pending: VecDeque::new(),
-            inserted: HashSet::new(),
+            membership: Membership::default(),
         }
     }
+}
 
-    /// Turns `diff` into the changes tower needs.
-    fn apply(&mut self, diff: &Diff) {
+/// The rules by which a balancer's set follows the diffs, shared by [`Discover`] and the tonic
+/// feeder: an instance up is inserted, and inserted again with a new service on any change of
+/// its value (the constructor may read any of it: the address, a scheme in the metadata); one
+/// that drains or leaves etcd is removed, if it was inserted.
+#[derive(Debug, Default)]
+pub(crate) struct Membership {
+    /// The ids inserted and not removed since.
+    inserted: HashSet<String>,
+}
+
+impl Membership {
+    /// The changes `diff` makes to the set, in order, passed to `out`. `make` builds an
+    /// instance's service; `None` (it cannot be built) leaves the instance out, removing the
+    /// service it had.
+    pub(crate) fn apply<S>(
+        &mut self,
+        diff: &Diff,
+        mut make: impl FnMut(&Instance) -> Option<S>,
+        mut out: impl FnMut(Change<String, S>),
+    ) {
         for change in &diff.changes {
             let instance = match change {
                 InstanceChange::Added(instance) | InstanceChange::Updated { new: instance, .. } => {
                     instance
                 }
-                InstanceChange::Removed(instance) => {
-                    self.remove(instance.id());
-                    continue;
-                }
+                InstanceChange::Removed(instance) => instance,
             };
             let id = instance.id();
-            if instance.is_up() {
-                // Any change of value makes a new service (tower replaces the old one): the
-                // constructor may read any of it (the address, a scheme in the metadata).
-                self.inserted.insert(id.to_owned());
-                self.pending
-                    .push_back(Change::Insert(id.to_owned(), (self.make)(instance)));
-            } else {
-                self.remove(id);
+            let service = match change {
+                InstanceChange::Removed(_) => None,
+                _ if !instance.is_up() => None,
+                _ => make(instance),
+            };
+            match service {
+                Some(service) => {
+                    self.inserted.insert(id.to_owned());
+                    out(Change::Insert(id.to_owned(), service));
+                }
+                None => {
+                    if self.inserted.remove(id) {
+                        out(Change::Remove(id.to_owned()));
+                    }
+                }
             }
-        }
-    }
-
-    fn remove(&mut self, id: &str) {
-        if self.inserted.remove(id) {
-            self.pending.push_back(Change::Remove(id.to_owned()));
         }
     }
 }
@@ -114,7 +130,16 @@ impl<S> Stream for Discover<S> {
                 return Poll::Ready(Some(Ok(change)));
             }
             match self.diffs.poll_next_unpin(cx) {
-                Poll::Ready(Some(diff)) => self.apply(&diff),
+                Poll::Ready(Some(diff)) => {
+                    let this = &mut *self;
+                    let make = &this.make;
+                    let pending = &mut this.pending;
+                    this.membership.apply(
+                        &diff,
+                        |instance| Some(make(instance)),
+                        |change| pending.push_back(change),
+                    );
+                }
                 // The diffs hold the cache, so they never end; if they did, so would this
                 // stream, which is all tower can be told.
                 Poll::Ready(None) => return Poll::Ready(None),
@@ -129,7 +154,7 @@ impl<S> Unpin for Discover<S> {}
 impl<S> fmt::Debug for Discover<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Discover")
-            .field("inserted", &self.inserted.len())
+            .field("inserted", &self.membership.inserted.len())
             .field("pending", &self.pending.len())
             .finish()
     }

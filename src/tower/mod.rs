@@ -17,7 +17,7 @@
 mod balance;
 mod body;
 mod classify;
-mod discover;
+pub(crate) mod discover;
 mod route;
 
 pub use balance::{Balanced, BalancedBuilder, NoInstance, NoInstanceReason, ResponseFuture};

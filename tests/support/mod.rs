@@ -5,7 +5,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use etcd_registry::{Codec, Instance, KeyLayout, MemoryBackend, ServiceCache, Snapshot};
+use etcd_registry::{Codec, Discovery, Instance, KeyLayout, MemoryBackend, ServiceCache, Snapshot};
 
 pub const NS: &str = "/svc";
 
@@ -113,3 +113,16 @@ pub mod etcd;
 pub mod proptest_config;
 pub mod proxy;
 pub mod wait;
+
+/// A live cache of service `user` under [`NS`] over `etcd`, after its first list; a silent
+/// watch freezes it after 4 s.
+pub async fn users(etcd: &MemoryBackend) -> ServiceCache {
+    Discovery::memory(etcd.clone())
+        .namespace(NS)
+        .stall_timeout(Duration::from_secs(4))
+        .build()
+        .expect("valid config")
+        .service("user")
+        .await
+        .expect("first list")
+}

@@ -221,17 +221,6 @@ impl Service<http::Request<()>> for Inner {
     }
 }
 
-async fn users(etcd: &MemoryBackend) -> ServiceCache {
-    Discovery::memory(etcd.clone())
-        .namespace(NS)
-        .stall_timeout(Duration::from_secs(4))
-        .build()
-        .expect("valid config")
-        .service("user")
-        .await
-        .expect("first list")
-}
-
 fn put(etcd: &MemoryBackend, instance: &Instance) {
     let codec = codec();
     etcd.put(codec.key(instance, 0), codec.encode_value(instance));
