@@ -1,26 +1,46 @@
 //! Real etcd processes for integration tests: a 1- or 3-member cluster on loopback ports, with
 //! the faults the library must survive (kill, SIGSTOP, restart, compaction, wipe, restore from
-//! an older backup) one call away.
+//! an older backup, member removal) one call away, optionally secured with TLS, client
+//! certificates and auth ([`Security`], in `etcd/security.rs`).
 //!
 //! Everything here blocks: process spawns and bounded polling loops. Every wait has a deadline,
 //! every signal goes to a PID this harness spawned itself, and `Drop` (which also runs while a
 //! failing test unwinds) SIGKILLs the members still alive and removes their data.
+//!
+//! Benches and examples include this file alone by `#[path]`, so its submodules are named by
+//! `#[path]` too (relative to this file's directory either way), and nothing here needs a
+//! dependency beyond `libc` and `serde_json`: the certificates come from `support::pki`.
 #![allow(dead_code)]
 
-use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::fs::{self, OpenOptions};
-use std::io::Read;
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::unix::fs::PermissionsExt;
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, OnceLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
-/// What a missing etcd binary panics with.
-pub const NOT_FOUND: &str = "etcd not found: install it (Debian/Ubuntu: `apt-get install etcd-server etcd-client`) or set ETCD_BIN=/path/to/etcd; `cargo xtask ci` installs it for you";
+#[path = "etcd/grpc_proxy.rs"]
+pub mod grpc_proxy;
+#[path = "etcd/process.rs"]
+pub mod process;
+#[path = "etcd/security.rs"]
+pub mod security;
+
+// A test binary uses only some of these.
+#[allow(unused_imports)]
+pub use grpc_proxy::GrpcProxy;
+#[allow(unused_imports)]
+pub use process::{
+    Binaries, NOT_FOUND, binaries, free_port, port_accepts, tail, try_find_binaries_with,
+};
+use process::{clean_env, lock, run_bounded, signal, unique, wait_state};
+#[allow(unused_imports)]
+pub use security::{
+    BCRYPT_COST, Credentials, Identity, ROOT_PASSWORD, ROOT_USER, Security, ServerCert, ServerTls,
+    TlsFiles,
+};
 
 /// How long a (re)started member may take to answer a health check.
 pub const START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -32,207 +52,12 @@ const POLL: Duration = Duration::from_millis(20);
 /// Fresh starts that lose a port race (another process bound it between our probe and etcd's
 /// bind) are retried on new ports this many times in all.
 const START_ATTEMPTS: usize = 3;
-
-/// The etcd and etcdctl binaries the harness runs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Binaries {
-    pub etcd: PathBuf,
-    pub etcdctl: PathBuf,
-}
-
-fn is_executable(p: &Path) -> bool {
-    fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-}
-
-fn search_path(name: &str, path: Option<&OsStr>) -> Option<PathBuf> {
-    let path = path?;
-    std::env::split_paths(path)
-        .filter(|dir| !dir.as_os_str().is_empty())
-        .map(|dir| dir.join(name))
-        .find(|p| is_executable(p))
-}
-
-/// Finds etcd and etcdctl from the value of `ETCD_BIN` and of `PATH`, given explicitly so the
-/// lookup is testable without touching the process environment. Same rules as `cargo xtask`:
-/// an empty `ETCD_BIN` counts as unset, a bare name is looked up on `PATH`, and etcdctl is taken
-/// from next to etcd first, then from `PATH`.
-pub fn try_find_binaries_with(
-    etcd_bin: Option<&OsStr>,
-    path: Option<&OsStr>,
-) -> Result<Binaries, String> {
-    let etcd = match etcd_bin.filter(|v| !v.is_empty()) {
-        Some(value) => {
-            let p = PathBuf::from(value);
-            let bare = p.components().count() == 1 && !p.is_absolute();
-            let found = p
-                .to_str()
-                .filter(|_| bare)
-                .and_then(|name| search_path(name, path));
-            match found {
-                Some(f) => f,
-                None if is_executable(&p) => p,
-                None => {
-                    return Err(format!(
-                        "{NOT_FOUND} (ETCD_BIN is set to `{}`, which is not an executable file)",
-                        p.display()
-                    ));
-                }
-            }
-        }
-        None => search_path("etcd", path).ok_or_else(|| NOT_FOUND.to_string())?,
-    };
-    let beside = etcd.parent().map(|dir| dir.join("etcdctl"));
-    let etcdctl = beside
-        .filter(|p| is_executable(p))
-        .or_else(|| search_path("etcdctl", path))
-        .ok_or_else(|| {
-            format!(
-                "etcdctl not found next to {} nor on PATH: install it (Debian/Ubuntu: `apt-get install etcd-server etcd-client`) or put it next to ETCD_BIN; `cargo xtask ci` installs it for you",
-                etcd.display()
-            )
-        })?;
-    Ok(Binaries { etcd, etcdctl })
-}
-
-/// The binaries from the real `ETCD_BIN` and `PATH`, looked up once; panics with install
-/// instructions when they are missing.
-pub fn binaries() -> &'static Binaries {
-    static BINS: OnceLock<Result<Binaries, String>> = OnceLock::new();
-    let found = BINS.get_or_init(|| {
-        try_find_binaries_with(
-            std::env::var_os("ETCD_BIN").as_deref(),
-            std::env::var_os("PATH").as_deref(),
-        )
-    });
-    match found {
-        Ok(b) => b,
-        Err(msg) => panic!("{msg}"),
-    }
-}
-
-/// A loopback port nobody listened on a moment ago and that this test binary never handed out
-/// before (so two clusters in one process cannot be given the same port).
-pub fn free_port() -> u16 {
-    static HANDED_OUT: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
-    let set = HANDED_OUT.get_or_init(|| Mutex::new(HashSet::new()));
-    for _ in 0..1000 {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-        let port = listener.local_addr().expect("local addr").port();
-        if lock(set).insert(port) {
-            return port;
-        }
-    }
-    panic!("no unused loopback port after 1000 tries");
-}
-
-fn unique(prefix: &str) -> String {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    format!("{prefix}-{}-{n}-{nanos}", std::process::id())
-}
-
-/// Locks even after a panic poisoned the mutex: cleanup must still run.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+/// How long a member removed from the cluster may take to exit on its own before the harness
+/// SIGKILLs it.
+pub const REMOVED_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn url(port: u16) -> String {
     format!("http://127.0.0.1:{port}")
-}
-
-/// The last `n` lines of a file, for failure messages.
-pub fn tail(path: &Path, n: usize) -> String {
-    let text = fs::read_to_string(path).unwrap_or_else(|e| format!("<cannot read: {e}>"));
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-/// Removes the variables that would make etcd/etcdctl read extra flags or route through a
-/// proxy: all traffic stays on 127.0.0.1.
-fn clean_env(cmd: &mut Command) {
-    for (k, _) in std::env::vars_os() {
-        let k_str = k.to_string_lossy();
-        if k_str.starts_with("ETCD") || k_str.to_ascii_lowercase().ends_with("_proxy") {
-            cmd.env_remove(&k);
-        }
-    }
-    cmd.env("NO_PROXY", "127.0.0.1,localhost")
-        .env("no_proxy", "127.0.0.1,localhost");
-}
-
-/// Runs a command we spawned, bounded by `wall`; on timeout SIGKILLs that child. Returns stdout
-/// on success, a description with stderr otherwise.
-fn run_bounded(mut cmd: Command, wall: Duration) -> Result<String, String> {
-    let what = format!("{cmd:?}");
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().map_err(|e| format!("spawn {what}: {e}"))?;
-    let mut out = child.stdout.take().expect("piped stdout");
-    let mut err = child.stderr.take().expect("piped stderr");
-    // Drain both pipes on threads so a chatty child can never block on a full pipe.
-    let out_t = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let err_t = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
-    let deadline = Instant::now() + wall;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break Some(status),
-            Ok(None) if Instant::now() >= deadline => {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-            Ok(None) => std::thread::sleep(Duration::from_millis(5)),
-            Err(e) => return Err(format!("wait {what}: {e}")),
-        }
-    };
-    let stdout = out_t.join().unwrap_or_default();
-    let stderr = err_t.join().unwrap_or_default();
-    match status {
-        Some(s) if s.success() => Ok(stdout),
-        Some(s) => Err(format!(
-            "{what} failed ({s}): {}\nstdout: {}",
-            stderr.trim(),
-            stdout.trim()
-        )),
-        None => Err(format!(
-            "{what} did not finish within {wall:?}: {}",
-            stderr.trim()
-        )),
-    }
-}
-
-/// Process state letter from `/proc/<pid>/stat` ('T' = stopped), if the process exists.
-fn proc_state(pid: u32) -> Option<char> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = &stat[stat.rfind(')')? + 1..];
-    after.trim_start().chars().next()
-}
-
-/// Sends `signal` (`libc::SIGSTOP`, say) to exactly `pid`. Through the system call, not the
-/// `kill` command: a minimal machine has no procps.
-fn signal(pid: u32, signal: libc::c_int) {
-    let target = libc::pid_t::try_from(pid).expect("a pid fits pid_t");
-    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
-    let result = unsafe { libc::kill(target, signal) };
-    assert_eq!(
-        result,
-        0,
-        "kill({pid}, {signal}) failed: {}",
-        std::io::Error::last_os_error()
-    );
 }
 
 /// What `etcdctl endpoint status` reports about one member.
@@ -260,6 +85,9 @@ struct Member {
     log: PathBuf,
     child: Option<Child>,
     stopped: bool,
+    /// Removed from the cluster's membership by [`EtcdCluster::remove_member`]: never
+    /// started again, and not part of `--initial-cluster` any more.
+    removed: bool,
 }
 
 impl Member {
@@ -300,6 +128,11 @@ pub struct EtcdCluster {
     token: Mutex<String>,
     /// Flags given to every member on top of the harness's own.
     extra_flags: Vec<String>,
+    /// TLS and auth of every member.
+    security: Security,
+    /// Whether the harness enabled auth on the current data (a wipe loses it): its etcdctl
+    /// authenticates as root only then.
+    auth_on: AtomicBool,
 }
 
 impl EtcdCluster {
@@ -331,7 +164,28 @@ impl EtcdCluster {
         Self::start_with_flags(bins, members, &[])
     }
 
+    /// A cluster of `members` members secured by `security`, all healthy on return; with
+    /// `security.auth`, auth is enabled (user `root`, password [`ROOT_PASSWORD`]) before it
+    /// returns. Every later (re)start of a member uses the same security.
+    pub fn start_secure(members: usize, security: Security) -> Self {
+        Self::start_full(binaries(), members, &[], security)
+    }
+
+    /// [`start_secure`](Self::start_secure) whose members also get `flags`.
+    pub fn start_secure_with_flags(members: usize, security: Security, flags: &[&str]) -> Self {
+        Self::start_full(binaries(), members, flags, security)
+    }
+
     fn start_with_flags(bins: &'static Binaries, members: usize, flags: &[&str]) -> Self {
+        Self::start_full(bins, members, flags, Security::default())
+    }
+
+    fn start_full(
+        bins: &'static Binaries,
+        members: usize,
+        flags: &[&str],
+        security: Security,
+    ) -> Self {
         assert!(members >= 1, "a cluster needs at least one member");
         let root = std::env::temp_dir().join(unique("etcd-registry-test"));
         fs::create_dir_all(&root).expect("create etcd temp dir");
@@ -342,11 +196,18 @@ impl EtcdCluster {
             members: Mutex::new(Vec::new()),
             token: Mutex::new(String::new()),
             extra_flags: flags.iter().map(|f| f.to_string()).collect(),
+            security,
+            auth_on: AtomicBool::new(false),
         };
         for attempt in 1..=START_ATTEMPTS {
             cluster.fresh_members(members);
             match cluster.wait_healthy(&(0..members).collect::<Vec<_>>()) {
-                Ok(()) => return cluster,
+                Ok(()) => {
+                    if cluster.security.auth {
+                        cluster.enable_auth();
+                    }
+                    return cluster;
+                }
                 Err(e) if e.port_taken && attempt < START_ATTEMPTS => {
                     // Someone else bound one of our ports: start over on new ones.
                     let mut ms = lock(&cluster.members);
@@ -376,6 +237,7 @@ impl EtcdCluster {
                 peer_port: free_port(),
                 child: None,
                 stopped: false,
+                removed: false,
             });
         }
         let initial = initial_cluster(&ms);
@@ -399,9 +261,9 @@ impl EtcdCluster {
             .arg("--data-dir")
             .arg(&m.data_dir)
             .arg("--listen-client-urls")
-            .arg(url(m.client_port))
+            .arg(self.client_url(m.client_port))
             .arg("--advertise-client-urls")
-            .arg(url(m.client_port))
+            .arg(self.client_url(m.client_port))
             .arg("--listen-peer-urls")
             .arg(url(m.peer_port))
             .arg("--initial-advertise-peer-urls")
@@ -414,6 +276,7 @@ impl EtcdCluster {
             .arg(token)
             .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
             .args(["--auto-compaction-retention", "0"])
+            .args(self.security.member_flags())
             .args(&self.extra_flags)
             .args(["--logger", "zap", "--log-outputs"])
             .arg(&m.log)
@@ -441,7 +304,7 @@ impl EtcdCluster {
                         None => Some("never started".into()),
                     };
                     let addr = SocketAddr::from(([127, 0, 0, 1], m.client_port));
-                    (url(m.client_port), addr, m.log.clone(), exited)
+                    (self.client_url(m.client_port), addr, m.log.clone(), exited)
                 };
                 if let Some(status) = exited {
                     let tail = tail(&log, 30);
@@ -486,7 +349,18 @@ impl EtcdCluster {
         }
     }
 
+    /// Runs etcdctl with the harness's own [`credentials`](Self::credentials) when it talks to
+    /// `endpoints`; without endpoints (a local `snapshot` command) with none.
     fn run_etcdctl(&self, endpoints: Option<&str>, args: &[&str]) -> Result<String, String> {
+        self.run_etcdctl_as(&self.credentials(), endpoints, args)
+    }
+
+    fn run_etcdctl_as(
+        &self,
+        creds: &Credentials,
+        endpoints: Option<&str>,
+        args: &[&str],
+    ) -> Result<String, String> {
         let mut cmd = Command::new(&self.bins.etcdctl);
         clean_env(&mut cmd);
         cmd.env("ETCDCTL_API", "3");
@@ -494,10 +368,16 @@ impl EtcdCluster {
             // Defaults first: a later `--command-timeout=...` in `args` overrides them.
             cmd.arg(format!("--endpoints={e}"))
                 .arg("--dial-timeout=2s")
-                .arg("--command-timeout=5s");
+                .arg("--command-timeout=5s")
+                .args(creds.args());
         }
         cmd.args(args);
         run_bounded(cmd, ETCDCTL_WALL)
+    }
+
+    /// `<scheme>://127.0.0.1:<port>`: https on a TLS cluster.
+    fn client_url(&self, port: u16) -> String {
+        format!("{}://127.0.0.1:{port}", self.security.scheme())
     }
 
     // ---- members -------------------------------------------------------------------------
@@ -507,9 +387,9 @@ impl EtcdCluster {
         lock(&self.members).len()
     }
 
-    /// `http://127.0.0.1:<client port>` of member `i`.
+    /// `http://127.0.0.1:<client port>` of member `i` (`https://` on a TLS cluster).
     pub fn endpoint(&self, i: usize) -> String {
-        url(lock(&self.members)[i].client_port)
+        self.client_url(lock(&self.members)[i].client_port)
     }
 
     /// Client port of member `i`.
@@ -517,11 +397,12 @@ impl EtcdCluster {
         lock(&self.members)[i].client_port
     }
 
-    /// Every member's endpoint, dead or alive: what a client under test is configured with.
+    /// Every member's endpoint, dead, alive or removed: what a client under test is
+    /// configured with.
     pub fn endpoints(&self) -> Vec<String> {
         lock(&self.members)
             .iter()
-            .map(|m| url(m.client_port))
+            .map(|m| self.client_url(m.client_port))
             .collect()
     }
 
@@ -530,7 +411,7 @@ impl EtcdCluster {
         self.live().into_iter().map(|i| self.endpoint(i)).collect()
     }
 
-    /// Indices of members that are running and not SIGSTOPped.
+    /// Indices of members that are running and not SIGSTOPped (a removed member never is).
     pub fn live(&self) -> Vec<usize> {
         let mut ms = lock(&self.members);
         (0..ms.len())
@@ -551,6 +432,11 @@ impl EtcdCluster {
     /// Whether member `i` is SIGSTOPped.
     pub fn is_stopped(&self, i: usize) -> bool {
         lock(&self.members)[i].stopped
+    }
+
+    /// Whether member `i` was removed from the cluster by [`remove_member`](Self::remove_member).
+    pub fn is_removed(&self, i: usize) -> bool {
+        lock(&self.members)[i].removed
     }
 
     /// Data directory of member `i` (changes after `restore_from`).
@@ -597,16 +483,99 @@ impl EtcdCluster {
     }
 
     /// Starts member `i` again on the same data dir and ports (SIGKILLing it first if it still
-    /// runs) and waits until it is healthy.
+    /// runs) and waits until it is healthy. Panics for a removed member.
     pub fn restart(&self, i: usize) {
         {
             let mut ms = lock(&self.members);
+            assert!(
+                !ms[i].removed,
+                "restart: member m{i} was removed from the cluster"
+            );
             ms[i].kill();
             let initial = initial_cluster(&ms);
             let token = lock(&self.token).clone();
             self.spawn(&mut ms[i], &initial, &token, "existing");
         }
         self.wait_healthy_or_panic(&[i]);
+    }
+
+    /// Removes member `i` from the cluster's membership (`etcdctl member remove`, asked of the
+    /// other live members; etcd refuses that until the member asked has been connected to its
+    /// peers for 5 s, so right after a start this retries for up to that long), then waits for
+    /// its process: etcd shuts a member down, with status 0, once it learns it was removed. A member that has not exited within [`REMOVED_EXIT_TIMEOUT`] (or
+    /// is SIGSTOPped, so cannot) is SIGKILLed; either way it is reaped. On return `live()` no
+    /// longer lists it, it is never started again, and the members left agree on a leader.
+    /// Returns its exit status when it exited on its own, `None` when the harness ended it or
+    /// it was not running.
+    pub fn remove_member(&self, i: usize) -> Option<ExitStatus> {
+        let name = {
+            let ms = lock(&self.members);
+            assert!(!ms[i].removed, "remove_member: m{i} was removed already");
+            ms[i].name.clone()
+        };
+        let others: Vec<String> = self
+            .live()
+            .into_iter()
+            .filter(|&j| j != i)
+            .map(|j| self.endpoint(j))
+            .collect();
+        assert!(
+            !others.is_empty(),
+            "remove_member: no other live member to remove m{i} through"
+        );
+        let others = others.join(",");
+        let list = self
+            .run_etcdctl(Some(&others), &["member", "list", "-w", "json"])
+            .unwrap_or_else(|e| panic!("member list: {e}"));
+        let id = member_id(&list, &name)
+            .unwrap_or_else(|| panic!("no member named {name} in member list: {list}"));
+        // etcd refuses a removal (`--strict-reconfig-check`) until the member asked has been
+        // connected to its peers for 5 s: right after a start, that takes retries.
+        let hex = format!("{id:x}");
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            match self.run_etcdctl(Some(&others), &["member", "remove", &hex]) {
+                Ok(out) => {
+                    assert!(
+                        out.contains("removed from cluster"),
+                        "member remove said: {out}"
+                    );
+                    break;
+                }
+                Err(e) if e.contains("unhealthy cluster") && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => {
+                    // A timed-out attempt may have gone through after all.
+                    let list = self
+                        .run_etcdctl(Some(&others), &["member", "list", "-w", "json"])
+                        .unwrap_or_else(|e| panic!("member list: {e}"));
+                    if member_id(&list, &name).is_some() {
+                        panic!("member remove {hex} ({name}): {e}");
+                    }
+                    break;
+                }
+            }
+        }
+
+        let deadline = Instant::now() + REMOVED_EXIT_TIMEOUT;
+        let exited = loop {
+            {
+                let mut ms = lock(&self.members);
+                let m = &mut ms[i];
+                let status = m.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+                let gone = m.child.is_none() || status.is_some();
+                if gone || m.stopped || Instant::now() >= deadline {
+                    // Reaps an exited child; SIGKILLs one still running.
+                    m.kill();
+                    m.removed = true;
+                    break status;
+                }
+            }
+            std::thread::sleep(POLL);
+        };
+        self.leader();
+        exited
     }
 
     // ---- cluster queries -----------------------------------------------------------------
@@ -710,24 +679,30 @@ impl EtcdCluster {
     // ---- disasters -----------------------------------------------------------------------
 
     /// Single member only: kills it, deletes its data and starts a brand-new cluster on the
-    /// same ports (revision back to 1, new cluster id).
+    /// same ports (revision back to 1, new cluster id). An auth cluster gets auth enabled
+    /// again (that takes revisions too).
     pub fn wipe_and_restart_empty(&self) {
         {
             let mut ms = lock(&self.members);
             assert_eq!(ms.len(), 1, "wipe_and_restart_empty is for a single member");
             ms[0].kill();
             let _ = fs::remove_dir_all(&ms[0].data_dir);
+            self.auth_on.store(false, Ordering::SeqCst);
             let token = unique("edt");
             let initial = initial_cluster(&ms);
             self.spawn(&mut ms[0], &initial, &token, "new");
             *lock(&self.token) = token;
         }
         self.wait_healthy_or_panic(&[0]);
+        if self.security.auth {
+            self.enable_auth();
+        }
     }
 
     /// Single member only: kills it, deletes its data and starts it again with unchanged flags
     /// (same name, peer URL and cluster token), as an operator rebuilding a member would: the
-    /// cluster id stays the same while the revision starts over at 1.
+    /// cluster id stays the same while the revision starts over at 1 (plus what enabling auth
+    /// again takes on an auth cluster).
     pub fn wipe_and_restart_same_identity(&self) {
         {
             let mut ms = lock(&self.members);
@@ -738,11 +713,15 @@ impl EtcdCluster {
             );
             ms[0].kill();
             let _ = fs::remove_dir_all(&ms[0].data_dir);
+            self.auth_on.store(false, Ordering::SeqCst);
             let token = lock(&self.token).clone();
             let initial = initial_cluster(&ms);
             self.spawn(&mut ms[0], &initial, &token, "new");
         }
         self.wait_healthy_or_panic(&[0]);
+        if self.security.auth {
+            self.enable_auth();
+        }
     }
 
     /// Saves a snapshot of a live member to a new file in the harness's temp dir.
@@ -772,7 +751,8 @@ impl EtcdCluster {
 
     /// Single member only: kills it and starts it on the same ports from `backup`, restored into
     /// a new data dir with a new cluster token; models etcd restored from an older backup
-    /// (revision goes back, cluster id changes).
+    /// (revision goes back, cluster id changes). Users, roles and whether auth is on come back
+    /// as they were in the backup.
     pub fn restore_from(&self, backup: &Backup) {
         {
             let mut ms = lock(&self.members);
@@ -810,77 +790,6 @@ impl EtcdCluster {
     }
 }
 
-/// `etcd grpc-proxy` in front of a cluster, on its own loopback port. It answers every request
-/// but never a watch progress request. Ended by its PID when dropped.
-pub struct GrpcProxy {
-    child: Child,
-    port: u16,
-    log: PathBuf,
-}
-
-impl GrpcProxy {
-    /// `http://127.0.0.1:<port>`, for a client.
-    pub fn endpoint(&self) -> String {
-        url(self.port)
-    }
-
-    /// The proxy's log, for a failing test.
-    pub fn log_tail(&self, lines: usize) -> String {
-        tail(&self.log, lines)
-    }
-}
-
-impl Drop for GrpcProxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl EtcdCluster {
-    /// Starts `etcd grpc-proxy start` in front of every member; waits until it accepts.
-    pub fn grpc_proxy(&self) -> GrpcProxy {
-        let port = free_port();
-        let log = self.root.join(format!("{}.log", unique("grpc-proxy")));
-        let out = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .expect("open grpc-proxy log");
-        let err = out.try_clone().expect("clone log handle");
-        let endpoints: Vec<String> = self
-            .endpoints()
-            .iter()
-            .map(|e| e.trim_start_matches("http://").to_owned())
-            .collect();
-        let mut cmd = Command::new(&self.bins.etcd);
-        clean_env(&mut cmd);
-        cmd.args(["grpc-proxy", "start"])
-            .arg(format!("--endpoints={}", endpoints.join(",")))
-            .arg(format!("--listen-addr=127.0.0.1:{port}"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(out))
-            .stderr(Stdio::from(err));
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {} grpc-proxy: {e}", self.bins.etcd.display()));
-        let mut proxy = GrpcProxy { child, port, log };
-        let deadline = Instant::now() + START_TIMEOUT;
-        while !port_accepts(port) {
-            if let Ok(Some(status)) = proxy.child.try_wait() {
-                panic!("grpc-proxy exited ({status}):\n{}", proxy.log_tail(20));
-            }
-            assert!(
-                Instant::now() < deadline,
-                "grpc-proxy not accepting within {START_TIMEOUT:?}:\n{}",
-                proxy.log_tail(20)
-            );
-            std::thread::sleep(POLL);
-        }
-        proxy
-    }
-}
-
 impl Drop for EtcdCluster {
     fn drop(&mut self) {
         let mut ms = lock(&self.members);
@@ -904,23 +813,10 @@ struct StartError {
 
 fn initial_cluster(ms: &[Member]) -> String {
     ms.iter()
+        .filter(|m| !m.removed)
         .map(|m| format!("{}={}", m.name, url(m.peer_port)))
         .collect::<Vec<_>>()
         .join(",")
-}
-
-fn wait_state(pid: u32, ok: impl Fn(char) -> bool, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        match proc_state(pid) {
-            Some(s) if ok(s) => return,
-            None => return, // gone: nothing left to wait for
-            Some(_) if Instant::now() >= deadline => {
-                panic!("process {pid} not {what} within 5s")
-            }
-            Some(_) => std::thread::sleep(Duration::from_millis(2)),
-        }
-    }
 }
 
 /// Parses the first entry of `etcdctl endpoint status -w json`.
@@ -937,14 +833,19 @@ pub fn parse_status(json: &str) -> Option<MemberStatus> {
     })
 }
 
+/// The id of the member called `name` in `etcdctl member list -w json` (etcd 3.4 prints ids
+/// as decimal numbers; `member remove` wants hex).
+pub fn member_id(json: &str, name: &str) -> Option<u64> {
+    let v: serde_json::Value = serde_json::from_str(json).ok()?;
+    v["members"]
+        .as_array()?
+        .iter()
+        .find(|m| m["name"] == name)?["ID"]
+        .as_u64()
+}
+
 /// `header.revision` of an etcdctl `-w json` response.
 pub fn header_revision(json: &str) -> Option<i64> {
     let v: serde_json::Value = serde_json::from_str(json).ok()?;
     v["header"]["revision"].as_i64()
-}
-
-/// Whether something accepts TCP connections on loopback `port` right now.
-pub fn port_accepts(port: u16) -> bool {
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok()
 }

@@ -110,6 +110,7 @@ impl Drop for Recorder {
 }
 pub mod alloc;
 pub mod etcd;
+pub mod pki;
 pub mod proptest_config;
 pub mod proxy;
 pub mod wait;
