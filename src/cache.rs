@@ -131,8 +131,7 @@ impl Shared {
             .map(|(message, _)| message.clone())
     }
 
-    /// The freeze cause of the last failure, even before the first list (when the snapshot
-    /// still says `NotListed`).
+    /// The freeze cause of the last failure, kept after the cache is live again.
     pub(crate) fn last_failure_cause(&self) -> Option<FreezeCause> {
         self.last_error
             .lock()

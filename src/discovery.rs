@@ -114,7 +114,8 @@ impl Discovery {
     ///
     /// # Errors
     /// [`Error::FirstListTimeout`] when no list succeeded within the first-list timeout (etcd
-    /// unreachable: the error carries the last failure); [`Error::Config`] when `service` cannot
+    /// unreachable: the error carries the last failure), or [`Error::Tls`] when what failed was
+    /// the TLS handshake; [`Error::Config`] when `service` cannot
     /// be a key segment.
     pub async fn service(&self, service: &str) -> Result<ServiceCache> {
         let cache = self.cache(service)?;
@@ -138,21 +139,30 @@ impl Discovery {
                         .unwrap_or_else(|| "no detail".to_owned()),
                 })
             }
-            Err(_) => Err(Error::FirstListTimeout {
-                service: service.to_owned(),
-                after: config.first_list_timeout,
-                last_error: cache
-                    .handle()
-                    .shared
-                    .last_error()
-                    .unwrap_or_else(|| "no answer".to_owned()),
-            }),
+            Err(_) => match shared.last_failure_cause() {
+                Some(FreezeCause::Tls(problem)) => Err(Error::Tls {
+                    problem,
+                    detail: shared
+                        .last_error()
+                        .unwrap_or_else(|| "no detail".to_owned()),
+                }),
+                _ => Err(Error::FirstListTimeout {
+                    service: service.to_owned(),
+                    after: config.first_list_timeout,
+                    last_error: cache
+                        .handle()
+                        .shared
+                        .last_error()
+                        .unwrap_or_else(|| "no answer".to_owned()),
+                }),
+            },
         }
     }
 
     /// The cache of `service` right away, before its first list: it starts empty and
     /// [`Frozen`](crate::Freshness::Frozen) with cause
-    /// [`NotListed`](crate::FreezeCause::NotListed), and fills in when etcd answers.
+    /// [`NotListed`](crate::FreezeCause::NotListed) (then with the cause of the failures, if
+    /// etcd cannot be listed), and fills in when etcd answers.
     ///
     /// # Errors
     /// [`Error::Config`] when `service` cannot be a key segment, or when called outside a tokio

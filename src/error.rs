@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::backend::BackendError;
+use crate::backend::{BackendError, TlsProblem};
 use crate::codec::DecodeError;
 use crate::instance::InstanceError;
 
@@ -58,6 +58,30 @@ pub enum Error {
         key: String,
         /// The lease holding it (0: a key with no lease).
         holder_lease: i64,
+    },
+    /// etcd refused the credentials of `user`: a wrong password, a user that does not exist,
+    /// or authentication not enabled on etcd. Reported by
+    /// [`EtcdBackend::connect`](crate::EtcdBackend::connect) when etcd answers it; afterwards a
+    /// cache freezes with [`FreezeCause::Auth`](crate::FreezeCause::Auth) and keeps trying,
+    /// backed off.
+    #[error("etcd refused the credentials of user {user:?}: {detail}")]
+    Auth {
+        /// The user name given to [`EtcdOptions::user`](crate::EtcdOptions::user).
+        user: String,
+        /// What etcd said.
+        detail: String,
+    },
+    /// The TLS connection to etcd failed: `problem` says why (a certificate not signed by the
+    /// CA given, expired or for another host; a client certificate missing or refused; TLS on
+    /// one side only). Reported by [`EtcdBackend::connect`](crate::EtcdBackend::connect) when
+    /// it sees it, and by [`Discovery::service`](crate::Discovery::service) when the first
+    /// list failed on it; a cache freezes with [`FreezeCause::Tls`](crate::FreezeCause::Tls).
+    #[error("TLS to etcd failed: {problem} ({detail})")]
+    Tls {
+        /// What is wrong.
+        problem: TlsProblem,
+        /// The handshake error, for logs.
+        detail: String,
     },
     /// A configuration value was out of range.
     #[error("invalid configuration: {0}")]

@@ -96,7 +96,7 @@ pub mod tonic;
 #[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
 pub mod tower;
 
-pub use backend::{Backend, MemoryBackend};
+pub use backend::{Backend, MemoryBackend, TlsProblem};
 #[cfg(feature = "etcd")]
 pub use backend::{EtcdBackend, EtcdOptions};
 pub use backoff::BackoffConfig;
@@ -115,6 +115,6 @@ pub use register::{Registration, RegistrationBuilder, RegistrationStatus};
 pub use snapshot::{FreezeCause, Freshness, Snapshot};
 
 /// The README's Rust examples, compiled as doctests so they cannot drift from the API.
-#[cfg(all(doctest, feature = "etcd", feature = "tonic"))]
+#[cfg(all(doctest, feature = "etcd", feature = "tonic", feature = "tls"))]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;

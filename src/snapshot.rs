@@ -4,7 +4,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::backend::BackendErrorKind;
+use crate::backend::{BackendErrorKind, TlsProblem};
 use crate::balance::health::{Balancing, HealthSlot};
 use crate::balance::picked::Call;
 use crate::balance::table::Tables;
@@ -15,7 +15,9 @@ use crate::instance::Instance;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum FreezeCause {
-    /// The service has not been listed yet.
+    /// The service has not been listed yet, and no attempt has failed so far (a failure
+    /// before the first list replaces this with its own cause; the snapshot's revision stays 0
+    /// until the first list).
     NotListed,
     /// etcd could not be reached, or the connection broke.
     Unavailable,
@@ -41,6 +43,10 @@ pub enum FreezeCause {
     /// [`BackendErrorKind::TooLarge`]); the cache's
     /// `last_error` names the sizes.
     ResponseTooLarge,
+    /// The TLS connection to etcd failed, for the reason given: a certificate that is not
+    /// trusted, expired or for another host, a missing or refused client certificate, or TLS on
+    /// one side only. The cache's `last_error` has the details.
+    Tls(TlsProblem),
     /// Any other failure.
     Other,
 }
@@ -53,6 +59,7 @@ impl From<BackendErrorKind> for FreezeCause {
             BackendErrorKind::Timeout => FreezeCause::Timeout,
             BackendErrorKind::Auth => FreezeCause::Auth,
             BackendErrorKind::TooLarge => FreezeCause::ResponseTooLarge,
+            BackendErrorKind::Tls(problem) => FreezeCause::Tls(problem),
             _ => FreezeCause::Other,
         }
     }
@@ -70,6 +77,7 @@ impl fmt::Display for FreezeCause {
             FreezeCause::HistoryBehind => "etcd's history is behind the applied revision",
             FreezeCause::TaskEnded => "the sync task ended",
             FreezeCause::ResponseTooLarge => "a response from etcd was too large",
+            FreezeCause::Tls(problem) => return write!(f, "TLS to etcd failed: {problem}"),
             FreezeCause::Other => "backend error",
         })
     }

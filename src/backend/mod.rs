@@ -20,6 +20,8 @@ use std::time::Duration;
 use futures_util::Stream;
 use futures_util::future::BoxFuture;
 
+#[cfg(feature = "tls")]
+pub use etcd::TlsOptions;
 #[cfg(feature = "etcd")]
 pub use etcd::{EtcdBackend, EtcdOptions};
 pub use memory::MemoryBackend;
@@ -145,8 +147,68 @@ pub enum BackendErrorKind {
     /// A response was larger than the client accepts (a watch catching up on more than the
     /// response limit at once, or a single value over it). Retrying gives the same answer.
     TooLarge,
+    /// The TLS handshake with etcd failed, or one side spoke TLS and the other plain text; the
+    /// problem says which. Retrying helps only once the certificates or the endpoints are fixed
+    /// (or rotated in, see `EtcdBackend::reload`).
+    Tls(TlsProblem),
     /// Anything else.
     Other,
+}
+
+/// Why a TLS connection to etcd failed, as far as the client can tell.
+///
+/// The client sees its own verdict on the server's certificate exactly; of the server's verdict
+/// on the client's certificate it sees only the TLS alert the server sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum TlsProblem {
+    /// The server's certificate is not signed by the CA the client trusts: a wrong CA was
+    /// given, or the server uses a certificate of another PKI.
+    UnknownIssuer,
+    /// The server's certificate has expired (or is not valid yet: check the clocks).
+    Expired,
+    /// The server's certificate is not valid for the name the client connected to: use the
+    /// endpoint's name from the certificate, or set the expected name with
+    /// `TlsOptions::domain_name`.
+    WrongHost,
+    /// The server requires a client certificate (etcd's `--client-cert-auth`) and none was
+    /// sent: give one with `TlsOptions::identity`.
+    ClientCertificateRequired,
+    /// The server refused the client's certificate (not signed by a CA in etcd's
+    /// `--trusted-ca-file`, expired, or not meant for client authentication).
+    ClientCertificateRejected,
+    /// The endpoint answered in plain text to a TLS handshake: it does not serve TLS, so
+    /// connect to it with `http://` (or enable TLS on etcd).
+    NotTls,
+    /// The endpoint serves TLS and the client spoke plain text: connect with `https://` and
+    /// TLS options.
+    TlsRequired,
+    /// The TLS settings cannot work: an `https://` endpoint in a build without the `tls`
+    /// feature, TLS options with an `http://` endpoint, or a certificate or key that does not
+    /// parse.
+    Config,
+    /// Any other handshake failure; the error's message has the details.
+    Other,
+}
+
+impl fmt::Display for TlsProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TlsProblem::UnknownIssuer => "the server's certificate is not signed by a trusted CA",
+            TlsProblem::Expired => "the server's certificate has expired or is not valid yet",
+            TlsProblem::WrongHost => {
+                "the server's certificate is not valid for the endpoint's name"
+            }
+            TlsProblem::ClientCertificateRequired => {
+                "the server requires a client certificate and none was sent"
+            }
+            TlsProblem::ClientCertificateRejected => "the server refused the client certificate",
+            TlsProblem::NotTls => "the endpoint does not speak TLS",
+            TlsProblem::TlsRequired => "the endpoint requires TLS and was spoken to in plain text",
+            TlsProblem::Config => "the TLS settings cannot work",
+            TlsProblem::Other => "the TLS handshake failed",
+        })
+    }
 }
 
 /// A failure reported by a [`Backend`].

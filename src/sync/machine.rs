@@ -679,10 +679,23 @@ impl Machine {
     }
 
     /// Marks the snapshot frozen (keeping when and why it first froze).
+    /// Freezes, or, when frozen already, reports the latest cause (frozen `since` stays): the
+    /// cause says why the cache is frozen now, so a wrong certificate met once etcd is back is
+    /// not hidden behind the outage that began it, nor behind `NotListed`.
     fn freeze(&mut self, now: Instant, cause: FreezeCause) {
-        if self.freshness.is_live() {
-            tracing::info!(service = %self.service, %cause, revision = self.revision, "frozen: keeping the last known instances");
-            self.freshness = Freshness::Frozen { since: now, cause };
+        match self.freshness {
+            Freshness::Live => {
+                tracing::info!(service = %self.service, %cause, revision = self.revision, "frozen: keeping the last known instances");
+                self.freshness = Freshness::Frozen { since: now, cause };
+            }
+            Freshness::Frozen {
+                since,
+                cause: current,
+            } if current != cause => {
+                tracing::debug!(service = %self.service, %cause, "still frozen, now because of this");
+                self.freshness = Freshness::Frozen { since, cause };
+            }
+            Freshness::Frozen { .. } => {}
         }
     }
 

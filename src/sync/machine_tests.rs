@@ -435,15 +435,23 @@ fn failure_freezes_without_clearing_and_resumes_after_the_applied_revision() {
         }
     );
     assert_eq!(h.ids(), live, "a failure must not change the instances");
-    // More failures while frozen: nothing new is published, `since` stays.
+    // More failures while frozen: `since` stays, the cause follows the latest failure, and
+    // only a change of cause publishes.
     let published = h.published.len();
     for _ in 0..5 {
         h.expect(Input::TimerFired, Next::Watch(12));
         h.advance(Duration::from_secs(1));
         h.feed(Input::Failed(FreezeCause::Timeout));
     }
-    assert_eq!(h.published.len(), published);
-    assert!(matches!(h.last().freshness(), Freshness::Frozen { since, .. } if since == frozen_at));
+    assert_eq!(h.published.len(), published + 1);
+    assert_eq!(
+        h.last().freshness(),
+        Freshness::Frozen {
+            since: frozen_at,
+            cause: FreezeCause::Timeout
+        }
+    );
+    assert_eq!(h.ids(), live, "a failure must not change the instances");
     // Back: the watch resumes at revision 12, no relist, and the snapshot turns live.
     h.resume();
     assert_eq!(h.machine.stats().verifications, 2);
@@ -461,7 +469,17 @@ fn failure_before_the_first_list_lists_again() {
         Input::Failed(FreezeCause::Unavailable),
         Next::SleepAtMost(Duration::from_millis(100)),
     );
-    assert!(h.published.is_empty(), "nothing to publish before a list");
+    // Before a list: an empty snapshot at revision 0 that says why it is not listed yet.
+    assert_eq!(h.published.len(), 1);
+    assert!(h.last().is_empty());
+    assert_eq!(h.last().revision(), 0);
+    assert!(matches!(
+        h.last().freshness(),
+        Freshness::Frozen {
+            cause: FreezeCause::Unavailable,
+            ..
+        }
+    ));
     h.expect(Input::TimerFired, Next::List);
     h.expect(listed(3, vec![kv("a", 1, 3)]), Next::Watch(4));
     assert!(h.last().freshness().is_live());

@@ -1,11 +1,44 @@
 //! [`EtcdBackend`]: the [`Backend`] contract on a real etcd cluster, through `etcd-client`.
+//!
+//! # Authentication
+//!
+//! With authentication enabled on etcd, give each side a user whose role allows what it does
+//! and nothing more ([`EtcdOptions::user`]). For services under the namespace `/services`:
+//!
+//! ```text
+//! # Callers: read the service prefix (list and watch).
+//! etcdctl role add registry-caller
+//! etcdctl role grant-permission registry-caller --prefix=true read /services/
+//! etcdctl user add caller --new-user-password='...' --interactive=false
+//! etcdctl user grant-role caller registry-caller
+//!
+//! # Providers: write their keys (a put with a lease, a delete) and read them back.
+//! # Leases (grant, keep-alive, revoke) need no permission of their own in etcd.
+//! etcdctl role add registry-provider
+//! etcdctl role grant-permission registry-provider --prefix=true readwrite /services/user/
+//! etcdctl user add user-service --new-user-password='...' --interactive=false
+//! etcdctl user grant-role user-service registry-provider
+//! ```
+//!
+//! A provider role can be narrower still: `readwrite /services/user/` lets the `user`
+//! service's instances register and nothing else. A caller whose role loses its permission
+//! freezes with [`FreezeCause::Auth`](crate::FreezeCause::Auth) (keeping its instances) and
+//! recovers by itself once the permission is granted again: a change of users or roles makes
+//! etcd refuse older tokens, and the backend then authenticates again.
+//!
+//! # TLS
+//!
+//! With the `tls` feature, [`EtcdOptions::tls`] takes a [`TlsOptions`]: the CA, a client
+//! certificate for mutual TLS, a server name. The endpoints are then `https://` ones.
 
 use std::fmt;
+use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KvClient, PutOptions, Txn,
+    Client, Compare, CompareOp, EventType, GetOptions, KvClient, PutOptions, Txn,
     TxnOp as EtcdTxnOp, TxnOpResponse, WatchClient, WatchOptions, WatchResponse,
 };
 use futures_util::StreamExt;
@@ -14,122 +47,26 @@ use tokio::sync::Mutex as AsyncMutex;
 
 use super::{
     Backend, BackendError, BackendErrorKind, Event, EventKind, Header, KeyRevision, KeyValue,
-    KeysAt, ListResponse, ProgressRequester, PutCondition, PutOutcome, Watch, WatchMessage,
+    KeysAt, ListResponse, ProgressRequester, PutCondition, PutOutcome, TlsProblem, Watch,
+    WatchMessage,
 };
+use crate::Error;
 
-/// How to connect to etcd. Every setting has a default suited to production and accepted by
-/// etcd's own defaults.
-///
-/// There is no request timeout here: whoever makes a request bounds it, so one setting has one
-/// meaning. A cache bounds its lists and watch creations by
-/// [`DiscoveryBuilder::request_timeout`](crate::DiscoveryBuilder::request_timeout), a
-/// registration its calls by
-/// [`RegistrationBuilder::request_timeout`](crate::RegistrationBuilder::request_timeout).
-///
-/// ```
-/// use std::time::Duration;
-/// use etcd_registry::backend::EtcdOptions;
-///
-/// let options = EtcdOptions::new()
-///     .connect_timeout(Duration::from_secs(2))
-///     .keep_alive(Duration::from_secs(10), Duration::from_secs(5))
-///     .user("discovery", "secret");
-/// # let _ = options;
-/// ```
-#[derive(Clone)]
-pub struct EtcdOptions {
-    connect_timeout: Duration,
-    keep_alive_interval: Duration,
-    keep_alive_timeout: Duration,
-    require_leader: bool,
-    user: Option<(String, String)>,
-}
+mod auth;
+mod channel;
+mod diagnose;
+mod endpoints;
+mod error;
+mod options;
+#[cfg(feature = "tls")]
+mod tls;
 
-impl Default for EtcdOptions {
-    fn default() -> Self {
-        Self {
-            connect_timeout: Duration::from_secs(5),
-            keep_alive_interval: DEFAULT_KEEP_ALIVE_INTERVAL,
-            keep_alive_timeout: DEFAULT_KEEP_ALIVE_TIMEOUT,
-            require_leader: true,
-            user: None,
-        }
-    }
-}
-
-impl fmt::Debug for EtcdOptions {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("EtcdOptions")
-            .field("connect_timeout", &self.connect_timeout)
-            .field("keep_alive_interval", &self.keep_alive_interval)
-            .field("keep_alive_timeout", &self.keep_alive_timeout)
-            .field("require_leader", &self.require_leader)
-            .field("user", &self.user.as_ref().map(|(name, _)| name))
-            .finish()
-    }
-}
-
-impl EtcdOptions {
-    /// The defaults: connect timeout 5 s, HTTP/2 keep-alive every 10 s with a 5 s timeout on
-    /// connections with an open stream, leader required, no authentication.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Bound on establishing a connection to one endpoint (default 5 s).
-    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.connect_timeout = timeout;
-        self
-    }
-
-    /// HTTP/2 keep-alive: a ping every `interval` while a stream (a watch, a lease keep-alive)
-    /// is open, the connection dropped when one is not answered within `timeout` (defaults 10 s
-    /// and 5 s). This notices a hung member (or a network path that went dark) even while
-    /// nothing else is sent. A member cut off from the rest of its cluster still answers pings:
-    /// [`require_leader`](Self::require_leader) is what notices that.
-    ///
-    /// **etcd refuses pings more often than its `--grpc-keepalive-min-time` (default 5 s)**: it
-    /// answers a client that pings faster with a GOAWAY (`too_many_pings`), which breaks every
-    /// watch on the connection about every 15 s. Keep `interval` at or above that setting of your
-    /// etcd; the default leaves room for timer jitter. A hung etcd is caught sooner by the
-    /// cache's stall bound ([`DiscoveryBuilder::stall_timeout`](crate::DiscoveryBuilder::stall_timeout),
-    /// 10 s by default) than by a shorter ping interval.
-    pub fn keep_alive(mut self, interval: Duration, timeout: Duration) -> Self {
-        self.keep_alive_interval = interval;
-        self.keep_alive_timeout = timeout;
-        self
-    }
-
-    /// Whether requests and watches are refused by a member that has no leader (default true):
-    /// such a member cannot answer authoritatively, so the cache freezes with
-    /// [`NoLeader`](crate::FreezeCause::NoLeader) and tries another member.
-    pub fn require_leader(mut self, require: bool) -> Self {
-        self.require_leader = require;
-        self
-    }
-
-    /// Authenticates as `name` with `password`.
-    pub fn user(mut self, name: impl Into<String>, password: impl Into<String>) -> Self {
-        self.user = Some((name.into(), password.into()));
-        self
-    }
-
-    fn connect_options(&self) -> ConnectOptions {
-        let mut options = ConnectOptions::new()
-            .with_connect_timeout(self.connect_timeout)
-            .with_keep_alive(self.keep_alive_interval, self.keep_alive_timeout)
-            // A connection with no open stream has no watch to watch over, and etcd does not
-            // accept pings on one (its enforcement policy does not permit them without streams).
-            .with_keep_alive_while_idle(false)
-            .with_require_leader(self.require_leader);
-        if let Some((name, password)) = &self.user {
-            options = options
-                .with_user(name.clone(), password.clone())
-                .with_auto_token_refresh(true);
-        }
-        options
-    }
-}
+use auth::Auth;
+use error::{lease_not_found, map_error};
+pub use options::EtcdOptions;
+#[cfg(feature = "tls")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
+pub use tls::TlsOptions;
 
 /// Keys per page of a list. Small enough that a page of large values still fits
 /// [`MAX_RESPONSE_BYTES`], large enough that a big service lists in few round trips.
@@ -150,11 +87,6 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     }
     vec![0]
 }
-
-/// HTTP/2 keep-alive ping interval: above etcd's default `--grpc-keepalive-min-time` (5 s).
-const DEFAULT_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
-/// How long an unanswered ping may take before the connection is dropped.
-const DEFAULT_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A [`Backend`] on a real etcd cluster.
 ///
@@ -177,98 +109,380 @@ const DEFAULT_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// bounds them itself (with `tokio::time::timeout`, say).
 #[derive(Clone)]
 pub struct EtcdBackend {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    /// The endpoints [`EtcdBackend::reload`] connects to again; empty for a backend made
+    /// [`from_client`](EtcdBackend::from_client).
+    endpoints: Vec<String>,
+    /// The connection requests go through; [`EtcdBackend::reload`] replaces it.
+    current: ArcSwap<Connection>,
+}
+
+/// One etcd-client client and what the backend keeps beside it.
+struct Connection {
     client: Client,
     /// `client`'s key-value and watch clients, with the response size limit raised.
     kv: KvClient,
     watch: WatchClient,
+    /// The user to authenticate as, when the backend does it (not for `from_client`).
+    auth: Option<Auth>,
+    /// The endpoints and TLS settings, to [diagnose](diagnose::tls_problem) failed
+    /// connections with (none for `from_client`).
+    endpoints: Vec<String>,
+    tls: Option<TlsSettings>,
+    /// See [`EtcdOptions::permission_check_interval`].
+    permission_check_interval: Duration,
+    /// The last diagnosis and when it was made: reused for [`DIAGNOSIS_TTL`], so a failing
+    /// etcd is dialled for a diagnosis at most that often, and the cause reported stays put.
+    diagnosis: std::sync::Mutex<Option<(Instant, Diagnosis)>>,
 }
 
-impl fmt::Debug for EtcdBackend {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("EtcdBackend").finish_non_exhaustive()
-    }
+/// What [`diagnose::tls_problem`] found: a problem and what showed it, or none.
+type Diagnosis = Option<(TlsProblem, String)>;
+
+/// How long a diagnosis of failed connections stands.
+const DIAGNOSIS_TTL: Duration = Duration::from_secs(5);
+
+#[cfg(feature = "tls")]
+type TlsSettings = TlsOptions;
+#[cfg(not(feature = "tls"))]
+type TlsSettings = diagnose::TlsOptions;
+
+#[cfg(feature = "tls")]
+fn has_identity(tls: &TlsSettings) -> bool {
+    tls.has_identity()
+}
+#[cfg(not(feature = "tls"))]
+fn has_identity(tls: &TlsSettings) -> bool {
+    match *tls {}
 }
 
-impl EtcdBackend {
-    /// Connects to the cluster at `endpoints` (like `http://10.0.0.1:2379`).
-    ///
-    /// The connection is made lazily: this succeeds while etcd is down (unless credentials must
-    /// be checked), and caches start frozen until etcd answers.
-    ///
-    /// # Errors
-    /// A [`BackendError`] for an empty or malformed endpoint list, or refused credentials.
-    pub async fn connect<E: AsRef<str>>(
-        endpoints: impl IntoIterator<Item = E>,
-        options: EtcdOptions,
-    ) -> Result<Self, BackendError> {
-        let endpoints: Vec<String> = endpoints
-            .into_iter()
-            .map(|e| e.as_ref().to_owned())
-            .collect();
-        if endpoints.is_empty() {
-            return Err(BackendError::new(
-                BackendErrorKind::Rejected,
-                "no etcd endpoint given",
-            ));
-        }
-        // Lazy, unless credentials are checked: then this authenticates, bounded like a dial.
-        let connect = Client::connect(endpoints, Some(options.connect_options()));
-        let client = tokio::time::timeout(options.connect_timeout, connect)
-            .await
-            .map_err(|_| BackendError::new(BackendErrorKind::Timeout, "connecting to etcd"))?
-            .map_err(map_error)?;
-        Ok(Self::from_client(client))
-    }
-
-    /// Uses a client the application already has. Its own options apply.
-    ///
-    /// Build that client with `ConnectOptions::with_require_leader(true)` (and an HTTP/2
-    /// keep-alive): without it, a member cut off from the rest of its cluster keeps answering
-    /// from its stale state, and the cache stays live on it instead of freezing.
-    /// [`connect`](Self::connect) sets both.
-    pub fn from_client(client: Client) -> Self {
+impl Connection {
+    fn new(client: Client, auth: Option<Auth>, endpoints: Vec<String>) -> Self {
         let kv = client
             .kv_client()
             .max_decoding_message_size(MAX_RESPONSE_BYTES);
         let watch = client
             .watch_client()
             .max_decoding_message_size(MAX_RESPONSE_BYTES);
-        Self { client, kv, watch }
+        Self {
+            client,
+            kv,
+            watch,
+            auth,
+            endpoints,
+            tls: None,
+            permission_check_interval: options::DEFAULT_PERMISSION_CHECK_INTERVAL,
+            diagnosis: std::sync::Mutex::new(None),
+        }
     }
 
-    /// The underlying etcd-client handle.
-    pub fn client(&self) -> &Client {
-        &self.client
+    /// A client for `endpoints` (already [checked](endpoints::usable)). Nothing is dialled yet.
+    async fn open(endpoints: &[String], options: &EtcdOptions) -> Result<Self, Error> {
+        let client = Client::connect_with_balanced_channel(
+            endpoints,
+            Some(options.connect_options()),
+            channel::FailoverBuilder,
+        )
+        .await
+        .map_err(|e| Error::Backend(map_error(e)))?;
+        let auth = options
+            .credentials()
+            .map(|(user, password)| Auth::new(user.clone(), password.clone()));
+        let mut connection = Self::new(client, auth, endpoints.to_vec());
+        connection.permission_check_interval = options.permission_check_interval_value();
+        #[cfg(feature = "tls")]
+        {
+            connection.tls = options.tls_options().cloned();
+        }
+        Ok(connection)
+    }
+
+    /// `error`, or the TLS problem behind it when it is a connection that failed in a way the
+    /// transport does not explain (closed, reset, a broken pipe: not a refusal, which says
+    /// plainly that nothing listens).
+    async fn explain(&self, error: BackendError) -> BackendError {
+        let error = self.refine(error);
+        let vague = error.kind == BackendErrorKind::Unavailable
+            && !error.message.contains("refused")
+            && !error.message.contains("no leader");
+        if !vague {
+            return error;
+        }
+        let recent = self
+            .diagnosis
+            .lock()
+            .ok()
+            .and_then(|last| last.clone())
+            .filter(|(at, _)| at.elapsed() < DIAGNOSIS_TTL);
+        let found = match recent {
+            Some((_, found)) => found,
+            None => {
+                let found = diagnose::tls_problem(&self.endpoints, self.tls.as_ref()).await;
+                if let Ok(mut last) = self.diagnosis.lock() {
+                    *last = Some((Instant::now(), found.clone()));
+                }
+                found
+            }
+        };
+        match found {
+            Some((problem, detail)) => self.refine(BackendError::new(
+                BackendErrorKind::Tls(problem),
+                format!("{problem}: {detail}"),
+            )),
+            None => error,
+        }
+    }
+
+    /// A refused client certificate is a missing one when we sent none: servers answer both
+    /// with the same alert (etcd 3.4's Go sends `bad_certificate` for either).
+    fn refine(&self, error: BackendError) -> BackendError {
+        let sent_none = self.tls.as_ref().is_some_and(|tls| !has_identity(tls));
+        match error.kind {
+            BackendErrorKind::Tls(TlsProblem::ClientCertificateRejected) if sent_none => {
+                let problem = TlsProblem::ClientCertificateRequired;
+                let detail = error.message.split_once(": ").map_or("", |(_, rest)| rest);
+                BackendError::new(
+                    BackendErrorKind::Tls(problem),
+                    format!("{problem}: {detail}"),
+                )
+            }
+            _ => error,
+        }
+    }
+
+    /// Authenticates (or, without a user, asks a member for its status) to find refused
+    /// credentials and failed TLS handshakes now rather than on first use. An etcd that does
+    /// not answer within the connect timeout is no error: the backend connects lazily.
+    async fn verify(&self, options: &EtcdOptions) -> Result<(), Error> {
+        let check = async {
+            match &self.auth {
+                Some(auth) => auth.ensure(&self.client).await,
+                None => self
+                    .client
+                    .maintenance_client()
+                    .status()
+                    .await
+                    .map(drop)
+                    .map_err(map_error),
+            }
+        };
+        let checked = async {
+            match check.await {
+                Ok(()) => Ok(()),
+                Err(error) => Err(self.explain(error).await),
+            }
+        };
+        match tokio::time::timeout(options.connect_timeout_value(), checked).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => match (error.kind, &self.auth) {
+                (BackendErrorKind::Tls(problem), _) => Err(Error::Tls {
+                    problem,
+                    detail: error.message,
+                }),
+                (BackendErrorKind::Auth, Some(auth)) => Err(Error::Auth {
+                    user: auth.user().to_owned(),
+                    detail: auth.detail(&error).to_owned(),
+                }),
+                _ => {
+                    tracing::debug!(%error, "etcd did not answer at connect; connecting lazily");
+                    Ok(())
+                }
+            },
+            Err(_) => {
+                tracing::debug!(
+                    "etcd did not answer within the connect timeout; connecting lazily"
+                );
+                Ok(())
+            }
+        }
+    }
+}
+
+impl fmt::Debug for EtcdBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EtcdBackend")
+            .field("endpoints", &self.shared.endpoints)
+            .finish_non_exhaustive()
     }
 }
 
 impl EtcdBackend {
-    /// Opens a watch and waits for etcd's answer to its creation.
-    async fn create_watch(
+    /// Connects to the cluster at `endpoints` (like `http://10.0.0.1:2379`, or `https://...`
+    /// with [`EtcdOptions::tls`]).
+    ///
+    /// An entry that cannot work (a malformed URL, no port, a scheme that does not match the
+    /// TLS settings) is left out with a warning, so one typo does not take the others down.
+    /// Members that are down are no error either: requests go to the ones that answer.
+    ///
+    /// The connection is made lazily, so this succeeds while etcd is down and caches start
+    /// frozen until etcd answers. When etcd answers within the connect timeout, this checks
+    /// the credentials and the TLS handshake, and fails on them.
+    ///
+    /// # Errors
+    /// - [`Error::Config`] when no entry of `endpoints` is usable (each is named with its
+    ///   problem);
+    /// - [`Error::Auth`] when etcd refuses the user's credentials;
+    /// - [`Error::Tls`] when the TLS handshake fails (an untrusted, expired or wrong-host
+    ///   certificate, a missing client certificate, TLS on one side only).
+    pub async fn connect<E: AsRef<str>>(
+        endpoints: impl IntoIterator<Item = E>,
+        options: EtcdOptions,
+    ) -> Result<Self, Error> {
+        let endpoints = endpoints::usable(endpoints, options.uses_tls())?;
+        let connection = Connection::open(&endpoints, &options).await?;
+        connection.verify(&options).await?;
+        Ok(Self {
+            shared: Arc::new(Shared {
+                endpoints,
+                current: ArcSwap::from_pointee(connection),
+            }),
+        })
+    }
+
+    /// Uses a client the application already has. Its own options apply, and its own
+    /// authentication.
+    ///
+    /// Build that client with `ConnectOptions::with_require_leader(true)` (and an HTTP/2
+    /// keep-alive): without it, a member cut off from the rest of its cluster keeps answering
+    /// from its stale state, and the cache stays live on it instead of freezing.
+    /// [`connect`](Self::connect) sets both.
+    pub fn from_client(client: Client) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                endpoints: Vec::new(),
+                current: ArcSwap::from_pointee(Connection::new(client, None, Vec::new())),
+            }),
+        }
+    }
+
+    /// Connects again to the same endpoints with new `options`, typically with TLS
+    /// certificates read again from disk after they rotated (see
+    /// [`TlsOptions`]), or a new password. Every request from then on goes
+    /// through the new connection; watches and lease keep-alives already open keep theirs
+    /// until it breaks. Caches and registrations need no restart.
+    ///
+    /// The new connection is checked like [`connect`](Self::connect) checks it; when etcd
+    /// refuses it, the old one stays in use.
+    ///
+    /// # Errors
+    /// As for [`connect`](Self::connect); [`Error::Config`] for a backend made
+    /// [`from_client`](Self::from_client), which has no endpoints of its own.
+    pub async fn reload(&self, options: EtcdOptions) -> Result<(), Error> {
+        if self.shared.endpoints.is_empty() {
+            return Err(Error::Config(
+                "EtcdBackend::reload: this backend was made from a client; build a new one".into(),
+            ));
+        }
+        let endpoints = endpoints::usable(&self.shared.endpoints, options.uses_tls())?;
+        let connection = Connection::open(&endpoints, &options).await?;
+        connection.verify(&options).await?;
+        self.shared.current.store(Arc::new(connection));
+        tracing::info!("etcd connection reloaded");
+        Ok(())
+    }
+
+    /// The etcd-client handle requests currently go through.
+    pub fn client(&self) -> Client {
+        self.shared.current.load().client.clone()
+    }
+
+    /// Runs `op` on the current connection, and once more with a new token when etcd refused
+    /// the token (expired, or older than the last change of users and roles: etcd-client
+    /// renews only expired ones, and never for a stream).
+    async fn call<T, F, Fut>(&self, op: F) -> Result<T, BackendError>
+    where
+        F: Fn(Arc<Connection>) -> Fut,
+        Fut: Future<Output = Result<T, BackendError>>,
+    {
+        let connection = self.shared.current.load_full();
+        let result = match &connection.auth {
+            Some(auth) => match auth.ensure(&connection.client).await {
+                Ok(()) => op(Arc::clone(&connection)).await,
+                Err(error) => Err(error),
+            },
+            None => op(Arc::clone(&connection)).await,
+        };
+        let result = match (result, &connection.auth) {
+            (Err(error), Some(auth)) if auth::token_refused(&error) => {
+                tracing::debug!(%error, "etcd refused the token: authenticating again");
+                match auth.refresh(&connection.client).await {
+                    Ok(()) => op(Arc::clone(&connection)).await,
+                    Err(error) => Err(error),
+                }
+            }
+            (result, _) => result,
+        };
+        match result {
+            Err(error) => Err(connection.explain(error).await),
+            ok => ok,
+        }
+    }
+}
+
+impl EtcdBackend {
+    /// For a backend that authenticates: an endless stream that reads `prefix` (one key, no
+    /// value) every [`EtcdOptions::permission_check_interval`] and yields the error when etcd
+    /// refuses it. etcd checks a watch's permission only when it is created, and keeps a watch
+    /// open after its user lost the right to read the prefix; this makes that watch end, and
+    /// its cache freeze with [`FreezeCause::Auth`](crate::FreezeCause::Auth). Without a user,
+    /// a stream that never yields.
+    fn permission_checks(
         &self,
         prefix: &[u8],
-        options: &WatchOptions,
-    ) -> Result<
-        (
-            etcd_client::WatchRequestSender,
-            etcd_client::WatchResponseStream,
-            WatchResponse,
-        ),
-        BackendError,
-    > {
-        let mut client = self.watch.clone();
-        let stream = client
-            .watch(prefix.to_vec(), Some(options.clone()))
-            .await
-            .map_err(map_error)?;
-        let (sender, mut responses) = stream.split();
-        let first = responses.message().await.map_err(map_error)?;
-        let created = first.ok_or_else(|| BackendError::unavailable("watch closed at once"))?;
-        if created.canceled() {
-            return Err(cancelled(&created));
-        }
-        Ok((sender, responses, created))
+    ) -> futures_util::stream::BoxStream<'static, Result<WatchMessage, BackendError>> {
+        let connection = self.shared.current.load();
+        let every = match &connection.auth {
+            Some(_) => connection.permission_check_interval,
+            None => return futures_util::stream::pending().boxed(),
+        };
+        let (backend, prefix) = (self.clone(), prefix.to_vec());
+        futures_util::stream::unfold((), move |()| {
+            let (backend, prefix) = (backend.clone(), prefix.clone());
+            async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    match backend.probe(&prefix).await {
+                        Err(error) if error.kind == BackendErrorKind::Auth => {
+                            return Some((Err(error), ()));
+                        }
+                        // Anything else is for the watch itself to notice.
+                        _ => continue,
+                    }
+                }
+            }
+        })
+        .boxed()
     }
+}
+
+/// Opens a watch and waits for etcd's answer to its creation.
+async fn create_watch(
+    connection: &Connection,
+    prefix: &[u8],
+    options: &WatchOptions,
+) -> Result<
+    (
+        etcd_client::WatchRequestSender,
+        etcd_client::WatchResponseStream,
+        WatchResponse,
+    ),
+    BackendError,
+> {
+    let mut client = connection.watch.clone();
+    let stream = client
+        .watch(prefix.to_vec(), Some(options.clone()))
+        .await
+        .map_err(map_error)?;
+    let (sender, mut responses) = stream.split();
+    let first = responses.message().await.map_err(map_error)?;
+    let created = first.ok_or_else(|| BackendError::unavailable("watch closed at once"))?;
+    if created.canceled() {
+        return Err(cancelled(&created));
+    }
+    Ok((sender, responses, created))
 }
 
 impl Backend for EtcdBackend {
@@ -277,56 +491,27 @@ impl Backend for EtcdBackend {
     /// to fit the gRPC message limit. (kube-apiserver pages its etcd lists the same way.)
     fn list(&self, prefix: &[u8]) -> BoxFuture<'_, Result<ListResponse, BackendError>> {
         let prefix = prefix.to_vec();
-        Box::pin(async move {
-            let mut kv = self.kv.clone();
-            let end = prefix_end(&prefix);
-            let mut from = prefix;
-            let mut first: Option<Header> = None;
-            let mut kvs = Vec::new();
-            loop {
-                let mut options = GetOptions::new()
-                    .with_range(end.clone())
-                    .with_limit(LIST_PAGE);
-                if let Some(first) = first {
-                    options = options.with_revision(first.revision);
-                }
-                let mut page = kv
-                    .get(from.clone(), Some(options))
-                    .await
-                    .map_err(map_error)?;
-                let page_header = header(page.header())?;
-                let more = page.more();
-                let page_kvs = page.take_kvs();
-                if let Some(last) = page_kvs.last() {
-                    // The next page starts right after the last key: the key plus a zero byte.
-                    from = last.key().to_vec();
-                    from.push(0);
-                }
-                kvs.extend(page_kvs.iter().map(key_value));
-                let first = *first.get_or_insert(page_header);
-                if page_header.cluster_id != first.cluster_id {
-                    return Err(BackendError::unavailable(
-                        "the cluster changed between the pages of one list",
-                    ));
-                }
-                if !more || page_kvs.is_empty() {
-                    return Ok(ListResponse { header: first, kvs });
-                }
-            }
-        })
+        Box::pin(self.call(move |connection| list_pages(connection, prefix.clone())))
     }
 
     fn probe(&self, prefix: &[u8]) -> BoxFuture<'_, Result<u64, BackendError>> {
         let prefix = prefix.to_vec();
-        Box::pin(async move {
-            let mut client = self.kv.clone();
-            let options = GetOptions::new()
-                .with_prefix()
-                .with_keys_only()
-                .with_limit(1);
-            let response = client.get(prefix, Some(options)).await.map_err(map_error)?;
-            Ok(response.header().map_or(0, |h| h.member_id()))
-        })
+        Box::pin(self.call(move |connection| {
+            let prefix = prefix.clone();
+            async move {
+                let options = GetOptions::new()
+                    .with_prefix()
+                    .with_keys_only()
+                    .with_limit(1);
+                let response = connection
+                    .kv
+                    .clone()
+                    .get(prefix, Some(options))
+                    .await
+                    .map_err(map_error)?;
+                Ok(response.header().map_or(0, |h| h.member_id()))
+            }
+        }))
     }
 
     fn keys_at(
@@ -336,28 +521,35 @@ impl Backend for EtcdBackend {
         with_values: bool,
     ) -> BoxFuture<'_, Result<KeysAt, BackendError>> {
         let prefix = prefix.to_vec();
-        Box::pin(async move {
-            let mut client = self.kv.clone();
-            let mut options = GetOptions::new().with_prefix().with_revision(revision);
-            if !with_values {
-                options = options.with_keys_only();
+        Box::pin(self.call(move |connection| {
+            let prefix = prefix.clone();
+            async move {
+                let mut options = GetOptions::new().with_prefix().with_revision(revision);
+                if !with_values {
+                    options = options.with_keys_only();
+                }
+                let response = connection
+                    .kv
+                    .clone()
+                    .get(prefix, Some(options))
+                    .await
+                    .map_err(map_error)?;
+                Ok(KeysAt {
+                    header: header(response.header())?,
+                    keys: response
+                        .kvs()
+                        .iter()
+                        .map(|kv| KeyRevision {
+                            key: kv.key().to_vec(),
+                            mod_revision: kv.mod_revision(),
+                            create_revision: kv.create_revision(),
+                            lease: kv.lease(),
+                            value: with_values.then(|| kv.value().to_vec()),
+                        })
+                        .collect(),
+                })
             }
-            let response = client.get(prefix, Some(options)).await.map_err(map_error)?;
-            Ok(KeysAt {
-                header: header(response.header())?,
-                keys: response
-                    .kvs()
-                    .iter()
-                    .map(|kv| KeyRevision {
-                        key: kv.key().to_vec(),
-                        mod_revision: kv.mod_revision(),
-                        create_revision: kv.create_revision(),
-                        lease: kv.lease(),
-                        value: with_values.then(|| kv.value().to_vec()),
-                    })
-                    .collect(),
-            })
-        })
+        }))
     }
 
     fn watch(
@@ -366,30 +558,26 @@ impl Backend for EtcdBackend {
         from_revision: i64,
     ) -> BoxFuture<'_, Result<Watch, BackendError>> {
         let prefix = prefix.to_vec();
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(from_revision.max(0))
+            .with_progress_notify();
         Box::pin(async move {
-            let options = WatchOptions::new()
-                .with_prefix()
-                .with_start_revision(from_revision.max(0))
-                .with_progress_notify();
-            let (sender, responses, created) = match self.create_watch(&prefix, &options).await {
-                // etcd-client refreshes an expired token only when a unary call fails, and a
-                // watch is no unary call: a cache whose watch broke after its token expired would
-                // be refused for good. Refresh it here, then try once more.
-                Err(error) if error.kind == BackendErrorKind::Auth => {
-                    tracing::debug!(%error, "watch refused: refreshing the auth token");
-                    self.client.refresh_token().await.map_err(map_error)?;
-                    self.create_watch(&prefix, &options).await?
-                }
-                other => other?,
-            };
+            let (sender, responses, created) = self
+                .call(|connection| {
+                    let (prefix, options) = (prefix.clone(), options.clone());
+                    async move { create_watch(&connection, &prefix, &options).await }
+                })
+                .await?;
             let header = header(created.header())?;
             let member_id = created.header().map_or(0, |h| h.member_id());
-            let stream = responses
+            let messages = responses
                 .map(|item| match item {
                     Ok(response) => message(response),
                     Err(error) => Some(Err(map_error(error))),
                 })
-                .filter_map(std::future::ready)
+                .filter_map(std::future::ready);
+            let stream = futures_util::stream::select(messages, self.permission_checks(&prefix))
                 // After an error or a cancellation the watch is over: end the stream there.
                 .scan(false, |done, item| {
                     if *done {
@@ -410,17 +598,21 @@ impl Backend for EtcdBackend {
     }
 
     fn grant(&self, ttl: Duration) -> BoxFuture<'_, Result<i64, BackendError>> {
-        Box::pin(async move {
-            let mut client = self.client.clone();
-            let seconds = ttl.as_secs_f64().ceil().max(1.0) as i64;
-            let response = client.lease_grant(seconds, None).await.map_err(map_error)?;
+        let seconds = ttl.as_secs_f64().ceil().max(1.0) as i64;
+        Box::pin(self.call(move |connection| async move {
+            let response = connection
+                .client
+                .clone()
+                .lease_grant(seconds, None)
+                .await
+                .map_err(map_error)?;
             Ok(response.id())
-        })
+        }))
     }
 
     fn keep_alive(&self, lease: i64) -> BoxFuture<'_, Result<Duration, BackendError>> {
-        Box::pin(async move {
-            let mut client = self.client.clone();
+        Box::pin(self.call(move |connection| async move {
+            let mut client = connection.client.clone();
             let renew = async {
                 let (mut keeper, mut responses) = client.lease_keep_alive(lease).await?;
                 keeper.keep_alive().await?;
@@ -435,7 +627,7 @@ impl Backend for EtcdBackend {
                 Err(error) if lease_not_found(&error) => Ok(Duration::ZERO),
                 Err(error) => Err(map_error(error)),
             }
-        })
+        }))
     }
 
     fn put(
@@ -446,52 +638,106 @@ impl Backend for EtcdBackend {
         condition: PutCondition,
     ) -> BoxFuture<'_, Result<PutOutcome, BackendError>> {
         let (key, value) = (key.to_vec(), value.to_vec());
-        Box::pin(async move {
-            let mut client = self.client.clone();
-            let options = (lease != 0).then(|| PutOptions::new().with_lease(lease));
-            let compare = match condition {
-                PutCondition::Absent => {
-                    Some(Compare::create_revision(key.clone(), CompareOp::Equal, 0))
+        Box::pin(self.call(move |connection| {
+            let txn = put_txn(&key, &value, lease, condition);
+            async move {
+                let response = connection
+                    .client
+                    .clone()
+                    .txn(txn)
+                    .await
+                    .map_err(map_error)?;
+                if response.succeeded() {
+                    return Ok(PutOutcome::Written {
+                        revision: header(response.header())?.revision,
+                    });
                 }
-                PutCondition::ModRevision(revision) => Some(Compare::mod_revision(
-                    key.clone(),
-                    CompareOp::Equal,
-                    revision,
-                )),
-                PutCondition::Always => None,
-            };
-            let mut txn = Txn::new();
-            if let Some(compare) = compare {
-                txn = txn.when([compare]);
-            }
-            let txn = txn
-                .and_then([EtcdTxnOp::put(key.clone(), value, options)])
-                .or_else([EtcdTxnOp::get(key, None)]);
-            let response = client.txn(txn).await.map_err(map_error)?;
-            if response.succeeded() {
-                return Ok(PutOutcome::Written {
-                    revision: header(response.header())?.revision,
+                let current = response.op_responses().into_iter().find_map(|op| match op {
+                    TxnOpResponse::Get(get) => get.kvs().first().map(key_value),
+                    _ => None,
                 });
+                Ok(PutOutcome::Refused { current })
             }
-            let current = response.op_responses().into_iter().find_map(|op| match op {
-                TxnOpResponse::Get(get) => get.kvs().first().map(key_value),
-                _ => None,
-            });
-            Ok(PutOutcome::Refused { current })
-        })
+        }))
     }
 
     fn revoke(&self, lease: i64) -> BoxFuture<'_, Result<(), BackendError>> {
-        Box::pin(async move {
-            let mut client = self.client.clone();
-            match client.lease_revoke(lease).await.map_err(map_error) {
+        Box::pin(self.call(move |connection| async move {
+            match connection
+                .client
+                .clone()
+                .lease_revoke(lease)
+                .await
+                .map_err(map_error)
+            {
                 Ok(_) => Ok(()),
                 // Already gone (expired or revoked): what revoking wanted.
                 Err(e) if e.kind == BackendErrorKind::Rejected => Ok(()),
                 Err(e) => Err(e),
             }
-        })
+        }))
     }
+}
+
+/// Reads `prefix` in pages of [`LIST_PAGE`] keys, all at the revision of the first page.
+async fn list_pages(
+    connection: Arc<Connection>,
+    prefix: Vec<u8>,
+) -> Result<ListResponse, BackendError> {
+    let mut kv = connection.kv.clone();
+    let end = prefix_end(&prefix);
+    let mut from = prefix;
+    let mut first: Option<Header> = None;
+    let mut kvs = Vec::new();
+    loop {
+        let mut options = GetOptions::new()
+            .with_range(end.clone())
+            .with_limit(LIST_PAGE);
+        if let Some(first) = first {
+            options = options.with_revision(first.revision);
+        }
+        let mut page = kv
+            .get(from.clone(), Some(options))
+            .await
+            .map_err(map_error)?;
+        let page_header = header(page.header())?;
+        let more = page.more();
+        let page_kvs = page.take_kvs();
+        if let Some(last) = page_kvs.last() {
+            // The next page starts right after the last key: the key plus a zero byte.
+            from = last.key().to_vec();
+            from.push(0);
+        }
+        kvs.extend(page_kvs.iter().map(key_value));
+        let first = *first.get_or_insert(page_header);
+        if page_header.cluster_id != first.cluster_id {
+            return Err(BackendError::unavailable(
+                "the cluster changed between the pages of one list",
+            ));
+        }
+        if !more || page_kvs.is_empty() {
+            return Ok(ListResponse { header: first, kvs });
+        }
+    }
+}
+
+/// The transaction of a conditional put: the put when `condition` holds, else a read of the
+/// key's current value.
+fn put_txn(key: &[u8], value: &[u8], lease: i64, condition: PutCondition) -> Txn {
+    let options = (lease != 0).then(|| PutOptions::new().with_lease(lease));
+    let compare = match condition {
+        PutCondition::Absent => Some(Compare::create_revision(key, CompareOp::Equal, 0)),
+        PutCondition::ModRevision(revision) => {
+            Some(Compare::mod_revision(key, CompareOp::Equal, revision))
+        }
+        PutCondition::Always => None,
+    };
+    let mut txn = Txn::new();
+    if let Some(compare) = compare {
+        txn = txn.when([compare]);
+    }
+    txn.and_then([EtcdTxnOp::put(key, value, options)])
+        .or_else([EtcdTxnOp::get(key, None)])
 }
 
 /// Asks etcd for a progress notification on one watch stream.
@@ -578,69 +824,4 @@ fn key_value(kv: &etcd_client::KeyValue) -> KeyValue {
         mod_revision: kv.mod_revision(),
         lease: kv.lease(),
     }
-}
-
-/// Whether etcd said the lease does not exist (expired or revoked).
-fn lease_not_found(error: &etcd_client::Error) -> bool {
-    match error {
-        etcd_client::Error::LeaseKeepAliveError(message) => message.contains("not found"),
-        etcd_client::Error::GRpcStatus(status) => {
-            status.code() == tonic::Code::NotFound || status.message().contains("lease not found")
-        }
-        _ => false,
-    }
-}
-
-/// Sorts etcd-client's errors into the kinds the cache and registrations act on.
-fn map_error(error: etcd_client::Error) -> BackendError {
-    use etcd_client::Error as E;
-    use tonic::Code;
-    let kind = match &error {
-        E::GRpcStatus(status) => match status.code() {
-            Code::Unavailable if status.message().contains("no leader") => {
-                BackendErrorKind::NoLeader
-            }
-            Code::Unavailable | Code::Aborted | Code::Cancelled | Code::Unknown => {
-                if status.message().contains("no leader") {
-                    BackendErrorKind::NoLeader
-                } else {
-                    BackendErrorKind::Unavailable
-                }
-            }
-            Code::DeadlineExceeded => BackendErrorKind::Timeout,
-            Code::OutOfRange | Code::ResourceExhausted
-                if status.message().contains("message length too large")
-                    || status.message().contains("larger than max") =>
-            {
-                BackendErrorKind::TooLarge
-            }
-            Code::Unauthenticated | Code::PermissionDenied => BackendErrorKind::Auth,
-            Code::OutOfRange
-                if status
-                    .message()
-                    .contains("required revision has been compacted") =>
-            {
-                BackendErrorKind::Compacted
-            }
-            Code::OutOfRange
-                if status
-                    .message()
-                    .contains("required revision is a future revision") =>
-            {
-                BackendErrorKind::FutureRevision
-            }
-            Code::InvalidArgument
-            | Code::NotFound
-            | Code::AlreadyExists
-            | Code::FailedPrecondition
-            | Code::OutOfRange => BackendErrorKind::Rejected,
-            _ => BackendErrorKind::Other,
-        },
-        E::TransportError(_) | E::IoError(_) | E::WatchError(_) | E::LeaseKeepAliveError(_) => {
-            BackendErrorKind::Unavailable
-        }
-        E::InvalidArgs(_) | E::InvalidUri(_) | E::EndpointError(_) => BackendErrorKind::Rejected,
-        _ => BackendErrorKind::Other,
-    };
-    BackendError::new(kind, error.to_string())
 }

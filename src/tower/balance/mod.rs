@@ -27,7 +27,7 @@ use crate::balance::picked::{Call, Picked};
 use crate::balance::select::Selection;
 use crate::cache::ServiceCache;
 use crate::instance::Instance;
-use crate::snapshot::{FreezeCause, Freshness, Snapshot};
+use crate::snapshot::Snapshot;
 
 type Connecting<S> = Pin<Box<dyn Future<Output = Result<S, BoxError>> + Send>>;
 type Connector<S> = Box<dyn Fn(&Instance) -> Connecting<S> + Send + Sync>;
@@ -477,13 +477,9 @@ impl<S: Send + Sync + 'static> Inner<S> {
     /// Why nothing could be picked.
     fn no_instance(&self) -> NoInstance {
         let all = self.source.cache().snapshot();
-        let never_listed = matches!(
-            all.freshness(),
-            Freshness::Frozen {
-                cause: FreezeCause::NotListed,
-                ..
-            }
-        );
+        // Before its first list a cache is frozen at revision 0 (with `NotListed`, or the
+        // cause of the failures since); every list answers with etcd's revision, at least 1.
+        let never_listed = !all.freshness().is_live() && all.revision() == 0;
         let reason = if all.is_empty() && never_listed {
             NoInstanceReason::NotListed
         } else if all.is_empty() {
