@@ -28,28 +28,46 @@
 //!     --service user.rpc --layout go-zero
 //! ```
 //!
+//! To an etcd with TLS (mutual TLS with `--cert` and `--key`) and authentication, build with
+//! the `tls` feature; the password is read from the environment variable `ETCD_PASSWORD`, never
+//! from the command line:
+//!
+//! ```sh
+//! ETCD_PASSWORD=... cargo run --features tls --example caller -- \
+//!     --endpoints https://127.0.0.1:2379 --cacert ca.pem --cert client.pem --key client-key.pem \
+//!     --user caller --namespace /services --service user
+//! ```
+//!
+//! The PEM files are read at start: one that cannot be read is a usage error. A refused
+//! password or a failed TLS handshake is a runtime failure when etcd answers at start; later,
+//! the snapshot freezes on it and the caller keeps trying.
+//!
 //! Exit codes: 0 on SIGINT or SIGTERM (or when stdout is closed); 1 on a runtime failure; 2 for
 //! a bad or missing argument. Set `RUST_LOG=etcd_registry=debug` for the library's logs on
 //! stderr.
 
 mod common;
 
+use std::ffi::OsString;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use common::Parsed;
-use etcd_registry::{Discovery, Error, EtcdBackend, EtcdOptions, Freshness, KeyLayout, Snapshot};
+use etcd_registry::{Discovery, Error, EtcdBackend, Freshness, KeyLayout, Snapshot};
 use serde::Serialize;
 
-const USAGE: &str = "\
+const USAGE: &str = concat!(
+    "\
 Follows one service in etcd and prints a line for every snapshot of its instances.
 
 Usage:
   caller --endpoints E[,E2...] --namespace N --service S
          [--layout native|go-zero|etcd-naming] [--json] [--stall-timeout SECS]
+         [--cacert FILE [--cert FILE --key FILE] [--tls-server-name NAME]] [--user NAME]
 
 Options:
   --endpoints E[,E2...]  etcd endpoints, comma-separated, like http://127.0.0.1:2379
+                         (https://127.0.0.1:2379 with --cacert)
   --namespace N          key namespace, like /services; \"\" for none (go-zero keys)
   --service S            service name, like user or user.rpc
   --layout L             native (default), go-zero or etcd-naming
@@ -59,13 +77,18 @@ Options:
                          (default 10; fractions allowed)
   -h, --help             this help
 
-Exit codes: 0 on SIGINT/SIGTERM, 1 runtime failure, 2 bad arguments.
-";
+",
+    common::etcd_options_help!(),
+    "
+Exit codes: 0 on SIGINT/SIGTERM, 1 runtime failure (also a refused password or TLS
+handshake at start), 2 bad arguments (also an unreadable PEM file).
+"
+);
 
 /// How long etcd may stay unreachable at start before the empty snapshot is printed anyway.
 const FIRST_LIST_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The options that take a value, each at most once.
+/// The options that take a value, each at most once; with them [`common::ETCD_FLAGS`].
 const FLAGS: &[&str] = &[
     "--endpoints",
     "--namespace",
@@ -80,6 +103,7 @@ const SWITCHES: &[&str] = &["--json"];
 /// The parsed command line.
 struct Args {
     endpoints: Vec<String>,
+    etcd: common::EtcdArgs,
     namespace: String,
     service: String,
     layout: KeyLayout,
@@ -87,18 +111,24 @@ struct Args {
     stall_timeout: Option<Duration>,
 }
 
-fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Parsed<Args>, String> {
-    let Parsed::Run(flags) = common::parse(args, FLAGS, SWITCHES)? else {
+/// `env` looks up an environment variable (`std::env::var_os`): see [`common::etcd_args`].
+fn parse_args(
+    args: impl IntoIterator<Item = String>,
+    env: impl FnOnce(&str) -> Option<OsString>,
+) -> Result<Parsed<Args>, String> {
+    let Parsed::Run(flags) = common::parse(args, &[FLAGS, common::ETCD_FLAGS], SWITCHES)? else {
         return Ok(Parsed::Help);
     };
     // Every value given is checked before anything is reported missing.
     let endpoints = flags.once_as("--endpoints", common::parse_endpoints)?;
+    let etcd = common::etcd_args(&flags, env)?;
     let namespace = flags.once("--namespace")?;
     let service = flags.once("--service")?;
     let layout = flags.once_as("--layout", common::parse_layout)?;
     let stall_timeout = flags.once_as("--stall-timeout", parse_stall_timeout)?;
     Ok(Parsed::Run(Args {
         endpoints: endpoints.ok_or("missing --endpoints")?,
+        etcd,
         namespace: namespace
             .ok_or("missing --namespace (use --namespace \"\" for none)")?
             .to_owned(),
@@ -196,12 +226,17 @@ fn emit(snapshot: &Snapshot, json: bool) -> Result<(), Stop> {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
-    let args = match parse_args(std::env::args().skip(1)) {
+    let args = match parse_args(std::env::args().skip(1), |name| std::env::var_os(name)) {
         Ok(Parsed::Run(args)) => args,
         Ok(Parsed::Help) => {
             print!("{USAGE}");
             return ExitCode::SUCCESS;
         }
+        Err(error) => return common::usage_error("caller", error),
+    };
+    // Reads the PEM files, if any.
+    let options = match args.etcd.options() {
+        Ok(options) => options,
         Err(error) => return common::usage_error("caller", error),
     };
     common::init_logging();
@@ -215,8 +250,9 @@ async fn main() -> ExitCode {
     };
     tokio::pin!(stop);
 
-    // The connection is made lazily: this succeeds while etcd is down.
-    let backend = match EtcdBackend::connect(&args.endpoints, EtcdOptions::new()).await {
+    // The connection is made lazily: this succeeds while etcd is down. When etcd answers, a
+    // refused password or TLS handshake fails here.
+    let backend = match EtcdBackend::connect(&args.endpoints, options).await {
         Ok(backend) => backend,
         Err(error) => {
             eprintln!("caller: cannot connect to etcd: {error}");
@@ -292,5 +328,52 @@ async fn main() -> ExitCode {
             eprintln!("caller: {error}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> impl Iterator<Item = String> {
+        list.iter().map(|a| (*a).to_owned())
+    }
+
+    const REQUIRED: &[&str] = &[
+        "--endpoints",
+        "http://127.0.0.1:2379",
+        "--namespace",
+        "/services",
+        "--service",
+        "user",
+    ];
+
+    #[test]
+    fn takes_the_etcd_flags() {
+        let line = [REQUIRED, &["--user", "caller"]].concat();
+        let Ok(Parsed::Run(parsed)) = parse_args(args(&line), |_| Some("pw".into())) else {
+            panic!("not parsed");
+        };
+        assert_eq!(parsed.service, "user");
+        assert!(parsed.etcd.options().is_ok());
+        let error = parse_args(args(&line), |_| None).err().unwrap();
+        assert!(error.contains("ETCD_PASSWORD"), "{error}");
+        #[cfg(feature = "tls")]
+        {
+            let line = [REQUIRED, &["--cacert", "ca.pem", "--key", "k.pem"]].concat();
+            let error = parse_args(args(&line), |_| None).err().unwrap();
+            assert!(error.contains("both or neither"), "{error}");
+        }
+    }
+
+    #[test]
+    fn help_names_the_etcd_flags() {
+        for flag in common::ETCD_FLAGS.iter().chain(FLAGS) {
+            assert!(
+                USAGE.contains(&format!("  {flag} ")),
+                "{flag} missing from USAGE"
+            );
+        }
+        assert!(USAGE.contains("ETCD_PASSWORD"));
     }
 }

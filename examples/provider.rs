@@ -12,9 +12,10 @@
 //! lease lost, registered again) is one line on stderr. On SIGINT or SIGTERM it revokes the
 //! lease, so the instance disappears from every caller at once, and exits 0.
 //!
-//! Exit codes: 0 after a clean deregistration; 1 when registering failed (etcd unreachable, or the
-//! key is held by another live instance and `--replace` was not given) or the lease could not be
-//! revoked; 2 for a bad or missing argument. Set `RUST_LOG=etcd_registry=debug` for the library's logs on stderr.
+//! Exit codes: 0 after a clean deregistration; 1 when connecting or registering failed (etcd
+//! unreachable, credentials or TLS refused, or the key is held by another live instance and
+//! `--replace` was not given) or the lease could not be revoked; 2 for a bad or missing argument.
+//! Set `RUST_LOG=etcd_registry=debug` for the library's logs on stderr.
 //!
 //! go-zero's layout keeps keys at the root of the key space, named by lease; register as a go-zero
 //! service with an empty namespace:
@@ -23,26 +24,43 @@
 //! cargo run --example provider -- --endpoints http://127.0.0.1:2379 --namespace "" \
 //!     --service user.rpc --addr 10.0.0.9:8080 --layout go-zero
 //! ```
+//!
+//! To an etcd with TLS (mutual TLS with `--cert` and `--key`) and authentication, build with
+//! the `tls` feature; the password is read from the environment variable `ETCD_PASSWORD`, never
+//! from the command line:
+//!
+//! ```sh
+//! ETCD_PASSWORD=... cargo run --features tls --example provider -- \
+//!     --endpoints https://127.0.0.1:2379 --cacert ca.pem --cert client.pem --key client-key.pem \
+//!     --user user-service --namespace /services --service user --id u1 --addr 10.0.0.7:8080
+//! ```
+//!
+//! The PEM files are read at start: one that cannot be read is a usage error (exit code 2). A
+//! refused password or a failed TLS handshake is exit code 1, at connect or when registering.
 
 mod common;
 
+use std::ffi::OsString;
 use std::io::Write as _;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use common::Parsed;
-use etcd_registry::{Codec, EtcdBackend, EtcdOptions, Instance, KeyLayout, Registration};
+use etcd_registry::{Codec, EtcdBackend, Instance, KeyLayout, Registration};
 
-const USAGE: &str = "\
+const USAGE: &str = concat!(
+    "\
 Registers one instance of a service in etcd and keeps it registered until SIGINT or SIGTERM.
 
 Usage:
   provider --endpoints E[,E2...] --namespace N --service S --id I --addr HOST:PORT
            [--ttl SECS] [--layout native|go-zero|etcd-naming] [--tag T]... [--meta K=V]...
            [--weight W] [--replace]
+           [--cacert FILE [--cert FILE --key FILE] [--tls-server-name NAME]] [--user NAME]
 
 Options:
   --endpoints E[,E2...]  etcd endpoints, comma-separated, like http://127.0.0.1:2379
+                         (https://127.0.0.1:2379 with --cacert)
   --namespace N          key namespace, like /services; \"\" for none (go-zero keys)
   --service S            service name, like user or user.rpc
   --id I                 instance id, stable across restarts (native layout only, where it is
@@ -57,12 +75,18 @@ Options:
                          fail with exit code 1)
   -h, --help             this help
 
+",
+    common::etcd_options_help!(),
+    "
 Prints `registered S/ID at ADDR lease L key K` on stdout once registered, ID being the id
-callers see (the key's last segment); status changes go to
-stderr. Exit codes: 0 stopped cleanly, 1 registration or revoke failed, 2 bad arguments.
-";
+callers see (the key's last segment); status changes go to stderr. Exit codes: 0 stopped
+cleanly, 1 connect, registration or revoke failed (also a refused password or TLS handshake),
+2 bad arguments (also an unreadable PEM file).
+"
+);
 
-/// The options that take a value; `--tag` and `--meta` may be repeated, the others not.
+/// The options that take a value; `--tag` and `--meta` may be repeated, the others not. With
+/// them [`common::ETCD_FLAGS`].
 const FLAGS: &[&str] = &[
     "--endpoints",
     "--namespace",
@@ -82,6 +106,7 @@ const SWITCHES: &[&str] = &["--replace"];
 /// The parsed command line.
 struct Args {
     endpoints: Vec<String>,
+    etcd: common::EtcdArgs,
     namespace: String,
     service: String,
     id: Option<String>,
@@ -94,12 +119,17 @@ struct Args {
     replace: bool,
 }
 
-fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Parsed<Args>, String> {
-    let Parsed::Run(flags) = common::parse(args, FLAGS, SWITCHES)? else {
+/// `env` looks up an environment variable (`std::env::var_os`): see [`common::etcd_args`].
+fn parse_args(
+    args: impl IntoIterator<Item = String>,
+    env: impl FnOnce(&str) -> Option<OsString>,
+) -> Result<Parsed<Args>, String> {
+    let Parsed::Run(flags) = common::parse(args, &[FLAGS, common::ETCD_FLAGS], SWITCHES)? else {
         return Ok(Parsed::Help);
     };
     // Every value given is checked before anything is reported missing.
     let endpoints = flags.once_as("--endpoints", common::parse_endpoints)?;
+    let etcd = common::etcd_args(&flags, env)?;
     let namespace = flags.once("--namespace")?;
     let service = flags.once("--service")?;
     let id = flags.once("--id")?.map(str::to_owned);
@@ -138,6 +168,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Parsed<Args>, St
     }
     Ok(Parsed::Run(Args {
         endpoints,
+        etcd,
         namespace: namespace.to_owned(),
         service: service.to_owned(),
         id,
@@ -205,7 +236,7 @@ fn log(start: Instant, what: &str) {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let start = Instant::now();
-    let args = match parse_args(std::env::args().skip(1)) {
+    let args = match parse_args(std::env::args().skip(1), |name| std::env::var_os(name)) {
         Ok(Parsed::Run(args)) => args,
         Ok(Parsed::Help) => {
             print!("{USAGE}");
@@ -215,6 +246,11 @@ async fn main() -> ExitCode {
     };
     let instance = match build_instance(&args) {
         Ok(instance) => instance,
+        Err(error) => return common::usage_error("provider", error),
+    };
+    // Reads the PEM files, if any.
+    let options = match args.etcd.options() {
+        Ok(options) => options,
         Err(error) => return common::usage_error("provider", error),
     };
     common::init_logging();
@@ -230,7 +266,9 @@ async fn main() -> ExitCode {
     };
     tokio::pin!(stop);
 
-    let backend = match EtcdBackend::connect(&args.endpoints, EtcdOptions::new()).await {
+    // Succeeds while etcd is down (registering then waits for it); when etcd answers, a refused
+    // password or TLS handshake fails here.
+    let backend = match EtcdBackend::connect(&args.endpoints, options).await {
         Ok(backend) => backend,
         Err(error) => {
             log(start, &format!("cannot connect to etcd: {error}"));
@@ -298,5 +336,56 @@ async fn main() -> ExitCode {
             );
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> impl Iterator<Item = String> {
+        list.iter().map(|a| (*a).to_owned())
+    }
+
+    const REQUIRED: &[&str] = &[
+        "--endpoints",
+        "http://127.0.0.1:2379",
+        "--namespace",
+        "/services",
+        "--service",
+        "user",
+        "--id",
+        "u1",
+        "--addr",
+        "127.0.0.1:8080",
+    ];
+
+    #[test]
+    fn takes_the_etcd_flags() {
+        let line = [REQUIRED, &["--user", "user-service"]].concat();
+        let Ok(Parsed::Run(parsed)) = parse_args(args(&line), |_| Some("pw".into())) else {
+            panic!("not parsed");
+        };
+        assert_eq!(parsed.id.as_deref(), Some("u1"));
+        assert!(parsed.etcd.options().is_ok());
+        let error = parse_args(args(&line), |_| None).err().unwrap();
+        assert!(error.contains("ETCD_PASSWORD"), "{error}");
+        #[cfg(feature = "tls")]
+        {
+            let line = [REQUIRED, &["--tls-server-name", "etcd.internal"]].concat();
+            let error = parse_args(args(&line), |_| None).err().unwrap();
+            assert!(error.contains("needs --cacert"), "{error}");
+        }
+    }
+
+    #[test]
+    fn help_names_the_etcd_flags() {
+        for flag in common::ETCD_FLAGS.iter().chain(FLAGS) {
+            assert!(
+                USAGE.contains(&format!("  {flag} ")),
+                "{flag} missing from USAGE"
+            );
+        }
+        assert!(USAGE.contains("ETCD_PASSWORD"));
     }
 }
