@@ -183,10 +183,6 @@ pub enum TlsProblem {
     /// The endpoint serves TLS and the client spoke plain text: connect with `https://` and
     /// TLS options.
     TlsRequired,
-    /// The TLS settings cannot work: an `https://` endpoint in a build without the `tls`
-    /// feature, TLS options with an `http://` endpoint, or a certificate or key that does not
-    /// parse.
-    Config,
     /// Any other handshake failure; the error's message has the details.
     Other,
 }
@@ -205,7 +201,6 @@ impl fmt::Display for TlsProblem {
             TlsProblem::ClientCertificateRejected => "the server refused the client certificate",
             TlsProblem::NotTls => "the endpoint does not speak TLS",
             TlsProblem::TlsRequired => "the endpoint requires TLS and was spoken to in plain text",
-            TlsProblem::Config => "the TLS settings cannot work",
             TlsProblem::Other => "the TLS handshake failed",
         })
     }

@@ -678,7 +678,6 @@ impl Machine {
         Action::Sleep(delay)
     }
 
-    /// Marks the snapshot frozen (keeping when and why it first froze).
     /// Freezes, or, when frozen already, reports the latest cause (frozen `since` stays): the
     /// cause says why the cache is frozen now, so a wrong certificate met once etcd is back is
     /// not hidden behind the outage that began it, nor behind `NotListed`.

@@ -1,7 +1,7 @@
 //! Authentication with a user and password, done by the backend rather than at connect, so that
 //! a process can start while etcd is down, and redone when etcd stops accepting the token.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use etcd_client::Client;
 use tokio::sync::Mutex as AsyncMutex;
@@ -21,6 +21,9 @@ pub(super) struct Auth {
     done: AtomicBool,
     /// One authentication at a time: callers that find it under way wait for its outcome.
     lock: AsyncMutex<()>,
+    /// Tokens obtained so far: a call that saw generation `g` refused refreshes only if no
+    /// other call has since (concurrent refusals authenticate once, not once each).
+    generation: AtomicU64,
 }
 
 impl Auth {
@@ -30,6 +33,7 @@ impl Auth {
             password,
             done: AtomicBool::new(false),
             lock: AsyncMutex::new(()),
+            generation: AtomicU64::new(0),
         }
     }
 
@@ -54,6 +58,7 @@ impl Auth {
         let credentials = Some((self.user.clone(), self.password.clone()));
         match client.clone().update_user(credentials).await {
             Ok(()) => {
+                self.generation.fetch_add(1, Ordering::AcqRel);
                 self.done.store(true, Ordering::Release);
                 tracing::debug!(user = %self.user, "authenticated to etcd");
                 Ok(())
@@ -62,16 +67,29 @@ impl Auth {
         }
     }
 
-    /// Gets a new token for `client`: etcd refused the old one (expired, or issued before a
-    /// change of users or roles: etcd's "revision of auth store is old").
-    pub(super) async fn refresh(&self, client: &Client) -> Result<(), BackendError> {
+    /// Which token the client holds now; pass it to [`refresh`](Self::refresh) when etcd
+    /// refuses a request made with it.
+    pub(super) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Gets a new token for `client`: etcd refused the one of generation `seen` (expired, or
+    /// issued before a change of users or roles: etcd's "revision of auth store is old").
+    /// Nothing to do when another call has renewed it since.
+    pub(super) async fn refresh(&self, client: &Client, seen: u64) -> Result<(), BackendError> {
         if !self.done.load(Ordering::Acquire) {
             return self.ensure(client).await;
+        }
+        let _one_at_a_time = self.lock.lock().await;
+        if self.generation() != seen {
+            return Ok(());
         }
         client
             .refresh_token()
             .await
-            .map_err(|error| self.refused(map_error(error)))
+            .map_err(|error| self.refused(map_error(error)))?;
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        Ok(())
     }
 
     /// What etcd said in a refusal made by [`ensure`](Self::ensure) or
@@ -88,13 +106,14 @@ impl Auth {
     /// authentication not enabled) becomes [`Auth`](BackendErrorKind::Auth) naming the user;
     /// one of reaching etcd stays what it is.
     fn refused(&self, error: BackendError) -> BackendError {
+        // `map_error` sorts etcd's answers about credentials (a wrong password, an unknown
+        // user, authentication not enabled) into `Auth`; anything else (a member restarting,
+        // too many requests) is not about the credentials.
         match error.kind {
-            BackendErrorKind::Auth | BackendErrorKind::Rejected | BackendErrorKind::Other => {
-                BackendError::new(
-                    BackendErrorKind::Auth,
-                    format!("{REFUSED}{:?}: {}", self.user, error.message),
-                )
-            }
+            BackendErrorKind::Auth => BackendError::new(
+                BackendErrorKind::Auth,
+                format!("{REFUSED}{:?}: {}", self.user, error.message),
+            ),
             _ => error,
         }
     }

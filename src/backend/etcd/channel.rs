@@ -5,10 +5,15 @@
 //! to an endpoint whose connection fails: a member that is down, removed from the cluster, or
 //! a port nobody listens on gets its share of requests, and each of them fails. Here each
 //! endpoint connects on its own and is picked (round-robin) only while connected. An endpoint
-//! whose connection fails waits out a backoff (100 ms doubling to 1 s) and connects again; a
-//! connection that breaks under a request is dropped at once. When no endpoint is connected and
-//! none is connecting, a request fails at once with the last connection errors (a refusal says
-//! so plainly), rather than waiting for the caller's timeout.
+//! whose connection fails waits out a backoff (100 ms doubling to 1 s) and connects again. A
+//! connection is dropped, to be made again, when a request on it fails before its answer began
+//! (the request was refused or the connection broke), or when a request waited on it for
+//! [`SUSPECT_AFTER`] without an answer and was given up (a hung member: its TCP connection
+//! stays up, and HTTP/2 pings notice only after 15 s); an endpoint that hung is then avoided
+//! for 5 s, doubling per hang in a row up to 40 s, unless no other endpoint is ready. When
+//! every endpoint is waiting out its
+//! backoff, a request fails at once with the last connection errors (a refusal says so
+//! plainly), rather than waiting for the caller's timeout.
 
 use std::error::Error as StdError;
 use std::fmt;
@@ -17,7 +22,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use etcd_client::{BalancedChannelBuilder, Channel as EtcdChannel};
 use futures_util::future::BoxFuture;
@@ -33,6 +38,10 @@ use tower::{BoxError, Service};
 const RECONNECT_FIRST: Duration = Duration::from_millis(100);
 /// The longest wait between two connection attempts to one endpoint.
 const RECONNECT_MAX: Duration = Duration::from_secs(1);
+/// A request given up after waiting this long for an answer marks its connection as hung.
+const SUSPECT_AFTER: Duration = Duration::from_secs(1);
+/// How long an endpoint that hung is avoided, doubled per hang in a row up to 8 times this.
+const AVOID_HUNG_FIRST: Duration = Duration::from_secs(5);
 
 /// Builds the [`Failover`] channel for `etcd_client::Client::connect_with_balanced_channel`.
 pub(super) struct FailoverBuilder;
@@ -82,17 +91,61 @@ struct Slot {
     state: State,
     /// Connection failures in a row.
     failures: u32,
-    /// What the last failed connection said.
+    /// What the last failed connection or request said.
     last_error: Option<Arc<tonic::transport::Error>>,
+    /// Requests given up unanswered on this endpoint in a row (reset by an answer).
+    hangs: u32,
+    /// Until then the endpoint hung: it is picked only when no other endpoint is ready.
+    avoid_until: Option<Instant>,
 }
 
 enum State {
     Idle,
     Connecting(BoxFuture<'static, Result<Channel, tonic::transport::Error>>),
-    /// Connected; `broken` is set by a request that failed on the connection.
-    Connected(Channel, Arc<AtomicBool>),
+    /// Connected, with what requests on the connection found out about it.
+    Connected(Channel, Arc<Health>),
     /// Waiting before connecting again.
     Down(Pin<Box<Sleep>>),
+}
+
+/// Set by requests, read by the endpoint before it is picked again.
+#[derive(Default)]
+struct Health {
+    /// A request failed on the connection, or was given up unanswered after [`SUSPECT_AFTER`].
+    broken: AtomicBool,
+    /// A request was given up unanswered after [`SUSPECT_AFTER`].
+    hung: AtomicBool,
+    /// A request was answered.
+    answered: AtomicBool,
+    /// The error of the request that failed, if one did.
+    error: std::sync::Mutex<Option<Arc<tonic::transport::Error>>>,
+}
+
+impl Health {
+    fn fail(&self, error: Option<Arc<tonic::transport::Error>>) {
+        if let Some(error) = error {
+            if let Ok(mut slot) = self.error.lock() {
+                *slot = Some(error);
+            }
+        }
+        self.broken.store(true, Ordering::Release);
+    }
+}
+
+/// Marks the connection hung when dropped unanswered after [`SUSPECT_AFTER`].
+struct Waiting {
+    health: Arc<Health>,
+    since: Instant,
+    answered: bool,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        if !self.answered && self.since.elapsed() >= SUSPECT_AFTER {
+            self.health.hung.store(true, Ordering::Release);
+            self.health.fail(None);
+        }
+    }
 }
 
 impl Slot {
@@ -103,7 +156,15 @@ impl Slot {
             state: State::Idle,
             failures: 0,
             last_error: None,
+            hangs: 0,
+            avoid_until: None,
         }
+    }
+
+    /// Whether the endpoint hung lately: connecting to it may well succeed (the kernel
+    /// accepts for a stopped process), answering is what it does not do.
+    fn avoided(&self, now: Instant) -> bool {
+        self.avoid_until.is_some_and(|until| now < until)
     }
 
     /// Moves the connection along; true when a request can be sent on it now.
@@ -120,7 +181,8 @@ impl Slot {
                     Poll::Ready(Ok(channel)) => {
                         tracing::debug!(endpoint = %self.uri, "connected to etcd");
                         self.failures = 0;
-                        self.state = State::Connected(channel, Arc::new(AtomicBool::new(false)));
+                        self.last_error = None;
+                        self.state = State::Connected(channel, Arc::default());
                     }
                     Poll::Ready(Err(error)) => {
                         tracing::debug!(endpoint = %self.uri, %error, "connecting to etcd failed");
@@ -128,9 +190,22 @@ impl Slot {
                         self.back_off();
                     }
                 },
-                State::Connected(channel, broken) => {
-                    if broken.load(Ordering::Acquire) {
-                        tracing::debug!(endpoint = %self.uri, "connection to etcd broke");
+                State::Connected(channel, health) => {
+                    if health.answered.swap(false, Ordering::AcqRel) {
+                        self.hangs = 0;
+                        self.avoid_until = None;
+                    }
+                    if health.hung.swap(false, Ordering::AcqRel) {
+                        self.hangs = self.hangs.saturating_add(1);
+                        let doublings = (self.hangs - 1).min(3);
+                        let avoid = AVOID_HUNG_FIRST.saturating_mul(1 << doublings);
+                        self.avoid_until = Some(Instant::now() + avoid);
+                    }
+                    if health.broken.load(Ordering::Acquire) {
+                        tracing::debug!(endpoint = %self.uri, "connection to etcd broke or hangs");
+                        if let Some(error) = health.error.lock().ok().and_then(|mut e| e.take()) {
+                            self.last_error = Some(error);
+                        }
                         self.back_off();
                         continue;
                     }
@@ -160,8 +235,8 @@ impl Slot {
         self.state = State::Down(Box::pin(tokio::time::sleep(wait)));
     }
 
-    fn connecting(&self) -> bool {
-        matches!(self.state, State::Idle | State::Connecting(_))
+    fn waiting_out_backoff(&self) -> bool {
+        matches!(self.state, State::Down(_))
     }
 }
 
@@ -205,15 +280,16 @@ impl Service<Request<Body>> for Failover {
             .map(|s| s.poll_ready(cx))
             .collect();
         let count = ready.len();
-        if let Some(i) = (0..count)
-            .map(|k| (self.next + k) % count)
-            .find(|&i| ready[i])
-        {
+        let now = Instant::now();
+        let order = || (0..count).map(|k| (self.next + k) % count);
+        let fresh = order().find(|&i| ready[i] && !self.endpoints[i].avoided(now));
+        if let Some(i) = fresh.or_else(|| order().find(|&i| ready[i])) {
             self.next = (i + 1) % count;
             self.picked = Some(Pick::Endpoint(i));
             return Poll::Ready(Ok(()));
         }
-        if !self.endpoints.is_empty() && !self.endpoints.iter().any(Slot::connecting) {
+        // Connecting, or connected and busy: worth waiting for. All in backoff: say so now.
+        if !self.endpoints.is_empty() && self.endpoints.iter().all(Slot::waiting_out_backoff) {
             self.picked = Some(Pick::Unreachable);
             return Poll::Ready(Ok(()));
         }
@@ -226,20 +302,30 @@ impl Service<Request<Body>> for Failover {
             Some(Pick::Unreachable) | None => None,
         };
         let Some(Slot {
-            state: State::Connected(channel, broken),
+            state: State::Connected(channel, health),
             ..
         }) = slot
         else {
             let error: BoxError = Box::new(self.unreachable());
             return Box::pin(std::future::ready(Err(error)));
         };
-        let broken = Arc::clone(broken);
+        let mut waiting = Waiting {
+            health: Arc::clone(health),
+            since: Instant::now(),
+            answered: false,
+        };
         let response = channel.call(request);
         Box::pin(async move {
+            let result = response.await;
+            waiting.answered = true;
+            if result.is_ok() {
+                waiting.health.answered.store(true, Ordering::Release);
+            }
             // A gRPC error is a response; an error here is the connection's.
-            response.await.map_err(|error| {
-                broken.store(true, Ordering::Release);
-                BoxError::from(error)
+            result.map_err(|error| {
+                let error = Arc::new(error);
+                waiting.health.fail(Some(Arc::clone(&error)));
+                BoxError::from(Failed(error))
             })
         })
     }
@@ -262,11 +348,32 @@ impl fmt::Display for Unreachable {
 }
 
 impl StdError for Unreachable {
-    /// The first endpoint's error, so that what it says (a refused connection, a TLS verdict)
-    /// can be found by walking the sources.
+    /// An endpoint's error that shows a TLS problem, else the first: walking the sources finds
+    /// what it says (a TLS verdict, a refused connection).
     fn source(&self) -> Option<&(dyn StdError + 'static)> {
-        self.errors
-            .first()
-            .map(|(_, error)| error.as_ref() as &(dyn StdError + 'static))
+        let errors = || {
+            self.errors
+                .iter()
+                .map(|(_, e)| e.as_ref() as &(dyn StdError + 'static))
+        };
+        errors()
+            .find(|error| super::error::problem_of(*error).is_some())
+            .or_else(|| errors().next())
+    }
+}
+
+/// A request's connection error, shared with the endpoint that records it.
+#[derive(Debug)]
+struct Failed(Arc<tonic::transport::Error>);
+
+impl fmt::Display for Failed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl StdError for Failed {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        Some(self.0.as_ref())
     }
 }

@@ -74,16 +74,27 @@ pub(super) fn map_error(error: etcd_client::Error) -> BackendError {
         _ => BackendErrorKind::Other,
     };
     // A failed handshake reaches us as a transport error, or as a gRPC status (Unavailable,
-    // Unknown) that carries the transport error as its source.
-    let kind = match (kind, problem_of(&error)) {
+    // Unknown) that carries the transport error as its source. etcd-client's own error type
+    // names no source: look into what it wraps.
+    let inner: Option<&(dyn StdError + 'static)> = match &error {
+        E::GRpcStatus(status) => Some(status),
+        E::TransportError(transport) => Some(transport),
+        E::IoError(io) => Some(io),
+        _ => None,
+    };
+    let kind = match (kind, inner.and_then(problem_of)) {
         (BackendErrorKind::Unavailable | BackendErrorKind::Other, Some(problem)) => {
             BackendErrorKind::Tls(problem)
         }
         (kind, _) => kind,
     };
+    let text = match inner {
+        Some(inner) => chain(inner),
+        None => chain(&error),
+    };
     let message = match kind {
-        BackendErrorKind::Tls(problem) => format!("{problem}: {}", chain(&error)),
-        _ => chain(&error),
+        BackendErrorKind::Tls(problem) => format!("{problem}: {text}"),
+        _ => text,
     };
     BackendError::new(kind, message)
 }

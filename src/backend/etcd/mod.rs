@@ -136,7 +136,7 @@ struct Connection {
     permission_check_interval: Duration,
     /// The last diagnosis and when it was made: reused for [`DIAGNOSIS_TTL`], so a failing
     /// etcd is dialled for a diagnosis at most that often, and the cause reported stays put.
-    diagnosis: std::sync::Mutex<Option<(Instant, Diagnosis)>>,
+    diagnosis: Arc<AsyncMutex<Option<(Instant, Diagnosis)>>>,
 }
 
 /// What [`diagnose::tls_problem`] found: a problem and what showed it, or none.
@@ -175,7 +175,7 @@ impl Connection {
             endpoints,
             tls: None,
             permission_check_interval: options::DEFAULT_PERMISSION_CHECK_INTERVAL,
-            diagnosis: std::sync::Mutex::new(None),
+            diagnosis: Arc::default(),
         }
     }
 
@@ -211,22 +211,25 @@ impl Connection {
         if !vague {
             return error;
         }
-        let recent = self
-            .diagnosis
-            .lock()
-            .ok()
-            .and_then(|last| last.clone())
-            .filter(|(at, _)| at.elapsed() < DIAGNOSIS_TTL);
-        let found = match recent {
-            Some((_, found)) => found,
-            None => {
-                let found = diagnose::tls_problem(&self.endpoints, self.tls.as_ref()).await;
-                if let Ok(mut last) = self.diagnosis.lock() {
-                    *last = Some((Instant::now(), found.clone()));
+        // One diagnosis at a time, on a task of its own: callers that fail meanwhile wait for
+        // it, and it is kept for the next ones even if the caller that started it gave up.
+        let (state, endpoints, tls) = (
+            Arc::clone(&self.diagnosis),
+            self.endpoints.clone(),
+            self.tls.clone(),
+        );
+        let diagnosis = tokio::spawn(async move {
+            let mut last = state.lock().await;
+            if let Some((at, found)) = last.as_ref() {
+                if at.elapsed() < DIAGNOSIS_TTL {
+                    return found.clone();
                 }
-                found
             }
-        };
+            let found = diagnose::tls_problem(&endpoints, tls.as_ref()).await;
+            *last = Some((Instant::now(), found.clone()));
+            found
+        });
+        let found = diagnosis.await.ok().flatten();
         match found {
             Some((problem, detail)) => self.refine(BackendError::new(
                 BackendErrorKind::Tls(problem),
@@ -398,9 +401,14 @@ impl EtcdBackend {
         Fut: Future<Output = Result<T, BackendError>>,
     {
         let connection = self.shared.current.load_full();
+        // The token the request goes out with, read once authentication is done.
+        let mut generation = 0;
         let result = match &connection.auth {
             Some(auth) => match auth.ensure(&connection.client).await {
-                Ok(()) => op(Arc::clone(&connection)).await,
+                Ok(()) => {
+                    generation = auth.generation();
+                    op(Arc::clone(&connection)).await
+                }
                 Err(error) => Err(error),
             },
             None => op(Arc::clone(&connection)).await,
@@ -408,7 +416,7 @@ impl EtcdBackend {
         let result = match (result, &connection.auth) {
             (Err(error), Some(auth)) if auth::token_refused(&error) => {
                 tracing::debug!(%error, "etcd refused the token: authenticating again");
-                match auth.refresh(&connection.client).await {
+                match auth.refresh(&connection.client, generation).await {
                     Ok(()) => op(Arc::clone(&connection)).await,
                     Err(error) => Err(error),
                 }

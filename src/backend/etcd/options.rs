@@ -125,7 +125,7 @@ impl EtcdOptions {
     /// only when the watch is created and keeps it open after the user's role loses the
     /// permission; this check is what freezes the cache with
     /// [`FreezeCause::Auth`](crate::FreezeCause::Auth) then. Each check is one keys-only range
-    /// read of at most one key, per cache.
+    /// read of at most one key, per cache. Values under 100 ms are taken as 100 ms.
     pub fn permission_check_interval(mut self, interval: Duration) -> Self {
         self.permission_check_interval = interval.max(Duration::from_millis(100));
         self
