@@ -34,26 +34,27 @@
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use etcd_client::{
-    Client, Compare, CompareOp, EventType, GetOptions, KvClient, PutOptions, Txn,
-    TxnOp as EtcdTxnOp, TxnOpResponse, WatchClient, WatchOptions, WatchResponse,
+    Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp as EtcdTxnOp, TxnOpResponse,
+    WatchOptions, WatchResponse,
 };
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use tokio::sync::Mutex as AsyncMutex;
 
 use super::{
-    Backend, BackendError, BackendErrorKind, Event, EventKind, Header, KeyRevision, KeyValue,
-    KeysAt, ListResponse, ProgressRequester, PutCondition, PutOutcome, TlsProblem, Watch,
-    WatchMessage,
+    Backend, BackendError, BackendErrorKind, Header, KeyRevision, KeysAt, ListResponse,
+    PutCondition, PutOutcome, Watch, WatchMessage,
 };
 use crate::Error;
 
 mod auth;
 mod channel;
+mod connection;
+mod convert;
 mod diagnose;
 mod endpoints;
 mod error;
@@ -61,7 +62,8 @@ mod options;
 #[cfg(feature = "tls")]
 mod tls;
 
-use auth::Auth;
+use connection::Connection;
+use convert::{Progress, cancelled, header, key_value, message};
 use error::{lease_not_found, map_error};
 pub use options::EtcdOptions;
 #[cfg(feature = "tls")]
@@ -118,190 +120,6 @@ struct Shared {
     endpoints: Vec<String>,
     /// The connection requests go through; [`EtcdBackend::reload`] replaces it.
     current: ArcSwap<Connection>,
-}
-
-/// One etcd-client client and what the backend keeps beside it.
-struct Connection {
-    client: Client,
-    /// `client`'s key-value and watch clients, with the response size limit raised.
-    kv: KvClient,
-    watch: WatchClient,
-    /// The user to authenticate as, when the backend does it (not for `from_client`).
-    auth: Option<Auth>,
-    /// The endpoints and TLS settings, to [diagnose](diagnose::tls_problem) failed
-    /// connections with (none for `from_client`).
-    endpoints: Vec<String>,
-    tls: Option<TlsSettings>,
-    /// See [`EtcdOptions::permission_check_interval`].
-    permission_check_interval: Duration,
-    /// The last diagnosis and when it was made: reused for [`DIAGNOSIS_TTL`], so a failing
-    /// etcd is dialled for a diagnosis at most that often, and the cause reported stays put.
-    diagnosis: Arc<AsyncMutex<Option<(Instant, Diagnosis)>>>,
-}
-
-/// What [`diagnose::tls_problem`] found: a problem and what showed it, or none.
-type Diagnosis = Option<(TlsProblem, String)>;
-
-/// How long a diagnosis of failed connections stands.
-const DIAGNOSIS_TTL: Duration = Duration::from_secs(5);
-
-#[cfg(feature = "tls")]
-type TlsSettings = TlsOptions;
-#[cfg(not(feature = "tls"))]
-type TlsSettings = diagnose::TlsOptions;
-
-#[cfg(feature = "tls")]
-fn has_identity(tls: &TlsSettings) -> bool {
-    tls.has_identity()
-}
-#[cfg(not(feature = "tls"))]
-fn has_identity(tls: &TlsSettings) -> bool {
-    match *tls {}
-}
-
-impl Connection {
-    fn new(client: Client, auth: Option<Auth>, endpoints: Vec<String>) -> Self {
-        let kv = client
-            .kv_client()
-            .max_decoding_message_size(MAX_RESPONSE_BYTES);
-        let watch = client
-            .watch_client()
-            .max_decoding_message_size(MAX_RESPONSE_BYTES);
-        Self {
-            client,
-            kv,
-            watch,
-            auth,
-            endpoints,
-            tls: None,
-            permission_check_interval: options::DEFAULT_PERMISSION_CHECK_INTERVAL,
-            diagnosis: Arc::default(),
-        }
-    }
-
-    /// A client for `endpoints` (already [checked](endpoints::usable)). Nothing is dialled yet.
-    async fn open(endpoints: &[String], options: &EtcdOptions) -> Result<Self, Error> {
-        let client = Client::connect_with_balanced_channel(
-            endpoints,
-            Some(options.connect_options()),
-            channel::FailoverBuilder,
-        )
-        .await
-        .map_err(|e| Error::Backend(map_error(e)))?;
-        let auth = options
-            .credentials()
-            .map(|(user, password)| Auth::new(user.clone(), password.clone()));
-        let mut connection = Self::new(client, auth, endpoints.to_vec());
-        connection.permission_check_interval = options.permission_check_interval_value();
-        #[cfg(feature = "tls")]
-        {
-            connection.tls = options.tls_options().cloned();
-        }
-        Ok(connection)
-    }
-
-    /// `error`, or the TLS problem behind it when it is a connection that failed in a way the
-    /// transport does not explain (closed, reset, a broken pipe: not a refusal, which says
-    /// plainly that nothing listens).
-    async fn explain(&self, error: BackendError) -> BackendError {
-        let error = self.refine(error);
-        let vague = error.kind == BackendErrorKind::Unavailable
-            && !error.message.contains("refused")
-            && !error.message.contains("no leader");
-        if !vague {
-            return error;
-        }
-        // One diagnosis at a time, on a task of its own: callers that fail meanwhile wait for
-        // it, and it is kept for the next ones even if the caller that started it gave up.
-        let (state, endpoints, tls) = (
-            Arc::clone(&self.diagnosis),
-            self.endpoints.clone(),
-            self.tls.clone(),
-        );
-        let diagnosis = tokio::spawn(async move {
-            let mut last = state.lock().await;
-            if let Some((at, found)) = last.as_ref() {
-                if at.elapsed() < DIAGNOSIS_TTL {
-                    return found.clone();
-                }
-            }
-            let found = diagnose::tls_problem(&endpoints, tls.as_ref()).await;
-            *last = Some((Instant::now(), found.clone()));
-            found
-        });
-        let found = diagnosis.await.ok().flatten();
-        match found {
-            Some((problem, detail)) => self.refine(BackendError::new(
-                BackendErrorKind::Tls(problem),
-                format!("{problem}: {detail}"),
-            )),
-            None => error,
-        }
-    }
-
-    /// A refused client certificate is a missing one when we sent none: servers answer both
-    /// with the same alert (etcd 3.4's Go sends `bad_certificate` for either).
-    fn refine(&self, error: BackendError) -> BackendError {
-        let sent_none = self.tls.as_ref().is_some_and(|tls| !has_identity(tls));
-        match error.kind {
-            BackendErrorKind::Tls(TlsProblem::ClientCertificateRejected) if sent_none => {
-                let problem = TlsProblem::ClientCertificateRequired;
-                let detail = error.message.split_once(": ").map_or("", |(_, rest)| rest);
-                BackendError::new(
-                    BackendErrorKind::Tls(problem),
-                    format!("{problem}: {detail}"),
-                )
-            }
-            _ => error,
-        }
-    }
-
-    /// Authenticates (or, without a user, asks a member for its status) to find refused
-    /// credentials and failed TLS handshakes now rather than on first use. An etcd that does
-    /// not answer within the connect timeout is no error: the backend connects lazily.
-    async fn verify(&self, options: &EtcdOptions) -> Result<(), Error> {
-        let check = async {
-            match &self.auth {
-                Some(auth) => auth.ensure(&self.client).await,
-                None => self
-                    .client
-                    .maintenance_client()
-                    .status()
-                    .await
-                    .map(drop)
-                    .map_err(map_error),
-            }
-        };
-        let checked = async {
-            match check.await {
-                Ok(()) => Ok(()),
-                Err(error) => Err(self.explain(error).await),
-            }
-        };
-        match tokio::time::timeout(options.connect_timeout_value(), checked).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(error)) => match (error.kind, &self.auth) {
-                (BackendErrorKind::Tls(problem), _) => Err(Error::Tls {
-                    problem,
-                    detail: error.message,
-                }),
-                (BackendErrorKind::Auth, Some(auth)) => Err(Error::Auth {
-                    user: auth.user().to_owned(),
-                    detail: auth.detail(&error).to_owned(),
-                }),
-                _ => {
-                    tracing::debug!(%error, "etcd did not answer at connect; connecting lazily");
-                    Ok(())
-                }
-            },
-            Err(_) => {
-                tracing::debug!(
-                    "etcd did not answer within the connect timeout; connecting lazily"
-                );
-                Ok(())
-            }
-        }
-    }
 }
 
 impl fmt::Debug for EtcdBackend {
@@ -746,90 +564,4 @@ fn put_txn(key: &[u8], value: &[u8], lease: i64, condition: PutCondition) -> Txn
     }
     txn.and_then([EtcdTxnOp::put(key, value, options)])
         .or_else([EtcdTxnOp::get(key, None)])
-}
-
-/// Asks etcd for a progress notification on one watch stream.
-struct Progress {
-    sender: AsyncMutex<etcd_client::WatchRequestSender>,
-}
-
-impl ProgressRequester for Progress {
-    fn request_progress(&self) -> BoxFuture<'_, Result<(), BackendError>> {
-        Box::pin(async move {
-            self.sender
-                .lock()
-                .await
-                .request_progress()
-                .await
-                .map_err(map_error)
-        })
-    }
-}
-
-/// Turns one etcd watch response into a message; `None` for responses that carry nothing (a
-/// late creation acknowledgement).
-fn message(response: WatchResponse) -> Option<Result<WatchMessage, BackendError>> {
-    if response.compact_revision() > 0 {
-        return Some(Ok(WatchMessage::Compacted {
-            compact_revision: response.compact_revision(),
-        }));
-    }
-    if response.canceled() {
-        return Some(Err(cancelled(&response)));
-    }
-    if response.created() {
-        return None;
-    }
-    let header = match header(response.header()) {
-        Ok(header) => header,
-        Err(e) => return Some(Err(e)),
-    };
-    if response.events().is_empty() {
-        return Some(Ok(WatchMessage::Progress { header }));
-    }
-    let events = response
-        .events()
-        .iter()
-        .filter_map(|event| {
-            let kv = key_value(event.kv()?);
-            let kind = match event.event_type() {
-                EventType::Put => EventKind::Put,
-                EventType::Delete => EventKind::Delete,
-            };
-            Some(Event { kind, kv })
-        })
-        .collect();
-    Some(Ok(WatchMessage::Events { header, events }))
-}
-
-fn cancelled(response: &WatchResponse) -> BackendError {
-    let reason = response.cancel_reason();
-    let kind = if reason.contains("no leader") {
-        BackendErrorKind::NoLeader
-    } else if reason.contains("permission") || reason.contains("auth") {
-        BackendErrorKind::Auth
-    } else {
-        BackendErrorKind::Unavailable
-    };
-    BackendError::new(kind, format!("watch cancelled by etcd: {reason}"))
-}
-
-fn header(header: Option<&etcd_client::ResponseHeader>) -> Result<Header, BackendError> {
-    let header = header.ok_or_else(|| {
-        BackendError::new(BackendErrorKind::Other, "etcd response without a header")
-    })?;
-    Ok(Header {
-        revision: header.revision(),
-        cluster_id: header.cluster_id(),
-    })
-}
-
-fn key_value(kv: &etcd_client::KeyValue) -> KeyValue {
-    KeyValue {
-        key: kv.key().to_vec(),
-        value: kv.value().to_vec(),
-        create_revision: kv.create_revision(),
-        mod_revision: kv.mod_revision(),
-        lease: kv.lease(),
-    }
 }
