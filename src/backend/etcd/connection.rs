@@ -180,7 +180,12 @@ impl Connection {
             Ok(Err(error)) => match (error.kind, &self.auth) {
                 (BackendErrorKind::Tls(problem), _) => Err(Error::Tls {
                     problem,
-                    detail: error.message,
+                    // `Error::Tls` names the problem itself.
+                    detail: error
+                        .message
+                        .strip_prefix(&format!("{problem}: "))
+                        .unwrap_or(&error.message)
+                        .to_owned(),
                 }),
                 (BackendErrorKind::Auth, Some(auth)) => Err(Error::Auth {
                     user: auth.user().to_owned(),
