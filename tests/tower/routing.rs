@@ -2,21 +2,26 @@
 
 use super::*;
 
-#[tokio::test(start_paused = true)]
-async fn hash_routing_is_sticky_by_extension_or_header() {
+/// Four instances, and a service routing by the hash of a `RoutingKey` or of `x-user`.
+async fn hash_routed() -> (ServiceCache, Balanced<Inner>) {
     let etcd = MemoryBackend::new();
     for id in ["a", "b", "c", "d"] {
         put(&etcd, &spec(id).build().expect("valid"));
     }
     let users = users(&etcd).await;
-    let fleet = Arc::new(Fleet::default());
-    let mut service = routed(
+    let service = routed(
         &users,
-        &fleet,
+        &Arc::new(Fleet::default()),
         Route::Hash {
             header: Some(http::HeaderName::from_static("x-user")),
         },
     );
+    (users, service)
+}
+
+#[tokio::test(start_paused = true)]
+async fn hash_routing_is_sticky_by_extension_or_header() {
+    let (users, mut service) = hash_routed().await;
     for user in ["u1", "u2", "u3", "u4", "u5"] {
         let expected = users.pick_by(user).expect("up").id().to_owned();
         for _ in 0..3 {
@@ -40,19 +45,7 @@ async fn hash_routing_is_sticky_by_extension_or_header() {
 
 #[tokio::test(start_paused = true)]
 async fn the_routing_key_extension_wins_over_the_header_and_no_key_goes_by_p2c() {
-    let etcd = MemoryBackend::new();
-    for id in ["a", "b", "c", "d"] {
-        put(&etcd, &spec(id).build().expect("valid"));
-    }
-    let users = users(&etcd).await;
-    let fleet = Arc::new(Fleet::default());
-    let mut service = routed(
-        &users,
-        &fleet,
-        Route::Hash {
-            header: Some(http::HeaderName::from_static("x-user")),
-        },
-    );
+    let (users, mut service) = hash_routed().await;
     let (by_extension, by_header) = (0..1000)
         .map(|n| (format!("e{n}"), format!("h{n}")))
         .find(|(e, h)| users.pick_by(e).expect("up").id() != users.pick_by(h).expect("up").id())
