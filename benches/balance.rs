@@ -10,10 +10,15 @@
 //!   shared counter says so; a pick that draws the ejected one reads the clock).
 //! - `balance/p2c/{1,2}-thread`: one operation is a pick and the report of its success.
 //!   - `ours`: `pick_p2c()`, then `Call::success()`.
-//!   - `mutex_gozero`: go-zero's p2c (`zrpc/internal/balancer/p2c/p2c.go`: a list of
-//!     {in-flight, latency EWMA, success EWMA, last report, last pick}, two random picks, the
-//!     forced pick after 1 s) with our cost formula, behind a `std::sync::Mutex` that the pick
-//!     and the report each take. The clock is read outside the lock (go-zero reads it inside).
+//!   - `mutex_gozero`: go-zero's p2c as go-zero builds it (`zrpc/internal/balancer/p2c/p2c.go`):
+//!     a list of boxed endpoints of atomics {latency EWMA, in-flight, success EWMA, requests,
+//!     last report, last pick}; `Pick` under a `std::sync::Mutex` (up to three random pairs,
+//!     `choose` with its clock read and forced pick after 1 s, the in-flight count, and the
+//!     start time read before the deferred unlock); `Done` lock-free (in-flight down, a swap of
+//!     the last report, `exp`, two stores, the once-a-minute log check).
+//!   - `mutex_locked`: not a target, a variant: the same p2c with our cost formula, its state
+//!     plain fields under one `Mutex` that the pick and the report each take, the clock read
+//!     outside the lock.
 //!   - `tower_buffer`: tower's `p2c::Balance` over `PeakEwma` endpoints (a `service_fn` that
 //!     answers at once) behind a `Buffer` of 1 024 (a tonic `Channel`'s shape and default),
 //!     driven by tokio tasks: one caller task on a current-thread runtime for 1 thread, two
@@ -30,7 +35,14 @@
 //! Times are per operation per thread with every thread running: each thread does `iters`
 //! operations and a sample takes the slowest thread's time; throughput over all threads is
 //! `threads / time`. The medians of this run, and the targets, are printed at the end.
+//!
+//! After criterion has measured every p2c benchmark of a size, ours and each baseline run again
+//! in 200 paired rounds of about a millisecond (see [`paired`]): the ratio of each round
+//! compares the two under the same machine state. The 2-thread targets are judged on the
+//! median of those ratios, since criterion's medians of two benchmarks are taken seconds apart
+//! and this VM's 2-thread speed moves 2x to 4x between such moments.
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::future::{Future, Ready};
 use std::hint::black_box;
@@ -116,6 +128,64 @@ fn bench(
     });
 }
 
+/// A benchmark body: the time of `iters` operations per thread.
+type Routine<'a> = Box<dyn FnMut(u64) -> Duration + 'a>;
+
+/// Rounds of each paired comparison.
+const PAIRED_ROUNDS: usize = 200;
+/// About how long the slower side of a paired round runs.
+const PAIRED_ROUND: Duration = Duration::from_millis(1);
+
+/// `theirs / ours` (time per operation) in each of [`PAIRED_ROUNDS`] rounds. In a round both
+/// run the same number of operations back to back, the first one alternating, so that both
+/// meet the machine in the same state. Criterion measures each benchmark alone, seconds apart,
+/// and this VM's speed with 2 threads moves 2x to 4x between such moments (the same code
+/// measured 209 and 629 ns in two runs of one hour), far more than within a millisecond.
+/// The operations per round come from criterion's medians (`ours_ns`, `theirs_ns`) so that
+/// the slower side runs about [`PAIRED_ROUND`].
+fn paired(
+    ours_ns: f64,
+    theirs_ns: f64,
+    mut ours: impl FnMut(u64) -> Duration,
+    mut theirs: impl FnMut(u64) -> Duration,
+) -> Vec<f64> {
+    let iters = ((PAIRED_ROUND.as_nanos() as f64 / ours_ns.max(theirs_ns).max(1.0)) as u64).max(50);
+    (0..PAIRED_ROUNDS)
+        .map(|round| {
+            let (ours, theirs) = if round % 2 == 0 {
+                let ours = ours(iters);
+                (ours, theirs(iters))
+            } else {
+                let theirs = theirs(iters);
+                (ours(iters), theirs)
+            };
+            theirs.as_secs_f64() / ours.as_secs_f64().max(1e-12)
+        })
+        .collect()
+}
+
+/// The paired ratios of each baseline (`theirs / ours`), by benchmark id.
+#[derive(Default)]
+struct PairedRatios(Mutex<BTreeMap<String, Vec<f64>>>);
+
+impl PairedRatios {
+    fn add(&self, id: &str, mut ratios: Vec<f64>) {
+        ratios.sort_by(f64::total_cmp);
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id.to_owned(), ratios);
+    }
+
+    /// The 10th percentile, median and 90th percentile of the ratios of `id`.
+    fn quantiles(&self, id: &str) -> Option<(f64, f64, f64)> {
+        let all = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let ratios = all.get(id).filter(|r| !r.is_empty())?;
+        let at = |q: f64| ratios[((ratios.len() - 1) as f64 * q).round() as usize];
+        Some((at(0.1), at(0.5), at(0.9)))
+    }
+}
+
 fn weight(i: usize) -> u32 {
     WEIGHTS[i % WEIGHTS.len()]
 }
@@ -199,8 +269,185 @@ fn ours(users: &ServiceCache) {
     call.success();
 }
 
-/// go-zero's p2c behind a `Mutex`.
+/// go-zero's p2c as go-zero builds it (`zrpc/internal/balancer/p2c/p2c.go`): the pick under a
+/// `Mutex` (the random pair, `choose` and its clock read, the in-flight count, and
+/// `buildDoneFunc`'s clock read for the start, all before the deferred unlock), the report
+/// (`Done`) lock-free on atomics.
 mod gozero {
+    use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+    use super::*;
+
+    /// go-zero's `initSuccess`: the success EWMA is kept as an integer out of 1 000.
+    const INIT_SUCCESS: u64 = 1_000;
+    /// go-zero's `throttleSuccess`.
+    const THROTTLE_SUCCESS: u64 = INIT_SUCCESS / 2;
+    /// go-zero's `penalty`.
+    const PENALTY: i64 = i32::MAX as i64;
+    /// go-zero's `pickTimes`.
+    const PICK_TIMES: usize = 3;
+    /// go-zero's `logInterval`, in nanoseconds.
+    const LOG_INTERVAL: i64 = 60_000_000_000;
+
+    /// go-zero's `subConn`, one heap allocation each as in go-zero's `[]*subConn`.
+    #[derive(Default)]
+    struct SubConn {
+        lag: AtomicU64,
+        inflight: AtomicI64,
+        success: AtomicU64,
+        requests: AtomicI64,
+        last: AtomicI64,
+        pick: AtomicI64,
+    }
+
+    impl SubConn {
+        fn healthy(&self) -> bool {
+            self.success.load(Ordering::Relaxed) > THROTTLE_SUCCESS
+        }
+
+        fn load(&self) -> i64 {
+            let lag = ((self.lag.load(Ordering::Relaxed) + 1) as f64).sqrt() as i64;
+            let load = lag * (self.inflight.load(Ordering::Relaxed) + 1);
+            if load == 0 { PENALTY } else { load }
+        }
+    }
+
+    pub(super) struct GoZeroP2c {
+        // Boxed on purpose: go-zero's `[]*subConn` is a slice of pointers to separate
+        // allocations, and that is the memory layout measured.
+        #[allow(clippy::vec_box)]
+        conns: Vec<Box<SubConn>>,
+        /// go-zero's `p.r`, used under `p.lock`: xorshift64 here.
+        lock: Mutex<u64>,
+        /// go-zero's `timex.Now()` is the monotonic time since the process started.
+        origin: Instant,
+        /// go-zero's `p.stamp`: when the stats were last logged (read by every report).
+        stamp: AtomicI64,
+    }
+
+    impl GoZeroP2c {
+        pub(super) fn new(n: usize) -> Self {
+            let conns = (0..n)
+                .map(|_| {
+                    let conn = SubConn::default();
+                    conn.success.store(INIT_SUCCESS, Ordering::Relaxed);
+                    Box::new(conn)
+                })
+                .collect();
+            Self {
+                conns,
+                lock: Mutex::new(0x9E37_79B9_7F4A_7C15),
+                origin: Instant::now(),
+                stamp: AtomicI64::new(0),
+            }
+        }
+
+        fn now(&self) -> i64 {
+            self.origin.elapsed().as_nanos() as i64
+        }
+
+        /// go-zero's `Pick`: the chosen index and the start of its request.
+        pub(super) fn pick(&self) -> (usize, i64) {
+            let mut rng = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut intn = |n: usize| {
+                let mut x = *rng;
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                *rng = x;
+                (((x & 0xFFFF_FFFF) * n as u64) >> 32) as usize
+            };
+            let chosen = match self.conns.len() {
+                1 => self.choose(0, None),
+                2 => self.choose(0, Some(1)),
+                len => {
+                    let (mut a, mut b) = (0, 1);
+                    for _ in 0..PICK_TIMES {
+                        a = intn(len);
+                        b = intn(len - 1);
+                        if b >= a {
+                            b += 1;
+                        }
+                        if self.conns[a].healthy() && self.conns[b].healthy() {
+                            break;
+                        }
+                    }
+                    self.choose(a, Some(b))
+                }
+            };
+            let conn = &self.conns[chosen];
+            conn.inflight.fetch_add(1, Ordering::Relaxed);
+            conn.requests.fetch_add(1, Ordering::Relaxed);
+            // `buildDoneFunc(chosen)`: evaluated before the deferred unlock.
+            let start = self.now();
+            drop(rng);
+            (chosen, start)
+        }
+
+        /// go-zero's `choose`.
+        fn choose(&self, c1: usize, c2: Option<usize>) -> usize {
+            let start = self.now();
+            let Some(c2) = c2 else {
+                self.conns[c1].pick.store(start, Ordering::Relaxed);
+                return c1;
+            };
+            let (c1, c2) = if self.conns[c1].load() > self.conns[c2].load() {
+                (c2, c1)
+            } else {
+                (c1, c2)
+            };
+            let pick = self.conns[c2].pick.load(Ordering::Relaxed);
+            if start - pick > FORCE_PICK.as_nanos() as i64
+                && self.conns[c2]
+                    .pick
+                    .compare_exchange(pick, start, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
+            {
+                c2
+            } else {
+                self.conns[c1].pick.store(start, Ordering::Relaxed);
+                c1
+            }
+        }
+
+        /// go-zero's `Done`, for the request to `index` started at `start`.
+        pub(super) fn report(&self, index: usize, start: i64, success: bool) {
+            let c = &self.conns[index];
+            c.inflight.fetch_sub(1, Ordering::Relaxed);
+            let now = self.now();
+            let last = c.last.swap(now, Ordering::AcqRel);
+            let td = (now - last).max(0);
+            let mut w = (-(td as f64) / DECAY.as_nanos() as f64).exp();
+            let lag = (now - start).max(0);
+            let olag = c.lag.load(Ordering::Relaxed);
+            if olag == 0 {
+                w = 0.0;
+            }
+            c.lag.store(
+                (olag as f64 * w + lag as f64 * (1.0 - w)) as u64,
+                Ordering::Relaxed,
+            );
+            let sample = if success { INIT_SUCCESS } else { 0 };
+            let osucc = c.success.load(Ordering::Relaxed);
+            c.success.store(
+                (osucc as f64 * w + sample as f64 * (1.0 - w)) as u64,
+                Ordering::Relaxed,
+            );
+            // go-zero logs its stats once a minute from here; the check is what every report
+            // pays (the logging itself never comes due in a benchmark).
+            let stamp = self.stamp.load(Ordering::Relaxed);
+            if now - stamp >= LOG_INTERVAL {
+                let _ =
+                    self.stamp
+                        .compare_exchange(stamp, now, Ordering::AcqRel, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// A go-zero-shaped p2c with the pick and the report both under one `Mutex`, the clock read
+/// outside it.
+mod locked {
     use super::*;
 
     /// One endpoint, as go-zero's `subConn`.
@@ -526,6 +773,7 @@ fn eject(users: &ServiceCache, id: &str) {
 
 fn benches(c: &mut Criterion) {
     let record = Record::default();
+    let paired_ratios = PairedRatios::default();
     let keys = keys();
     let caches: Vec<_> = SIZES
         .iter()
@@ -559,60 +807,74 @@ fn benches(c: &mut Criterion) {
         group.throughput(Throughput::Elements(threads as u64));
         for (n, (_rt, _etcd, users)) in &caches {
             let n = *n;
-            bench(&mut group, &record, &group_name, "ours", n, |iters| {
-                on_threads(threads, iters, &|_, _| ours(users))
-            });
-            let gozero = gozero::MutexP2c::new(n);
-            bench(
-                &mut group,
-                &record,
-                &group_name,
-                "mutex_gozero",
-                n,
-                |iters| {
-                    on_threads(threads, iters, &|_, _| {
-                        let (index, started) = gozero.pick();
-                        black_box(index);
-                        gozero.report(index, started, true);
-                    })
-                },
-            );
+            let gozero = gozero::GoZeroP2c::new(n);
+            let locked = locked::MutexP2c::new(n);
             let atomic_floor = floor::AtomicFloor::new(n);
-            bench(
-                &mut group,
-                &record,
-                &group_name,
-                "atomic_floor",
-                n,
-                |iters| on_threads(threads, iters, &|_, _| atomic_floor.op()),
-            );
             let (rt, buffer) = towerp2c::buffered(threads, n);
-            bench(
-                &mut group,
-                &record,
-                &group_name,
-                "tower_buffer",
-                n,
-                |iters| towerp2c::run_buffered(&rt, &buffer, threads, iters),
-            );
-            let locked = Mutex::new(towerp2c::balance(n));
-            bench(
-                &mut group,
-                &record,
-                &group_name,
-                "tower_mutex",
-                n,
-                |iters| on_threads(threads, iters, &|_, i| towerp2c::call_locked(&locked, i)),
-            );
+            let tower_locked = Mutex::new(towerp2c::balance(n));
+            let mut ours = |iters| on_threads(threads, iters, &|_, _| ours(users));
+            let mut baselines: Vec<(&str, Routine<'_>)> = vec![
+                (
+                    "mutex_gozero",
+                    Box::new(|iters| {
+                        on_threads(threads, iters, &|_, _| {
+                            let (index, started) = gozero.pick();
+                            black_box(index);
+                            gozero.report(index, started, true);
+                        })
+                    }),
+                ),
+                (
+                    "mutex_locked",
+                    Box::new(|iters| {
+                        on_threads(threads, iters, &|_, _| {
+                            let (index, started) = locked.pick();
+                            black_box(index);
+                            locked.report(index, started, true);
+                        })
+                    }),
+                ),
+                (
+                    "atomic_floor",
+                    Box::new(|iters| on_threads(threads, iters, &|_, _| atomic_floor.op())),
+                ),
+                (
+                    "tower_buffer",
+                    Box::new(|iters| towerp2c::run_buffered(&rt, &buffer, threads, iters)),
+                ),
+                (
+                    "tower_mutex",
+                    Box::new(|iters| {
+                        on_threads(threads, iters, &|_, i| {
+                            towerp2c::call_locked(&tower_locked, i)
+                        })
+                    }),
+                ),
+            ];
+            bench(&mut group, &record, &group_name, "ours", n, &mut ours);
+            for (name, routine) in &mut baselines {
+                bench(&mut group, &record, &group_name, name, n, routine);
+            }
+            // The same comparisons again in paired rounds, once criterion has measured each
+            // alone (and only then: not in `--test` mode, nor for a filtered-out group).
+            let id = |name: &str| format!("{group_name}/{name}/{n}");
+            if let Some(ours_ns) = record.median(&id("ours"), SAMPLES) {
+                for (name, routine) in &mut baselines {
+                    if let Some(theirs_ns) = record.median(&id(name), SAMPLES) {
+                        let ratios = paired(ours_ns, theirs_ns, &mut ours, routine);
+                        paired_ratios.add(&id(name), ratios);
+                    }
+                }
+            }
         }
         group.finish();
     }
 
-    summary(&record);
+    summary(&record, &paired_ratios);
 }
 
 /// The medians of this run against the targets.
-fn summary(record: &Record) {
+fn summary(record: &Record, paired: &PairedRatios) {
     let median = |id: &str| record.median(id, SAMPLES);
     let ids = record.ids();
     if ids.iter().any(|id| median(id).is_none()) {
@@ -642,6 +904,12 @@ fn summary(record: &Record) {
             None => lines.push(format!("  {id:<46} not run")),
         }
     }
+    lines.push(
+        "balance: p2c pick + report, theirs / ours: from criterion's medians, and paired \
+         (10th percentile, median, 90th of the ratios of rounds run back to back; the targets, \
+         for 2 threads, are judged on the paired median)"
+            .to_owned(),
+    );
     for threads in [1, 2] {
         for n in SIZES {
             let id = |name: &str| format!("balance/p2c/{threads}-thread/{name}/{n}");
@@ -651,6 +919,7 @@ fn summary(record: &Record) {
             for (baseline, target) in [
                 ("tower_buffer", Some(10.0)),
                 ("mutex_gozero", Some(3.0)),
+                ("mutex_locked", None),
                 ("tower_mutex", None),
                 ("atomic_floor", None),
             ] {
@@ -658,26 +927,25 @@ fn summary(record: &Record) {
                     continue;
                 };
                 let ratio = theirs / ours;
-                // The targets are for 2 threads; the rest is for scale.
-                let verdict = match target {
-                    Some(target) if threads == 2 => {
-                        let met = if ratio >= target { "met" } else { "MISSED" };
-                        format!("  target >= {target}x: {met}")
+                let (pairs, verdict) = match paired.quantiles(&id(baseline)) {
+                    Some((low, mid, high)) => {
+                        let verdict = match target {
+                            Some(target) if threads == 2 => {
+                                let met = if mid >= target { "met" } else { "MISSED" };
+                                format!("  target >= {target}x: {met}")
+                            }
+                            _ => String::new(),
+                        };
+                        (
+                            format!("paired {low:>5.1}x {mid:>5.1}x {high:>5.1}x"),
+                            verdict,
+                        )
                     }
-                    _ => String::new(),
+                    None => ("paired: not run".to_owned(), String::new()),
                 };
                 lines.push(format!(
                     "  p2c {threads}-thread {n:>5} instances: ours {ours:>6.1} ns, \
-                     {baseline:<12} {theirs:>7.1} ns: {ratio:>5.1}x{verdict}"
-                ));
-            }
-            if let (Some(mutex), Some(floor)) =
-                (median(&id("mutex_gozero")), median(&id("atomic_floor")))
-            {
-                lines.push(format!(
-                    "  p2c {threads}-thread {n:>5} instances: the most any p2c reaches over \
-                     mutex_gozero here (mutex_gozero / atomic_floor): {:.1}x",
-                    mutex / floor
+                     {baseline:<12} {theirs:>7.1} ns: {ratio:>5.1}x, {pairs}{verdict}"
                 ));
             }
         }
