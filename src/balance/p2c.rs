@@ -50,8 +50,15 @@ fn no_costlier(a: (f64, f64), b: (f64, f64)) -> bool {
 }
 
 /// The p2c pick among the instances up, at `now`; `None` when none is up. The chosen instance
-/// has health afterwards (its pick time is recorded there).
-pub(crate) fn pick(tables: &Tables, instances: &[Arc<Instance>], now: Instant) -> Option<u32> {
+/// has health afterwards (its pick time is recorded there). Returns its index and `now` as a
+/// stamp of its health ([`Health::stamp`]), converted once here for the caller's [`Call`].
+///
+/// [`Call`]: super::Call
+pub(crate) fn pick(
+    tables: &Tables,
+    instances: &[Arc<Instance>],
+    now: Instant,
+) -> Option<(u32, u64)> {
     let len = tables.up_len();
     if len == 0 {
         return None;
@@ -103,11 +110,15 @@ pub(crate) fn pick(tables: &Tables, instances: &[Arc<Instance>], now: Instant) -
     let Some((a, share_a)) = chosen else {
         // Nothing admissible in a few draws: the gate's own fallback.
         let start = rng::next_random();
-        return tables.choose(|attempt| tables.nth(start.wrapping_add(attempt)));
+        let index = tables.choose(|attempt| tables.nth(start.wrapping_add(attempt)))?;
+        let stamp = tables.health_or_new(index, instances)?.stamp(now);
+        return Some((index, stamp));
     };
     let Some((b, share_b)) = other else {
-        tables.health_or_new(a, instances)?.mark_picked(now);
-        return Some(a);
+        let health = tables.health_or_new(a, instances)?;
+        let stamp = health.stamp(now);
+        health.mark_picked(stamp);
+        return Some((a, stamp));
     };
     let (winner, loser) = if no_costlier(
         cost(tables.health(a), share_a),
@@ -119,15 +130,21 @@ pub(crate) fn pick(tables: &Tables, instances: &[Arc<Instance>], now: Instant) -
     };
     // The loser is probed when p2c left it alone too long. One with no health yet was never
     // picked by p2c, but it also costs the least, so it wins its pairs instead.
+    // Every health of one tables has the same clock origin: one conversion serves both.
+    let mut stamp = None;
     if let Some(health) = tables.health(loser) {
+        let at = health.stamp(now);
+        stamp = Some(at);
         let last = health.last_pick();
-        let stale = health.stamp_of(now).saturating_sub(last) > FORCE_PICK.as_nanos() as u64;
-        if stale && health.take_forced_pick(last, now) {
-            return Some(loser);
+        let stale = at.saturating_sub(last) > FORCE_PICK.as_nanos() as u64;
+        if stale && health.take_forced_pick(last, at) {
+            return Some((loser, at));
         }
     }
-    tables.health_or_new(winner, instances)?.mark_picked(now);
-    Some(winner)
+    let health = tables.health_or_new(winner, instances)?;
+    let stamp = stamp.unwrap_or_else(|| health.stamp(now));
+    health.mark_picked(stamp);
+    Some((winner, stamp))
 }
 
 #[cfg(test)]

@@ -67,7 +67,8 @@ impl Picked {
     /// and success-rate EWMAs that [`pick_p2c`](crate::ServiceCache::pick_p2c) weighs.
     pub fn success(self, latency: Duration) {
         if let Some(health) = self.health() {
-            health.on_success(clock::now(), Some(latency));
+            let nanos = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX);
+            health.on_success(health.stamp(clock::now()), Some(nanos));
         }
     }
 
@@ -86,7 +87,9 @@ impl Picked {
         let up = self.snapshot.tables().up_len();
         let instance = self.to_arc();
         let health = self.health().cloned();
-        Call::new(instance, health, up, clock::now())
+        let now = clock::now();
+        let stamp = health.as_ref().map_or(0, |health| health.stamp(now));
+        Call::new(instance, health, up, now, stamp)
     }
 }
 
@@ -122,6 +125,8 @@ pub struct Call {
     health: Option<Arc<Health>>,
     up: usize,
     started: Instant,
+    /// `started` as a stamp of `health` (0 without health).
+    started_stamp: u64,
     ended: bool,
 }
 
@@ -131,6 +136,7 @@ impl Call {
         health: Option<Arc<Health>>,
         up: usize,
         started: Instant,
+        started_stamp: u64,
     ) -> Self {
         if let Some(health) = &health {
             health.start();
@@ -140,6 +146,7 @@ impl Call {
             health,
             up,
             started,
+            started_stamp,
             ended: false,
         }
     }
@@ -149,6 +156,9 @@ impl Call {
     #[cfg(feature = "tower")]
     pub(crate) fn restart_clock(&mut self) {
         self.started = clock::now();
+        if let Some(health) = &self.health {
+            self.started_stamp = health.stamp(self.started);
+        }
     }
 
     /// The instance, as an `Arc`.
@@ -165,9 +175,10 @@ impl Call {
     pub fn success(mut self) {
         self.ended = true;
         if let Some(health) = &self.health {
-            let now = clock::now();
+            // One conversion of the clock read: the latency is a difference of stamps.
+            let stamp = health.stamp(clock::now());
             health.finish();
-            health.on_success(now, Some(now.saturating_duration_since(self.started)));
+            health.on_success(stamp, Some(stamp.saturating_sub(self.started_stamp)));
         }
     }
 

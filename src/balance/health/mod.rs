@@ -36,28 +36,19 @@ pub(crate) const DECAY_TAU: Duration = Duration::from_secs(10);
 
 /// The passive health of one instance: what p2c weighs and what ejection decides on.
 ///
-/// Times are stored as nanoseconds after `born` (plus one, so that 0 means "never").
+/// Times are stored as stamps: nanoseconds after the cache's clock origin, plus one, so that
+/// 0 means "never" (see [`stamp`](Self::stamp)). A caller converts an `Instant` once per clock
+/// read and passes the stamp on.
+///
+/// Laid out for the pick path: what every pick reads and every report writes comes first, in
+/// one cache line of its own (`align(64)` also keeps the `Arc`'s reference counts off that
+/// line), so a report on one thread costs a pick on another one line's transfer, not three.
 #[derive(Debug)]
+#[repr(C, align(64))]
 pub(crate) struct Health {
-    /// When the sync machine first saw the key: the clock origin of the other fields, and the
-    /// start of slow start.
-    born: Instant,
-    /// Present at the cache's first list: never warms up.
-    adult: bool,
-    balancing: Arc<Outliers>,
+    // The hot line: 49 bytes.
     in_flight: AtomicU32,
     consecutive_failures: AtomicU32,
-    /// The ejection multiplier: ejections so far, minus the healthy periods since.
-    times_ejected: AtomicU32,
-    /// 0 when not ejected; else the end of the ejection.
-    ejected_until: AtomicU64,
-    /// The end of the last ejection, to decay the multiplier.
-    last_ejection_end: AtomicU64,
-    /// Back from an ejection and not yet proven: one failure ejects it again.
-    probation: AtomicBool,
-    /// Not up (draining, or its key is gone): not counted among the instances up, so never
-    /// ejected.
-    benched: AtomicBool,
     /// Peak-sensitive EWMA of latency, in nanoseconds (`f64` bits); 0 before the first sample.
     latency: AtomicU64,
     /// EWMA of the success rate, 0.0 to 1.0 (`f64` bits); starts at 1.0.
@@ -66,11 +57,31 @@ pub(crate) struct Health {
     last_report: AtomicU64,
     /// When p2c last picked it (for the forced pick of an instance left alone too long).
     last_pick: AtomicU64,
+    /// 0 when not ejected; else the end of the ejection.
+    ejected_until: AtomicU64,
+    /// Back from an ejection and not yet proven: one failure ejects it again.
+    probation: AtomicBool,
+    // The rest: read rarely, written more rarely.
+    /// The clock origin of every stamp: its cache's (so all instances of a cache compare).
+    origin: Instant,
+    /// When the sync machine first saw the key: the start of slow start.
+    born: Instant,
+    balancing: Arc<Outliers>,
+    /// The ejection multiplier: ejections so far, minus the healthy periods since.
+    times_ejected: AtomicU32,
+    /// The end of the last ejection, to decay the multiplier.
+    last_ejection_end: AtomicU64,
+    /// Not up (draining, or its key is gone): not counted among the instances up, so never
+    /// ejected.
+    benched: AtomicBool,
+    /// Present at the cache's first list: never warms up.
+    adult: bool,
 }
 
 impl Health {
     pub(crate) fn new(balancing: Arc<Outliers>, born: Instant, adult: bool) -> Self {
         Self {
+            origin: balancing.origin(),
             born,
             adult,
             balancing,
@@ -92,17 +103,18 @@ impl Health {
         &self.balancing
     }
 
-    /// `now` as a stored time: nanoseconds after `born`, plus one.
+    /// `now` as a stamp: nanoseconds after the cache's clock origin, plus one. The same for
+    /// every instance of a cache (and of its selections).
     #[inline]
-    fn stamp(&self, now: Instant) -> u64 {
-        duration_nanos(now.saturating_duration_since(self.born)).saturating_add(1)
+    pub(crate) fn stamp(&self, now: Instant) -> u64 {
+        duration_nanos(now.saturating_duration_since(self.origin)).saturating_add(1)
     }
 
     fn instant(&self, stamp: u64) -> Instant {
-        // A stamp is at most u64::MAX ns (584 years) after `born`: checked all the same, so
+        // A stamp is at most u64::MAX ns (584 years) after `origin`: checked all the same, so
         // no input can make this panic.
         let after = Duration::from_nanos(stamp.saturating_sub(1));
-        self.born.checked_add(after).unwrap_or(self.born)
+        self.origin.checked_add(after).unwrap_or(self.origin)
     }
 
     /// How long since the key was first seen; `None` for an instance present at the first list.
@@ -201,35 +213,28 @@ impl Health {
         self.last_pick.load(Ordering::Relaxed)
     }
 
-    /// Records a p2c pick at `now`.
-    pub(crate) fn mark_picked(&self, now: Instant) {
+    /// Records a p2c pick at `stamp`.
+    pub(crate) fn mark_picked(&self, stamp: u64) {
         // At most one write per millisecond: the forced pick works in seconds, and a write per
         // pick would bounce the cache line between threads picking the same instance.
-        let stamp = self.stamp(now);
         if stamp.saturating_sub(self.last_pick.load(Ordering::Relaxed)) >= 1_000_000 {
             self.last_pick.store(stamp, Ordering::Relaxed);
         }
     }
 
-    /// Takes a forced pick: true if it was last picked before `stale_before` (a stamp) and no
-    /// other thread took the forced pick in between.
-    pub(crate) fn take_forced_pick(&self, seen: u64, now: Instant) -> bool {
+    /// Takes a forced pick at `stamp`: true if its last pick is still `seen` (no other thread
+    /// took the forced pick in between).
+    pub(crate) fn take_forced_pick(&self, seen: u64, stamp: u64) -> bool {
         self.last_pick
-            .compare_exchange(seen, self.stamp(now), Ordering::AcqRel, Ordering::Relaxed)
+            .compare_exchange(seen, stamp, Ordering::AcqRel, Ordering::Relaxed)
             .is_ok()
-    }
-
-    /// `now` as this instance's stamp, to compare with [`last_pick`](Self::last_pick).
-    pub(crate) fn stamp_of(&self, now: Instant) -> u64 {
-        self.stamp(now)
     }
 
     /// Folds one sample into the EWMAs: peak-sensitive for latency (a slower sample replaces the
     /// average at once, as Finagle's and Linkerd's peak EWMA do), decayed by the time since the
     /// last sample for both (`w = e^(-elapsed / tau)`, go-zero's `p2c`). Concurrent reports may
     /// overwrite each other's sample: the averages are estimates, never locked.
-    fn sample(&self, now: Instant, latency: Option<Duration>, success: bool) {
-        let stamp = self.stamp(now);
+    fn sample(&self, stamp: u64, latency_nanos: Option<u64>, success: bool) {
         // A load and a store, not a swap: concurrent reports may both use the same `last`, which
         // the estimate tolerates, and a read-modify-write would serialize them.
         let last = self.last_report.load(Ordering::Relaxed);
@@ -239,8 +244,8 @@ impl Health {
         } else {
             decay(stamp.saturating_sub(last) as f64 / DECAY_TAU_NANOS)
         };
-        if let Some(latency) = latency {
-            let sample = latency.as_secs_f64() * 1e9;
+        if let Some(latency) = latency_nanos {
+            let sample = latency as f64;
             let old = f64::from_bits(self.latency.load(Ordering::Relaxed));
             let new = if old == 0.0 || sample > old {
                 sample
@@ -252,12 +257,17 @@ impl Health {
         let old = f64::from_bits(self.success.load(Ordering::Relaxed));
         let sample = if success { 1.0 } else { 0.0 };
         let new = old * w + sample * (1.0 - w);
-        self.success.store(new.to_bits(), Ordering::Relaxed);
+        // Written only when it changes: a success at a rate of 1.0 (the common case) keeps it
+        // at exactly 1.0 (`w + (1 - w)` is exact for `w >= 0.5`, Sterbenz), and a store that
+        // changes nothing would still take the line from every thread reading it.
+        if new != old {
+            self.success.store(new.to_bits(), Ordering::Relaxed);
+        }
     }
 
-    /// A request succeeded after `latency` (if measured).
-    pub(crate) fn on_success(&self, now: Instant, latency: Option<Duration>) {
-        self.sample(now, latency, true);
+    /// A request succeeded at `stamp`, after `latency_nanos` (if measured).
+    pub(crate) fn on_success(&self, stamp: u64, latency_nanos: Option<u64>) {
+        self.sample(stamp, latency_nanos, true);
         self.balancing.metrics.success.increment(1);
         // Written only when they change: a success on a healthy instance (the common case)
         // then only reads these lines.
@@ -275,7 +285,7 @@ impl Health {
     /// A request failed. Ejects the instance after the consecutive-failure threshold, or at
     /// once when on probation, if the max ejected share of `up` instances allows.
     pub(crate) fn on_failure(&self, now: Instant, up: usize) {
-        self.sample(now, None, false);
+        self.sample(self.stamp(now), None, false);
         self.balancing.metrics.failure.increment(1);
         // An ejection that ended with nobody noticing (no pick of it since) ends now: the
         // instance is on probation, so this failure ejects it again, for longer.
@@ -402,6 +412,64 @@ fn decay(x: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a pick reads and a report writes stays in the first cache line of its own: the
+    /// layout the struct's docs promise (a reordered or grown field fails here).
+    #[test]
+    fn the_hot_fields_share_one_cache_line() {
+        use std::mem::{align_of, offset_of, size_of};
+        assert_eq!(align_of::<Health>(), 64);
+        let ends = [
+            offset_of!(Health, in_flight) + size_of::<AtomicU32>(),
+            offset_of!(Health, consecutive_failures) + size_of::<AtomicU32>(),
+            offset_of!(Health, latency) + size_of::<AtomicU64>(),
+            offset_of!(Health, success) + size_of::<AtomicU64>(),
+            offset_of!(Health, last_report) + size_of::<AtomicU64>(),
+            offset_of!(Health, last_pick) + size_of::<AtomicU64>(),
+            offset_of!(Health, ejected_until) + size_of::<AtomicU64>(),
+            offset_of!(Health, probation) + size_of::<AtomicBool>(),
+        ];
+        for end in ends {
+            assert!(end <= 64, "a hot field ends at byte {end}");
+        }
+        assert!(offset_of!(Health, origin) >= 49);
+    }
+
+    /// A success at a success rate of exactly 1.0 leaves it exactly 1.0 (so `sample` can skip
+    /// the store) for every decay weight from 0 up, and a success after a failure moves it.
+    #[test]
+    fn a_success_at_full_rate_changes_nothing() {
+        let outliers =
+            Balancing::new(Arc::from("users"), OutlierEjection::default(), None).outliers();
+        let health = Health::new(outliers, Instant::now(), true);
+        let mut stamp = 1;
+        for gap in [
+            0u64,
+            1,
+            1_000,
+            1_000_000,
+            999_999_999,
+            6_900_000_000,
+            7_000_000_000,
+        ] {
+            stamp += gap;
+            health.on_success(stamp, Some(1_000));
+            assert_eq!(
+                health.success_rate().to_bits(),
+                1f64.to_bits(),
+                "gap {gap} ns"
+            );
+        }
+        for gap in 1..=20_000u64 {
+            let w = decay((gap * 997) as f64 / DECAY_TAU_NANOS);
+            assert_eq!(w + (1.0 - w), 1.0, "w = {w}");
+        }
+        health.on_failure(health.instant(stamp + 1_000_000_000), 3);
+        let after_failure = health.success_rate();
+        assert!(after_failure < 1.0);
+        health.on_success(stamp + 2_000_000_000, None);
+        assert!(health.success_rate() > after_failure);
+    }
 
     /// The polynomial used for small decays stays within 10^-9 of `exp`, and the constant in
     /// nanoseconds is the documented tau.

@@ -184,6 +184,11 @@ impl Balancing {
 }
 
 impl Outliers {
+    /// The clock origin of every stamp of this cache's instances.
+    pub(crate) fn origin(&self) -> Instant {
+        self.origin
+    }
+
     /// Whether any instance may be ejected now: when not, picks skip every health check.
     #[inline]
     pub(crate) fn any_ejected(&self) -> bool {
