@@ -14,7 +14,8 @@
 //! memory for it.
 //!
 //! Every field is an atomic written by whoever reports an outcome, with the time passed in: the
-//! logic here reads no clock, so tests drive it with any `Instant` they like.
+//! logic here reads no clock, so tests drive it with any time they like (at or after the
+//! cache's clock origin: an earlier `Instant` counts as the origin itself).
 
 mod ejection;
 mod registry;
@@ -40,13 +41,16 @@ pub(crate) const DECAY_TAU: Duration = Duration::from_secs(10);
 /// 0 means "never" (see [`stamp`](Self::stamp)). A caller converts an `Instant` once per clock
 /// read and passes the stamp on.
 ///
-/// Laid out for the pick path: what every pick reads and every report writes comes first, in
-/// one cache line of its own (`align(64)` also keeps the `Arc`'s reference counts off that
-/// line), so a report on one thread costs a pick on another one line's transfer, not three.
+/// Laid out for the pick path: what every pick reads and every report writes comes first, with
+/// the clock origin every stamp needs, in one cache line of its own (`align(64)` also keeps
+/// the `Arc`'s reference counts off that line), so a report on one thread costs a pick on
+/// another one line's transfer, where the fields used to spread over two or three lines. The
+/// second line is read by every report too (`probation`, the metric handles) but written only
+/// on ejections and publishes.
 #[derive(Debug)]
 #[repr(C, align(64))]
 pub(crate) struct Health {
-    // The hot line: 49 bytes.
+    // The hot line: 64 bytes.
     in_flight: AtomicU32,
     consecutive_failures: AtomicU32,
     /// Peak-sensitive EWMA of latency, in nanoseconds (`f64` bits); 0 before the first sample.
@@ -59,11 +63,11 @@ pub(crate) struct Health {
     last_pick: AtomicU64,
     /// 0 when not ejected; else the end of the ejection.
     ejected_until: AtomicU64,
-    /// Back from an ejection and not yet proven: one failure ejects it again.
-    probation: AtomicBool,
-    // The rest: read rarely, written more rarely.
     /// The clock origin of every stamp: its cache's (so all instances of a cache compare).
     origin: Instant,
+    // The second line: read by reports, written rarely.
+    /// Back from an ejection and not yet proven: one failure ejects it again.
+    probation: AtomicBool,
     /// When the sync machine first saw the key: the start of slow start.
     born: Instant,
     balancing: Arc<Outliers>,
@@ -258,8 +262,8 @@ impl Health {
         let sample = if success { 1.0 } else { 0.0 };
         let new = old * w + sample * (1.0 - w);
         // Written only when it changes: a success at a rate of 1.0 (the common case) keeps it
-        // at exactly 1.0 (`w + (1 - w)` is exact for `w >= 0.5`, Sterbenz), and a store that
-        // changes nothing would still take the line from every thread reading it.
+        // at exactly 1.0 (`w + fl(1 - w)` rounds to 1.0 for every `w` in [0, 1]), and a store
+        // of that unchanged 1.0 could land after a concurrent failure's store and erase it.
         if new != old {
             self.success.store(new.to_bits(), Ordering::Relaxed);
         }
@@ -420,6 +424,7 @@ mod tests {
         use std::mem::{align_of, offset_of, size_of};
         assert_eq!(align_of::<Health>(), 64);
         let ends = [
+            offset_of!(Health, origin) + size_of::<Instant>(),
             offset_of!(Health, in_flight) + size_of::<AtomicU32>(),
             offset_of!(Health, consecutive_failures) + size_of::<AtomicU32>(),
             offset_of!(Health, latency) + size_of::<AtomicU64>(),
@@ -427,12 +432,11 @@ mod tests {
             offset_of!(Health, last_report) + size_of::<AtomicU64>(),
             offset_of!(Health, last_pick) + size_of::<AtomicU64>(),
             offset_of!(Health, ejected_until) + size_of::<AtomicU64>(),
-            offset_of!(Health, probation) + size_of::<AtomicBool>(),
         ];
         for end in ends {
             assert!(end <= 64, "a hot field ends at byte {end}");
         }
-        assert!(offset_of!(Health, origin) >= 49);
+        assert!(offset_of!(Health, probation) >= 64);
     }
 
     /// A success at a success rate of exactly 1.0 leaves it exactly 1.0 (so `sample` can skip

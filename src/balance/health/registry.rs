@@ -49,7 +49,7 @@ pub(crate) struct Outliers {
     /// Instances ejected right now (an expired ejection counts until the next pick sweeps it
     /// out: see [`sweep_due`](Self::sweep_due)).
     ejected: AtomicU32,
-    /// The clock origin of `sweep_at`.
+    /// The clock origin of `sweep_at` and of every stamp of this cache's instance health.
     origin: Instant,
     /// When some ejection may have ended, in nanoseconds after `origin` (`u64::MAX`: none):
     /// at or before the end of every ejection, so a pick past it sweeps the expired ones out of
