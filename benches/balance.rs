@@ -47,7 +47,8 @@ use std::convert::Infallible;
 use std::future::{Future, Ready};
 use std::hint::black_box;
 use std::pin::pin;
-use std::sync::{Arc, Barrier, Mutex, PoisonError};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -84,14 +85,21 @@ const BUFFER: usize = 1_024;
 
 /// Runs `op(thread, i)` for `i` in `0..iters` on each of `threads` threads at once; returns
 /// the slowest thread's time.
+///
+/// The threads start together by spinning until all have arrived: a `std::sync::Barrier`
+/// wakes the waiting threads through the kernel, tens of microseconds after the last one
+/// arrives and starts, which then runs alone meanwhile, uncontended.
 fn on_threads<F: Fn(usize, u64) + Sync>(threads: usize, iters: u64, op: &F) -> Duration {
-    let barrier = Barrier::new(threads);
+    let arrived = AtomicUsize::new(0);
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|thread| {
-                let barrier = &barrier;
+                let arrived = &arrived;
                 s.spawn(move || {
-                    barrier.wait();
+                    arrived.fetch_add(1, Ordering::AcqRel);
+                    while arrived.load(Ordering::Acquire) < threads {
+                        std::hint::spin_loop();
+                    }
                     let start = Instant::now();
                     for i in 0..iters {
                         op(thread, i);
@@ -133,7 +141,7 @@ type Routine<'a> = Box<dyn FnMut(u64) -> Duration + 'a>;
 
 /// Rounds of each paired comparison.
 const PAIRED_ROUNDS: usize = 200;
-/// About how long the slower side of a paired round runs.
+/// About how long the faster side of a paired round runs.
 const PAIRED_ROUND: Duration = Duration::from_millis(1);
 
 /// `theirs / ours` (time per operation) in each of [`PAIRED_ROUNDS`] rounds. In a round both
@@ -142,14 +150,15 @@ const PAIRED_ROUND: Duration = Duration::from_millis(1);
 /// and this VM's speed with 2 threads moves 2x to 4x between such moments (the same code
 /// measured 209 and 629 ns in two runs of one hour), far more than within a millisecond.
 /// The operations per round come from criterion's medians (`ours_ns`, `theirs_ns`) so that
-/// the slower side runs about [`PAIRED_ROUND`].
+/// the faster side runs about [`PAIRED_ROUND`]: long enough that the threads' start (see
+/// [`on_threads`]) is a small part of either side.
 fn paired(
     ours_ns: f64,
     theirs_ns: f64,
     mut ours: impl FnMut(u64) -> Duration,
     mut theirs: impl FnMut(u64) -> Duration,
 ) -> Vec<f64> {
-    let iters = ((PAIRED_ROUND.as_nanos() as f64 / ours_ns.max(theirs_ns).max(1.0)) as u64).max(50);
+    let iters = ((PAIRED_ROUND.as_nanos() as f64 / ours_ns.min(theirs_ns).max(1.0)) as u64).max(50);
     (0..PAIRED_ROUNDS)
         .map(|round| {
             let (ours, theirs) = if round % 2 == 0 {
@@ -213,9 +222,11 @@ fn key(keys: &[String], thread: usize, i: u64) -> &str {
 }
 
 /// The pickers over `users`; `threads` at once.
+#[allow(clippy::too_many_arguments)]
 fn pickers(
     group: &mut BenchmarkGroup<'_, WallTime>,
     record: &Record,
+    paired_ratios: &PairedRatios,
     group_name: &str,
     threads: usize,
     n: usize,
@@ -233,12 +244,12 @@ fn pickers(
             })
         };
     }
-    bench(group, record, group_name, "load", n, |iters| {
+    let mut load = |iters| {
         on_threads(threads, iters, &|_, _| {
             black_box(users.load().len());
         })
-    });
-    bench(group, record, group_name, "bare_round_robin", n, |iters| {
+    };
+    let mut bare_round_robin = |iters| {
         on_threads(threads, iters, &|_, _| {
             let snapshot = users.load();
             let instances = snapshot.instances();
@@ -249,8 +260,37 @@ fn pickers(
             });
             black_box(instances.get(at).map(|i| i.addr().len()));
         })
-    });
-    picker!("pick", |_, _| users.pick());
+    };
+    let mut pick = |iters| {
+        on_threads(threads, iters, &|_, _| {
+            let picked = users.pick();
+            black_box(picked.as_ref().map(|p| p.addr().len()));
+        })
+    };
+    bench(group, record, group_name, "load", n, &mut load);
+    bench(
+        group,
+        record,
+        group_name,
+        "bare_round_robin",
+        n,
+        &mut bare_round_robin,
+    );
+    bench(group, record, group_name, "pick", n, &mut pick);
+    // `pick()` against its two floors in paired rounds (see `paired`), once criterion has
+    // measured each: the ratio "keeps today's cost" is judged on.
+    let id = |name: &str| format!("{group_name}/{name}/{n}");
+    if let Some(pick_ns) = record.median(&id("pick"), SAMPLES) {
+        for (name, floor) in [
+            ("load", &mut load as &mut dyn FnMut(u64) -> Duration),
+            ("bare_round_robin", &mut bare_round_robin),
+        ] {
+            if let Some(floor_ns) = record.median(&id(name), SAMPLES) {
+                let ratios = paired(pick_ns, floor_ns, &mut pick, floor);
+                paired_ratios.add(&id(name), ratios);
+            }
+        }
+    }
     picker!("pick_random", |_, _| users.pick_random());
     picker!("pick_weighted", |_, _| users.pick_weighted());
     picker!("pick_weighted_random", |_, _| users.pick_weighted_random());
@@ -289,8 +329,12 @@ mod gozero {
     /// go-zero's `logInterval`, in nanoseconds.
     const LOG_INTERVAL: i64 = 60_000_000_000;
 
-    /// go-zero's `subConn`, one heap allocation each as in go-zero's `[]*subConn`.
+    /// go-zero's `subConn`, one heap allocation each as in go-zero's `[]*subConn`. Aligned
+    /// to a cache line: go-zero's also holds the address and the connection (136 bytes in
+    /// all), so two endpoints' atomics never share a line; 48 bytes at malloc's alignment would
+    /// share lines with their neighbours and pay false sharing go-zero does not.
     #[derive(Default)]
+    #[repr(align(64))]
     struct SubConn {
         lag: AtomicU64,
         inflight: AtomicI64,
@@ -784,7 +828,16 @@ fn benches(c: &mut Criterion) {
         let group_name = format!("balance/pick/{threads}-thread");
         let mut group = c.benchmark_group(&group_name);
         for (n, (_rt, _etcd, users)) in &caches {
-            pickers(&mut group, &record, &group_name, threads, *n, users, &keys);
+            pickers(
+                &mut group,
+                &record,
+                &paired_ratios,
+                &group_name,
+                threads,
+                *n,
+                users,
+                &keys,
+            );
         }
         group.finish();
     }
@@ -794,7 +847,16 @@ fn benches(c: &mut Criterion) {
         let mut group = c.benchmark_group(group_name);
         let (_rt, _etcd, users) = cache(10, long_ejection());
         eject(&users, "u3");
-        pickers(&mut group, &record, group_name, 1, 10, &users, &keys);
+        pickers(
+            &mut group,
+            &record,
+            &paired_ratios,
+            group_name,
+            1,
+            10,
+            &users,
+            &keys,
+        );
         bench(&mut group, &record, group_name, "ours_p2c", 10, |iters| {
             on_threads(1, iters, &|_, _| ours(&users))
         });
@@ -958,11 +1020,23 @@ fn summary(record: &Record, paired: &PairedRatios) {
                 median(&id("bare_round_robin")),
                 median(&id("load")),
             ) {
+                // The paired ratios are floor / pick: inverted, pick / floor.
+                let pairs = |name: &str| match paired.quantiles(&id(name)) {
+                    Some((low, mid, high)) => format!(
+                        "paired {:.2}x [{:.2}, {:.2}]",
+                        1.0 / mid,
+                        1.0 / high,
+                        1.0 / low
+                    ),
+                    None => "paired: not run".to_owned(),
+                };
                 lines.push(format!(
-                    "  pick() {threads}-thread {n:>5} instances: {:.2}x bare_round_robin, \
-                     {:.2}x load()",
+                    "  pick() {threads}-thread {n:>5} instances: {:.2}x bare_round_robin ({}), \
+                     {:.2}x load() ({})",
                     pick / bare,
-                    pick / load
+                    pairs("bare_round_robin"),
+                    pick / load,
+                    pairs("load"),
                 ));
             }
         }
