@@ -40,7 +40,7 @@
 //! in 200 paired rounds of about a millisecond (see [`paired`]): the ratio of each round
 //! compares the two under the same machine state. The 2-thread targets are judged on the
 //! median of those ratios, since criterion's medians of two benchmarks are taken seconds apart
-//! and this VM's 2-thread speed moves 2x to 4x between such moments.
+//! and this VM's 2-thread speed moves 2x to 3x between such moments.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -147,8 +147,9 @@ const PAIRED_ROUND: Duration = Duration::from_millis(1);
 /// `theirs / ours` (time per operation) in each of [`PAIRED_ROUNDS`] rounds. In a round both
 /// run the same number of operations back to back, the first one alternating, so that both
 /// meet the machine in the same state. Criterion measures each benchmark alone, seconds apart,
-/// and this VM's speed with 2 threads moves 2x to 4x between such moments (the same code
-/// measured 209 and 629 ns in two runs of one hour), far more than within a millisecond.
+/// and this VM's speed with 2 threads moves 2x to 3x between such moments (the same code
+/// measured 629, 594 and 210 ns in three runs within five minutes), far more than within a
+/// millisecond.
 /// The operations per round come from criterion's medians (`ours_ns`, `theirs_ns`) so that
 /// the faster side runs about [`PAIRED_ROUND`]: long enough that the threads' start (see
 /// [`on_threads`]) is a small part of either side.
