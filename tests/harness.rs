@@ -39,6 +39,20 @@ fn assert_refused(result: Result<String, String>, needle: &str) {
     }
 }
 
+/// Asserts that a grpc-proxy in front of `etcd`, spoken to in plain http without credentials
+/// (it holds the cluster's), reads key `k` as `v`.
+#[track_caller]
+fn assert_the_proxy_serves_k(etcd: &EtcdCluster) {
+    let proxy = etcd.grpc_proxy();
+    assert_eq!(
+        etcd.try_etcdctl_against(&proxy.endpoint(), &Credentials::default(), &["get", "k"])
+            .map(|out| out.lines().nth(1).map(str::to_owned)),
+        Ok(Some("v".into())),
+        "through the proxy; its log:\n{}",
+        proxy.log_tail(10)
+    );
+}
+
 fn get_value(cluster: &EtcdCluster, key: &str) -> String {
     cluster
         .etcdctl(&["get", key, "--print-value-only"])
@@ -379,15 +393,7 @@ fn tls_cluster_answers_with_the_ca_and_refuses_the_rest() {
     );
 
     // The grpc-proxy reaches the members over TLS and serves plain http itself.
-    let proxy = etcd.grpc_proxy();
-    assert_eq!(
-        etcd.try_etcdctl_against(&proxy.endpoint(), &Credentials::default(), &["get", "k"])
-            .map(|out| out.lines().nth(1).map(str::to_owned)),
-        Ok(Some("v".into())),
-        "through the proxy; its log:\n{}",
-        proxy.log_tail(10)
-    );
-    drop(proxy);
+    assert_the_proxy_serves_k(&etcd);
 
     // After a rotation (new key, same files) new connections still get through: etcd reads
     // its certificate files on every handshake.
@@ -457,14 +463,7 @@ fn client_cert_auth_cluster_refuses_a_client_without_a_trusted_certificate() {
         "v"
     );
     // The grpc-proxy presents the CA's certificate without a CN.
-    let proxy = etcd.grpc_proxy();
-    assert_eq!(
-        etcd.try_etcdctl_against(&proxy.endpoint(), &Credentials::default(), &["get", "k"])
-            .map(|out| out.lines().nth(1).map(str::to_owned)),
-        Ok(Some("v".into())),
-        "through the proxy; its log:\n{}",
-        proxy.log_tail(10)
-    );
+    assert_the_proxy_serves_k(&etcd);
 }
 
 #[test]
