@@ -4,8 +4,9 @@
 //! - `balance/pick/{1,2}-thread`: every picker of `ServiceCache`, over caches of 10 and 1 000
 //!   instances (weights 1, 4, 7, 10 in turn), nothing ejected. `load` (the bare snapshot read)
 //!   is the floor. `pick_by` hashes another key each time, from a precomputed array of 4 096.
-//!   `bare_round_robin` is what a pick cost before balancing existed: `load()`, a thread-local
-//!   cursor and an index into the instances (no health check, no pick table).
+//!   `bare_round_robin` is the pick as it was before balancing existed: `load()`, a
+//!   thread-local cursor, Lemire's division-free remainder into the table of instances up, and
+//!   the instance (no health check, no per-table cursor).
 //! - `balance/one_ejected/1-thread`: the same picks over 10 instances with one ejected (one
 //!   shared counter says so; a pick that draws the ejected one reads the clock).
 //! - `balance/p2c/{1,2}-thread`: one operation is a pick and the report of its success.
@@ -13,9 +14,12 @@
 //!   - `mutex_gozero`: go-zero's p2c as go-zero builds it (`zrpc/internal/balancer/p2c/p2c.go`):
 //!     a list of boxed endpoints of atomics {latency EWMA, in-flight, success EWMA, requests,
 //!     last report, last pick}; `Pick` under a `std::sync::Mutex` (up to three random pairs,
-//!     `choose` with its clock read and forced pick after 1 s, the in-flight count, and the
-//!     start time read before the deferred unlock); `Done` lock-free (in-flight down, a swap of
-//!     the last report, `exp`, two stores, the once-a-minute log check).
+//!     `choose` with its clock read and forced pick after 1 s, the in-flight count, and
+//!     `buildDoneFunc` before the deferred unlock: its start time read and the `Done` closure it
+//!     returns, a heap allocation in Go, a `Box` here); the random pair from Go's `math/rand`
+//!     (`Rand.Intn`: its additive lagged Fibonacci source and `Int31n`'s rejection and
+//!     remainder); `Done` lock-free (in-flight down, a swap of the last report, `exp`, two
+//!     stores, the once-a-minute log check).
 //!   - `mutex_locked`: not a target, a variant: the same p2c with our cost formula, its state
 //!     plain fields under one `Mutex` that the pick and the report each take, the clock read
 //!     outside the lock.
@@ -250,16 +254,26 @@ fn pickers(
             black_box(users.load().len());
         })
     };
+    // The pick before balancing existed, as it was built: a thread-local `u32` cursor,
+    // Lemire's division-free remainder with the divisor's constant, and the table of the
+    // indexes of the instances up, both made once per snapshot (here once: the snapshot does
+    // not change while the bench runs, and every instance is up), then the instance.
+    let (magic, up) = {
+        let snapshot = users.load();
+        let up: Box<[u32]> = (0..snapshot.len() as u32).collect();
+        (lemire_magic(up.len()), up)
+    };
     let mut bare_round_robin = |iters| {
         on_threads(threads, iters, &|_, _| {
             let snapshot = users.load();
-            let instances = snapshot.instances();
-            let at = BARE_CURSOR.with(|cursor| {
-                let at = cursor.get().wrapping_add(1) % instances.len().max(1);
-                cursor.set(at);
-                at
+            let n = BARE_CURSOR.with(|cursor| {
+                let n = cursor.get().wrapping_add(1);
+                cursor.set(n);
+                n
             });
-            black_box(instances.get(at).map(|i| i.addr().len()));
+            let index = up.get(lemire_rem(magic, n, up.len())).copied();
+            let instance = index.and_then(|index| snapshot.instances().get(index as usize));
+            black_box(instance.map(|i| i.addr().len()));
         })
     };
     let mut pick = |iters| {
@@ -300,7 +314,20 @@ fn pickers(
 
 thread_local! {
     /// `bare_round_robin`'s cursor.
-    static BARE_CURSOR: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    static BARE_CURSOR: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// `u64::MAX / len + 1`: the constant of Lemire, Kaser and Kurz's "Faster Remainder by Direct
+/// Computation" (2019) for divisor `len`, as the pick before balancing precomputed it.
+fn lemire_magic(len: usize) -> u64 {
+    (u64::MAX / (len.max(1) as u64)).wrapping_add(1)
+}
+
+/// `n % len` from `magic` (see [`lemire_magic`]): two multiplications, no division.
+#[inline]
+fn lemire_rem(magic: u64, n: u32, len: usize) -> usize {
+    let low = magic.wrapping_mul(u64::from(n));
+    ((u128::from(low) * len as u128) >> 64) as usize
 }
 
 /// Our p2c: a pick, and its success reported.
@@ -357,13 +384,78 @@ mod gozero {
         }
     }
 
+    /// Go's `math/rand` `Rand` over its default source (`rngSource`, an additive lagged
+    /// Fibonacci generator, `src/math/rand/rng.go`): go-zero's `p.r`, used under `p.lock`.
+    /// Seeded differently from Go's (the seeding is not on the pick path); the draws cost as
+    /// Go's do.
+    struct GoRand {
+        vec: Box<[i64; RNG_LEN]>,
+        tap: usize,
+        feed: usize,
+    }
+
+    /// `rngLen` and `rngTap` of Go's `rngSource`.
+    const RNG_LEN: usize = 607;
+    const RNG_TAP: usize = 273;
+
+    impl GoRand {
+        fn new() -> Self {
+            let mut x = 0x9E37_79B9_7F4A_7C15_u64;
+            let vec = Box::new(std::array::from_fn(|_| {
+                // splitmix64, for the seed only.
+                x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                let mut z = x;
+                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                (z ^ (z >> 31)) as i64
+            }));
+            Self {
+                vec,
+                tap: 0,
+                feed: RNG_LEN - RNG_TAP,
+            }
+        }
+
+        /// `rngSource.Uint64`.
+        fn uint64(&mut self) -> u64 {
+            self.tap = self.tap.checked_sub(1).unwrap_or(RNG_LEN - 1);
+            self.feed = self.feed.checked_sub(1).unwrap_or(RNG_LEN - 1);
+            let x = self.vec[self.feed].wrapping_add(self.vec[self.tap]);
+            self.vec[self.feed] = x;
+            x as u64
+        }
+
+        /// `Rand.Int31`: `Int63() >> 32`.
+        fn int31(&mut self) -> i32 {
+            ((self.uint64() & (u64::MAX >> 1)) >> 32) as i32
+        }
+
+        /// `Rand.Intn` for `n` below 2^31, that is `Rand.Int31n`: a mask for a power of two,
+        /// else rejection of the top of the range and a remainder.
+        fn intn(&mut self, n: usize) -> usize {
+            let n = n as i32;
+            if n & (n - 1) == 0 {
+                return (self.int31() & (n - 1)) as usize;
+            }
+            let max = ((1u32 << 31) - 1 - (1u32 << 31) % n as u32) as i32;
+            let mut v = self.int31();
+            while v > max {
+                v = self.int31();
+            }
+            (v % n) as usize
+        }
+    }
+
+    /// What go-zero's `Pick` returns besides the connection: `buildDoneFunc`'s closure, made
+    /// (and, in Go, heap-allocated) under the lock.
+    pub(super) type Done<'a> = Box<dyn FnOnce(bool) + 'a>;
+
     pub(super) struct GoZeroP2c {
         // Boxed on purpose: go-zero's `[]*subConn` is a slice of pointers to separate
         // allocations, and that is the memory layout measured.
         #[allow(clippy::vec_box)]
         conns: Vec<Box<SubConn>>,
-        /// go-zero's `p.r`, used under `p.lock`: xorshift64 here.
-        lock: Mutex<u64>,
+        lock: Mutex<GoRand>,
         /// go-zero's `timex.Now()` is the monotonic time since the process started.
         origin: Instant,
         /// go-zero's `p.stamp`: when the stats were last logged (read by every report).
@@ -381,7 +473,7 @@ mod gozero {
                 .collect();
             Self {
                 conns,
-                lock: Mutex::new(0x9E37_79B9_7F4A_7C15),
+                lock: Mutex::new(GoRand::new()),
                 origin: Instant::now(),
                 stamp: AtomicI64::new(0),
             }
@@ -391,17 +483,10 @@ mod gozero {
             self.origin.elapsed().as_nanos() as i64
         }
 
-        /// go-zero's `Pick`: the chosen index and the start of its request.
-        pub(super) fn pick(&self) -> (usize, i64) {
+        /// go-zero's `Pick`: the chosen index and its `Done`.
+        pub(super) fn pick(&self) -> (usize, Done<'_>) {
             let mut rng = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
-            let mut intn = |n: usize| {
-                let mut x = *rng;
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                *rng = x;
-                (((x & 0xFFFF_FFFF) * n as u64) >> 32) as usize
-            };
+            let mut intn = |n: usize| rng.intn(n);
             let chosen = match self.conns.len() {
                 1 => self.choose(0, None),
                 2 => self.choose(0, Some(1)),
@@ -424,9 +509,15 @@ mod gozero {
             conn.inflight.fetch_add(1, Ordering::Relaxed);
             conn.requests.fetch_add(1, Ordering::Relaxed);
             // `buildDoneFunc(chosen)`: evaluated before the deferred unlock.
-            let start = self.now();
+            let done = self.build_done(chosen);
             drop(rng);
-            (chosen, start)
+            (chosen, done)
+        }
+
+        /// go-zero's `buildDoneFunc`: the start time, and a closure that reports on it.
+        fn build_done(&self, chosen: usize) -> Done<'_> {
+            let start = self.now();
+            Box::new(move |success| self.report(chosen, start, success))
         }
 
         /// go-zero's `choose`.
@@ -455,8 +546,8 @@ mod gozero {
             }
         }
 
-        /// go-zero's `Done`, for the request to `index` started at `start`.
-        pub(super) fn report(&self, index: usize, start: i64, success: bool) {
+        /// The body of go-zero's `Done`, for the request to `index` started at `start`.
+        fn report(&self, index: usize, start: i64, success: bool) {
             let c = &self.conns[index];
             c.inflight.fetch_sub(1, Ordering::Relaxed);
             let now = self.now();
@@ -881,9 +972,9 @@ fn benches(c: &mut Criterion) {
                     "mutex_gozero",
                     Box::new(|iters| {
                         on_threads(threads, iters, &|_, _| {
-                            let (index, started) = gozero.pick();
+                            let (index, done) = gozero.pick();
                             black_box(index);
-                            gozero.report(index, started, true);
+                            done(true);
                         })
                     }),
                 ),
