@@ -280,12 +280,11 @@ impl Snapshot {
     /// A p2c pick, started as a [`Call`].
     pub(crate) fn pick_p2c(&self) -> Option<Call> {
         let now = crate::balance::now();
-        let (index, stamp) = p2c::pick(&self.tables, &self.instances, now)?;
+        let (index, stamp, health) = p2c::pick(&self.tables, &self.instances, now)?;
         let instance = self.instances.get(index as usize)?;
-        let health = self.tables.health_or_new(index, &self.instances).cloned();
         Some(Call::new(
             Arc::clone(instance),
-            health,
+            Some(Arc::clone(health)),
             self.tables.up_len(),
             now,
             stamp,

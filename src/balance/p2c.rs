@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use super::health::Health;
 use super::rng;
-use super::table::{Admit, Tables};
+use super::table::{Admit, Gate, Tables};
 use crate::instance::Instance;
 
 /// How long p2c may leave an instance unpicked before it is probed anyway (go-zero: 1 s).
@@ -49,107 +49,216 @@ fn no_costlier(a: (f64, f64), b: (f64, f64)) -> bool {
     a.0 * b.1 <= b.0 * a.1
 }
 
-/// The p2c pick among the instances up, at `now`; `None` when none is up. The chosen instance
-/// has health afterwards (its pick time is recorded there). Returns its index and `now` as a
-/// stamp of its health ([`Health::stamp`]), converted once here for the caller's [`Call`].
+/// The p2c pick among the instances up, at `now`; `None` when none is up. Returns the chosen
+/// instance's index, `now` as a stamp of its health ([`Health::stamp`], converted once here for
+/// the caller's [`Call`]) and its health, which it has afterwards (its pick time is recorded
+/// there).
 ///
 /// [`Call`]: super::Call
-pub(crate) fn pick(
-    tables: &Tables,
+pub(crate) fn pick<'t>(
+    tables: &'t Tables,
     instances: &[Arc<Instance>],
     now: Instant,
-) -> Option<(u32, u64)> {
-    let len = tables.up_len();
+) -> Option<(u32, u64, &'t Arc<Health>)> {
+    let len = u32::try_from(tables.up_len()).unwrap_or(u32::MAX);
     if len == 0 {
         return None;
     }
-    let mut gate = tables.gate_at(Some(now));
-    let mut admit = |index: u32| match gate.as_mut() {
-        None => Admit::Yes(1.0),
-        Some(gate) => gate.admit(index),
+    // Every health of one tables has the same clock origin: one conversion serves all.
+    let stamp = tables.stamp(now);
+    match tables.gate_at(Some(now)) {
+        // Nothing ejected, nothing warming (the common case): one pair, taken as drawn.
+        None => {
+            let (first, second) = pair(rng::next_random64(), len);
+            let first = *tables.up().get(first as usize)?;
+            match second {
+                None => single(tables, instances, first, stamp),
+                Some(second) => {
+                    let second = *tables.up().get(second as usize)?;
+                    choose(tables, instances, (first, 1.0), (second, 1.0), stamp)
+                }
+            }
+        }
+        Some(gate) => gated(tables, instances, gate, len, stamp),
+    }
+}
+
+/// Two distinct positions among `len` from 64 random bits: a uniform one, and one `1..len`
+/// places after it (`None` when `len` is 1). Multiply-shift reductions (Lemire's "fast range")
+/// and a conditional subtraction: no division.
+#[inline]
+fn pair(r: u64, len: u32) -> (u32, Option<u32>) {
+    let first = ((u64::from(r as u32) * u64::from(len)) >> 32) as u32;
+    let second = (len > 1).then(|| {
+        let offset = 1 + ((u64::from((r >> 32) as u32) * u64::from(len - 1)) >> 32);
+        // first < len and offset < len: the sum is below 2 * len, one subtraction wraps it
+        // (in 64 bits, so that no length overflows it).
+        let second = u64::from(first) + offset;
+        let second = if second >= u64::from(len) {
+            second - u64::from(len)
+        } else {
+            second
+        };
+        // Below `len`, itself a `u32`: the conversion never fails.
+        u32::try_from(second).unwrap_or(0)
+    });
+    (first, second)
+}
+
+/// The pick while some instance is ejected or warming: up to [`PAIR_TRIES`] pairs until both
+/// are admitted, each weighed by its slow-start share; one admitted instance is taken alone;
+/// none, and the gate's own fallback decides.
+#[cold]
+fn gated<'t>(
+    tables: &'t Tables,
+    instances: &[Arc<Instance>],
+    mut gate: Gate<'_>,
+    len: u32,
+    stamp: u64,
+) -> Option<(u32, u64, &'t Arc<Health>)> {
+    let mut admit = |index: u32| match gate.admit(index) {
+        Admit::Yes(share) => Some((index, share)),
+        Admit::No => None,
     };
     let mut chosen: Option<(u32, f64)> = None;
-    let mut other: Option<(u32, f64)> = None;
-    let len32 = u32::try_from(len).unwrap_or(u32::MAX);
     for _ in 0..PAIR_TRIES {
-        let r = rng::next_random64();
-        // Two distinct positions: a uniform one, and one 1..len places after it.
-        let at = ((u64::from(r as u32) * u64::from(len32)) >> 32) as u32;
-        let first = *tables.up().get(at as usize)?;
-        let second = (len32 > 1).then(|| {
-            let offset = 1 + ((u64::from((r >> 32) as u32) * u64::from(len32 - 1)) >> 32) as u32;
-            let second = (u64::from(at) + u64::from(offset)) % u64::from(len32);
-            tables.up().get(second as usize).copied()
-        });
-        let second = second.flatten();
-        let a = match admit(first) {
-            Admit::Yes(share) => Some((first, share)),
-            Admit::No => None,
+        let (first, second) = pair(rng::next_random64(), len);
+        let a = admit(*tables.up().get(first as usize)?);
+        let b = match second {
+            Some(second) => admit(*tables.up().get(second as usize)?),
+            None => None,
         };
-        let b = second.and_then(|n| match admit(n) {
-            Admit::Yes(share) => Some((n, share)),
-            Admit::No => None,
-        });
         match (a, b) {
-            (Some(a), Some(b)) => {
-                chosen = Some(a);
-                other = Some(b);
-                break;
-            }
+            (Some(a), Some(b)) => return choose(tables, instances, a, b, stamp),
             (Some(one), None) | (None, Some(one)) => {
                 if chosen.is_none() {
                     chosen = Some(one);
                 }
-                if len32 <= 2 {
+                if len <= 2 {
                     break;
                 }
             }
             (None, None) => {}
         }
     }
-    let Some((a, share_a)) = chosen else {
-        // Nothing admissible in a few draws: the gate's own fallback.
-        let start = rng::next_random();
-        let index = tables.choose(|attempt| tables.nth(start.wrapping_add(attempt)))?;
-        let stamp = tables.health_or_new(index, instances)?.stamp(now);
-        return Some((index, stamp));
-    };
-    let Some((b, share_b)) = other else {
-        let health = tables.health_or_new(a, instances)?;
-        let stamp = health.stamp(now);
-        health.mark_picked(stamp);
-        return Some((a, stamp));
-    };
-    let (winner, loser) = if no_costlier(
-        cost(tables.health(a), share_a),
-        cost(tables.health(b), share_b),
-    ) {
-        (a, b)
-    } else {
-        (b, a)
-    };
-    // The loser is probed when p2c left it alone too long. One with no health yet was never
-    // picked by p2c, but it also costs the least, so it wins its pairs instead.
-    // Every health of one tables has the same clock origin: one conversion serves both.
-    let mut stamp = None;
-    if let Some(health) = tables.health(loser) {
-        let at = health.stamp(now);
-        stamp = Some(at);
-        let last = health.last_pick();
-        let stale = at.saturating_sub(last) > FORCE_PICK.as_nanos() as u64;
-        if stale && health.take_forced_pick(last, at) {
-            return Some((loser, at));
+    match chosen {
+        Some((one, _)) => single(tables, instances, one, stamp),
+        None => {
+            // Nothing admissible in a few draws: the gate's own fallback.
+            let start = rng::next_random();
+            let index = tables.choose(|attempt| tables.nth(start.wrapping_add(attempt)))?;
+            let health = tables.health_or_new(index, instances)?;
+            Some((index, stamp, health))
         }
     }
-    let health = tables.health_or_new(winner, instances)?;
-    let stamp = stamp.unwrap_or_else(|| health.stamp(now));
+}
+
+/// The only candidate: taken, its pick recorded.
+#[inline]
+fn single<'t>(
+    tables: &'t Tables,
+    instances: &[Arc<Instance>],
+    index: u32,
+    stamp: u64,
+) -> Option<(u32, u64, &'t Arc<Health>)> {
+    let health = tables.health_or_new(index, instances)?;
     health.mark_picked(stamp);
-    Some((winner, stamp))
+    Some((index, stamp, health))
+}
+
+/// The cheaper of `a` and `b` (each with its slow-start share), or the other when p2c has left
+/// it alone for [`FORCE_PICK`].
+// Always inlined: in the common case both shares are the constant 1.0 and fold away.
+#[inline(always)]
+fn choose<'t>(
+    tables: &'t Tables,
+    instances: &[Arc<Instance>],
+    (a, share_a): (u32, f64),
+    (b, share_b): (u32, f64),
+    stamp: u64,
+) -> Option<(u32, u64, &'t Arc<Health>)> {
+    let (health_a, health_b) = (tables.health(a), tables.health(b));
+    let (winner, winner_health, loser_health) =
+        if no_costlier(cost(health_a, share_a), cost(health_b, share_b)) {
+            (a, health_a, health_b)
+        } else {
+            (b, health_b, health_a)
+        };
+    // The loser is probed when p2c left it alone too long. One with no health yet was never
+    // picked by p2c, but it also costs the least, so it wins its pairs instead.
+    if let Some(loser_health) = loser_health {
+        let last = loser_health.last_pick();
+        let stale = stamp.saturating_sub(last) > FORCE_PICK.as_nanos() as u64;
+        if stale && loser_health.take_forced_pick(last, stamp) {
+            let loser = if winner == a { b } else { a };
+            return Some((loser, stamp, loser_health));
+        }
+    }
+    let health = match winner_health {
+        Some(health) => health,
+        None => tables.health_or_new(winner, instances)?,
+    };
+    health.mark_picked(stamp);
+    Some((winner, stamp, health))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every draw gives two distinct positions below the length, for every length (the
+    /// largest included, where a 32-bit sum would overflow), and every ordered pair of a small
+    /// table comes up about equally often.
+    #[test]
+    fn a_pair_is_two_distinct_positions_drawn_evenly() {
+        let mut r = 0x9E37_79B9_7F4A_7C15_u64;
+        let mut next = || {
+            r ^= r << 13;
+            r ^= r >> 7;
+            r ^= r << 17;
+            r
+        };
+        for len in [1, 2, 3, 10, 1_000, u32::MAX / 2 + 7, u32::MAX] {
+            for _ in 0..10_000 {
+                let (first, second) = pair(next(), len);
+                assert!(first < len, "len {len}: {first}");
+                match second {
+                    None => assert_eq!(len, 1),
+                    Some(second) => {
+                        assert!(second < len, "len {len}: {second}");
+                        assert_ne!(first, second, "len {len}");
+                    }
+                }
+            }
+        }
+        // Extremes of the random bits, at the largest length.
+        for r in [0, u64::MAX, u64::from(u32::MAX), u64::MAX << 32] {
+            let (first, second) = pair(r, u32::MAX);
+            let second = second.expect("two positions");
+            assert!(
+                first < u32::MAX && second < u32::MAX && first != second,
+                "{r:#x}"
+            );
+        }
+        let len = 5;
+        let draws = 200_000;
+        let mut counts = [[0u32; 5]; 5];
+        for _ in 0..draws {
+            let (first, second) = pair(next(), len);
+            counts[first as usize][second.expect("two") as usize] += 1;
+        }
+        let expected = f64::from(draws) / 20.0;
+        for (first, row) in counts.iter().enumerate() {
+            for (second, &count) in row.iter().enumerate() {
+                if first == second {
+                    assert_eq!(count, 0);
+                } else {
+                    let off = (f64::from(count) - expected).abs() / expected;
+                    assert!(off < 0.05, "({first}, {second}): {count} vs {expected}");
+                }
+            }
+        }
+    }
 
     /// The squared, cross-multiplied comparison orders instances as the documented cost does.
     #[test]

@@ -99,6 +99,13 @@ impl Tables {
         std::ptr::from_ref(self) as usize & !1
     }
 
+    /// `now` as a stamp of this snapshot's instance health: every health of a cache (and of
+    /// its selections) has the cache's clock origin (see [`Health::stamp`]).
+    #[inline]
+    pub(crate) fn stamp(&self, now: Instant) -> u64 {
+        self.outliers.stamp(now)
+    }
+
     /// How many instances may be picked.
     #[inline]
     pub(crate) fn up_len(&self) -> usize {

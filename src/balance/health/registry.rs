@@ -215,6 +215,13 @@ impl Outliers {
         duration_nanos(at.saturating_duration_since(self.origin))
     }
 
+    /// `now` as a stamp of this cache's instance health: the same as [`Health::stamp`] of
+    /// each (they share this origin).
+    #[inline]
+    pub(crate) fn stamp(&self, now: Instant) -> u64 {
+        self.nanos(now).saturating_add(1)
+    }
+
     /// Makes sure a pick at or after `at` sweeps (an ejection ends then).
     pub(crate) fn sweep_after(&self, at: Instant) {
         self.sweep_at.fetch_min(self.nanos(at), Ordering::AcqRel);
