@@ -31,6 +31,9 @@
 //!   - `tower_mutex`: not a target, for scale: the same `Balance` behind a `std::sync::Mutex`,
 //!     polled directly, without `Buffer` or runtime: tower's p2c alone.
 //!
+//!   - `ours_metered`: not a baseline, ours again, over a cache made under a metrics recorder
+//!     whose counters are atomics (`AtomicRecorder`), as under an exporter: every report then
+//!     increments the cache's shared `picks_total` counter for real.
 //!   - `atomic_floor`: not a baseline, the floor: what any p2c with outcome reporting costs
 //!     on this machine at least (two clock reads, the in-flight count up and down, the report's
 //!     stores; see `floor`). `mutex_gozero / atomic_floor` bounds the ratio any p2c can reach
@@ -335,6 +338,64 @@ fn ours(users: &ServiceCache) {
     let call = users.pick_p2c().expect("an instance is up");
     black_box(call.addr().len());
     call.success();
+}
+
+/// A metrics recorder whose counters and gauges are each one `AtomicU64`, as an exporter's are
+/// (`metrics-exporter-prometheus` keeps them in `metrics-util`'s `AtomicStorage`): what a
+/// caller that exports metrics pays on every report.
+struct AtomicRecorder;
+
+impl metrics::Recorder for AtomicRecorder {
+    fn describe_counter(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_gauge(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_histogram(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+
+    fn register_counter(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
+        metrics::Counter::from_arc(Arc::new(std::sync::atomic::AtomicU64::new(0)))
+    }
+
+    fn register_gauge(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+        metrics::Gauge::from_arc(Arc::new(std::sync::atomic::AtomicU64::new(0)))
+    }
+
+    fn register_histogram(
+        &self,
+        _: &metrics::Key,
+        _: &metrics::Metadata<'_>,
+    ) -> metrics::Histogram {
+        metrics::Histogram::noop()
+    }
+}
+
+/// A cache of `n` instances made under [`AtomicRecorder`]: the handles a cache registers when
+/// it is made count for real, as under an exporter.
+fn metered_cache(
+    n: usize,
+) -> (
+    tokio::runtime::Runtime,
+    etcd_registry::MemoryBackend,
+    ServiceCache,
+) {
+    // The cache is made on this thread (a current-thread runtime), where the local recorder is.
+    metrics::with_local_recorder(&AtomicRecorder, || cache(n, OutlierEjection::default()))
 }
 
 /// go-zero's p2c as go-zero builds it (`zrpc/internal/balancer/p2c/p2c.go`): the pick under a
@@ -966,8 +1027,13 @@ fn benches(c: &mut Criterion) {
             let atomic_floor = floor::AtomicFloor::new(n);
             let (rt, buffer) = towerp2c::buffered(threads, n);
             let tower_locked = Mutex::new(towerp2c::balance(n));
+            let (_metered_rt, _metered_etcd, metered) = metered_cache(n);
             let mut ours = |iters| on_threads(threads, iters, &|_, _| ours(users));
             let mut baselines: Vec<(&str, Routine<'_>)> = vec![
+                (
+                    "ours_metered",
+                    Box::new(|iters| on_threads(threads, iters, &|_, _| crate::ours(&metered))),
+                ),
                 (
                     "mutex_gozero",
                     Box::new(|iters| {
@@ -1076,6 +1142,7 @@ fn summary(record: &Record, paired: &PairedRatios) {
                 ("mutex_locked", None),
                 ("tower_mutex", None),
                 ("atomic_floor", None),
+                ("ours_metered", None),
             ] {
                 let Some(theirs) = median(&id(baseline)) else {
                     continue;
