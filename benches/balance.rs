@@ -16,7 +16,9 @@
 //!     last report, last pick}; `Pick` under a `std::sync::Mutex` (up to three random pairs,
 //!     `choose` with its clock read and forced pick after 1 s, the in-flight count, and
 //!     `buildDoneFunc` before the deferred unlock: its start time read and the `Done` closure it
-//!     returns, a heap allocation in Go, a `Box` here); the random pair from Go's `math/rand`
+//!     returns, a heap allocation in Go, a `Box` here); each time read as go-zero's
+//!     `timex.Now()` does it, a wall-clock and a monotonic read (`GoZeroP2c::now`); the random
+//!     pair from Go's `math/rand`
 //!     (`Rand.Intn`: its additive lagged Fibonacci source and `Int31n`'s rejection and
 //!     remainder); `Done` lock-free (in-flight down, a swap of the last report, `exp`, two
 //!     stores, the once-a-minute log check).
@@ -57,7 +59,7 @@ use std::pin::pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use criterion::measurement::WallTime;
 use criterion::{
@@ -399,9 +401,10 @@ fn metered_cache(
 }
 
 /// go-zero's p2c as go-zero builds it (`zrpc/internal/balancer/p2c/p2c.go`): the pick under a
-/// `Mutex` (the random pair, `choose` and its clock read, the in-flight count, and
-/// `buildDoneFunc`'s clock read for the start, all before the deferred unlock), the report
-/// (`Done`) lock-free on atomics.
+/// `Mutex` (the random pair from Go's `math/rand`, `choose` and its clock read, the in-flight
+/// count, and `buildDoneFunc`'s clock read and the `Done` closure it allocates, all before the
+/// deferred unlock), the report (`Done`, with its clock read) lock-free on atomics. Each clock
+/// read is go-zero's `timex.Now()`, two clock reads (see [`GoZeroP2c::now`]).
 mod gozero {
     use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
@@ -517,8 +520,8 @@ mod gozero {
         #[allow(clippy::vec_box)]
         conns: Vec<Box<SubConn>>,
         lock: Mutex<GoRand>,
-        /// go-zero's `timex.Now()` is the monotonic time since the process started.
-        origin: Instant,
+        /// go-zero's `timex.initTime`: a wall-clock time (`time.Now().AddDate(-1, -1, -1)`).
+        init_time: SystemTime,
         /// go-zero's `p.stamp`: when the stats were last logged (read by every report).
         stamp: AtomicI64,
     }
@@ -535,13 +538,21 @@ mod gozero {
             Self {
                 conns,
                 lock: Mutex::new(GoRand::new()),
-                origin: Instant::now(),
+                init_time: SystemTime::now(),
                 stamp: AtomicI64::new(0),
             }
         }
 
+        /// go-zero's `timex.Now()` (`core/timex/relativetime.go`): `time.Since(initTime)`.
+        /// `initTime` comes from `AddDate`, which strips Go's monotonic reading, so `Since`
+        /// takes its slow path, `Now().Sub(initTime)`: Go's `time.Now()` reads the wall clock
+        /// and the monotonic clock (two vDSO `clock_gettime` calls on linux/amd64, the
+        /// runtime's `time·now`), and `Sub` uses the wall clocks.
         fn now(&self) -> i64 {
-            self.origin.elapsed().as_nanos() as i64
+            let wall = SystemTime::now();
+            black_box(Instant::now());
+            wall.duration_since(self.init_time)
+                .map_or(0, |since| since.as_nanos() as i64)
         }
 
         /// go-zero's `Pick`: the chosen index and its `Done`.
