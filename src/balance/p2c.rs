@@ -51,8 +51,9 @@ fn no_costlier(a: (f64, f64), b: (f64, f64)) -> bool {
 
 /// The p2c pick among the instances up, at `now`; `None` when none is up. Returns the chosen
 /// instance's index, `now` as a stamp of its health ([`Health::stamp`], converted once here for
-/// the caller's [`Call`]) and its health, which it has afterwards (its pick time is recorded
-/// there).
+/// the caller's [`Call`]) and its health, which it has afterwards. A pick by p2c records its
+/// time there (for the forced pick); the gate's fallback, when no draw found an admissible
+/// instance, does not.
 ///
 /// [`Call`]: super::Call
 pub(crate) fn pick<'t>(

@@ -479,7 +479,8 @@ mod tests {
             );
         }
         for gap in 1..=20_000u64 {
-            let w = decay((gap * 997) as f64 / DECAY_TAU_NANOS);
+            // The weight exactly as `sample` computes it.
+            let w = decay(nanos_f64(gap * 997) * PER_DECAY_TAU_NANO);
             assert_eq!(w + (1.0 - w), 1.0, "w = {w}");
         }
         health.on_failure(health.instant(stamp + 1_000_000_000), 3);
