@@ -76,12 +76,40 @@ pub(crate) fn pick<'t>(
                 None => single(tables, instances, first, stamp),
                 Some(second) => {
                     let second = *tables.up().get(second as usize)?;
+                    prefetch_instance(instances, first);
+                    prefetch_instance(instances, second);
                     choose(tables, instances, (first, 1.0), (second, 1.0), stamp)
                 }
             }
         }
         Some(gate) => gated(tables, instances, gate, len, stamp),
     }
+}
+
+/// Starts loading the cache line of instance `index`'s reference count, which the caller
+/// increments for the winner, while the candidates' costs are weighed. With many instances
+/// that line is a cache miss, and this way it overlaps the misses on the candidates' health
+/// instead of following them: with 1,000 instances on 2 threads the count's miss was a
+/// quarter of a pick and report under `perf`.
+#[inline(always)]
+fn prefetch_instance(instances: &[Arc<Instance>], index: u32) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(instance) = instances.get(index as usize) {
+        // The reference counts sit right before the value in std's `#[repr(C)]` `ArcInner`
+        // (two `usize`s, and `Instance` needs no more alignment than they do). Were that ever
+        // to change, the hint would only fetch a useless line.
+        let counts = Arc::as_ptr(instance)
+            .cast::<u8>()
+            .wrapping_sub(2 * std::mem::size_of::<usize>());
+        // SAFETY: a prefetch is a hint: it never faults, whatever the address, and reads or
+        // writes no memory the program sees. The call is unsafe only as a target-feature
+        // intrinsic, and SSE, which it needs, is part of every x86_64 target.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(counts.cast());
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (instances, index);
 }
 
 /// Two distinct positions among `len` from 64 random bits: a uniform one, and one `1..len`
