@@ -96,14 +96,16 @@ fn prefetch_instance(instances: &[Arc<Instance>], index: u32) {
     #[cfg(target_arch = "x86_64")]
     if let Some(instance) = instances.get(index as usize) {
         // The reference counts sit right before the value in std's `#[repr(C)]` `ArcInner`
-        // (two `usize`s, and `Instance` needs no more alignment than they do). Were that ever
-        // to change, the hint would only fetch a useless line.
+        // (two `usize`s, and `Instance` needs no more alignment than they do: pinned below).
+        // Were std's layout ever to change, the hint would only fetch a useless line.
+        const _: () = assert!(std::mem::align_of::<Instance>() <= std::mem::align_of::<usize>());
         let counts = Arc::as_ptr(instance)
             .cast::<u8>()
             .wrapping_sub(2 * std::mem::size_of::<usize>());
-        // SAFETY: a prefetch is a hint: it never faults, whatever the address, and reads or
-        // writes no memory the program sees. The call is unsafe only as a target-feature
-        // intrinsic, and SSE, which it needs, is part of every x86_64 target.
+        // SAFETY: a prefetch is a hint: it never faults, whatever the address (this one lies
+        // inside the live allocation `instance` keeps), and reads or writes no memory the
+        // program sees. The call is unsafe only as a target-feature intrinsic, and every
+        // x86_64 CPU implements SSE, which it needs (the x86-64 baseline).
         unsafe {
             std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(counts.cast());
         }
