@@ -34,7 +34,7 @@
 //!     polled directly, without `Buffer` or runtime: tower's p2c alone.
 //!
 //!   - `ours_metered`: not a baseline, ours again, over a cache made under a metrics recorder
-//!     whose counters are atomics (`AtomicRecorder`), as under an exporter: every report then
+//!     whose counters are atomics (`tests/support/recorder.rs`), as under an exporter: every report then
 //!     increments the cache's shared `picks_total` counter for real.
 //!   - `atomic_floor`: not a baseline, the floor: what any p2c with outcome reporting costs
 //!     on this machine at least (two clock reads, the in-flight count up and down, the report's
@@ -74,8 +74,11 @@ use tower::util::ServiceFn;
 use tower::{Service, ServiceExt};
 
 mod common;
+#[path = "../tests/support/recorder.rs"]
+mod recorder;
 
 use common::Record;
+use recorder::Recorder;
 
 /// Cache sizes: a typical service, and a large one.
 const SIZES: [usize; 2] = [10, 1_000];
@@ -342,53 +345,8 @@ fn ours(users: &ServiceCache) {
     call.success();
 }
 
-/// A metrics recorder whose counters and gauges are each one `AtomicU64`, as an exporter's are
-/// (`metrics-exporter-prometheus` keeps them in `metrics-util`'s `AtomicStorage`): what a
-/// caller that exports metrics pays on every report.
-struct AtomicRecorder;
-
-impl metrics::Recorder for AtomicRecorder {
-    fn describe_counter(
-        &self,
-        _: metrics::KeyName,
-        _: Option<metrics::Unit>,
-        _: metrics::SharedString,
-    ) {
-    }
-    fn describe_gauge(
-        &self,
-        _: metrics::KeyName,
-        _: Option<metrics::Unit>,
-        _: metrics::SharedString,
-    ) {
-    }
-    fn describe_histogram(
-        &self,
-        _: metrics::KeyName,
-        _: Option<metrics::Unit>,
-        _: metrics::SharedString,
-    ) {
-    }
-
-    fn register_counter(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
-        metrics::Counter::from_arc(Arc::new(std::sync::atomic::AtomicU64::new(0)))
-    }
-
-    fn register_gauge(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
-        metrics::Gauge::from_arc(Arc::new(std::sync::atomic::AtomicU64::new(0)))
-    }
-
-    fn register_histogram(
-        &self,
-        _: &metrics::Key,
-        _: &metrics::Metadata<'_>,
-    ) -> metrics::Histogram {
-        metrics::Histogram::noop()
-    }
-}
-
-/// A cache of `n` instances made under [`AtomicRecorder`]: the handles a cache registers when
-/// it is made count for real, as under an exporter.
+/// A cache of `n` instances made under a [`Recorder`] whose counters are atomics: the handles a
+/// cache registers when it is made count for real, as under an exporter.
 fn metered_cache(
     n: usize,
 ) -> (
@@ -397,7 +355,7 @@ fn metered_cache(
     ServiceCache,
 ) {
     // The cache is made on this thread (a current-thread runtime), where the local recorder is.
-    metrics::with_local_recorder(&AtomicRecorder, || cache(n, OutlierEjection::default()))
+    metrics::with_local_recorder(&Recorder::new(), || cache(n, OutlierEjection::default()))
 }
 
 /// go-zero's p2c as go-zero builds it (`zrpc/internal/balancer/p2c/p2c.go`): the pick under a

@@ -10,12 +10,12 @@
 mod support;
 
 use std::hint::black_box;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_registry::{Discovery, Instance, MemoryBackend, Picked, Selector, ServiceCache};
 use support::alloc::{Counting, allocations};
+use support::recorder::Recorder;
 use support::*;
 
 #[global_allocator]
@@ -74,78 +74,8 @@ fn the_counter_sees_allocations() {
     assert!(allocations() > before);
 }
 
-/// A metrics recorder whose handles count: `(metric name and labels, value)` of every handle
-/// registered.
-struct Recorder {
-    handles: Mutex<Vec<(String, Arc<AtomicU64>)>>,
-}
-
-static RECORDER: Recorder = Recorder {
-    handles: Mutex::new(Vec::new()),
-};
-
-impl Recorder {
-    fn handle(&self, key: &metrics::Key) -> Arc<AtomicU64> {
-        let labels: Vec<String> = key
-            .labels()
-            .map(|l| format!("{}={}", l.key(), l.value()))
-            .collect();
-        let name = format!("{}{{{}}}", key.name(), labels.join(","));
-        let value = Arc::new(AtomicU64::new(0));
-        self.handles.lock().unwrap().push((name, value.clone()));
-        value
-    }
-
-    /// The sum of the counters whose name and labels contain every one of `parts`.
-    fn total(&self, parts: &[&str]) -> u64 {
-        let handles = self.handles.lock().unwrap();
-        handles
-            .iter()
-            .filter(|(name, _)| parts.iter().all(|p| name.contains(p)))
-            .map(|(_, v)| v.load(Ordering::Relaxed))
-            .sum()
-    }
-}
-
-impl metrics::Recorder for Recorder {
-    fn describe_counter(
-        &self,
-        _: metrics::KeyName,
-        _: Option<metrics::Unit>,
-        _: metrics::SharedString,
-    ) {
-    }
-    fn describe_gauge(
-        &self,
-        _: metrics::KeyName,
-        _: Option<metrics::Unit>,
-        _: metrics::SharedString,
-    ) {
-    }
-    fn describe_histogram(
-        &self,
-        _: metrics::KeyName,
-        _: Option<metrics::Unit>,
-        _: metrics::SharedString,
-    ) {
-    }
-
-    fn register_counter(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
-        metrics::Counter::from_arc(self.handle(key))
-    }
-
-    fn register_gauge(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
-        metrics::Gauge::from_arc(self.handle(key))
-    }
-
-    fn register_histogram(
-        &self,
-        _: &metrics::Key,
-        _: &metrics::Metadata<'_>,
-    ) -> metrics::Histogram {
-        metrics::Histogram::noop()
-    }
-}
+/// The recorder every cache of this binary registers its handles with.
+static RECORDER: Recorder = Recorder::new();
 
 /// Round-robin picks until instance `id` (allocation-free: the id is compared in place).
 fn pick_of(users: &ServiceCache, id: &str) -> Picked {

@@ -113,6 +113,7 @@ pub mod etcd;
 pub mod pki;
 pub mod proptest_config;
 pub mod proxy;
+pub mod recorder;
 pub mod wait;
 
 /// A live cache of service `user` under [`NS`] over `etcd`, after its first list; a silent
