@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use arc_swap::Guard;
 
 use super::clock;
-use super::health::Health;
+use super::health::{Health, duration_nanos};
 use crate::instance::Instance;
 use crate::snapshot::Snapshot;
 
@@ -67,8 +67,7 @@ impl Picked {
     /// and success-rate EWMAs that [`pick_p2c`](crate::ServiceCache::pick_p2c) weighs.
     pub fn success(self, latency: Duration) {
         if let Some(health) = self.health() {
-            let nanos = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX);
-            health.on_success(health.stamp(clock::now()), Some(nanos));
+            health.on_success(health.stamp(clock::now()), Some(duration_nanos(latency)));
         }
     }
 

@@ -111,7 +111,7 @@ impl Health {
     /// every instance of a cache (and of its selections).
     #[inline]
     pub(crate) fn stamp(&self, now: Instant) -> u64 {
-        duration_nanos(now.saturating_duration_since(self.origin)).saturating_add(1)
+        stamp_after(self.origin, now)
     }
 
     fn instant(&self, stamp: u64) -> Instant {
@@ -393,7 +393,16 @@ impl Health {
     }
 }
 
-fn duration_nanos(d: Duration) -> u64 {
+/// `now` as a stamp after `origin`: nanoseconds, plus one so that 0 means "never". The one
+/// formula of every stamp, so that a [`Health`]'s own and its cache's ([`Outliers::stamp`])
+/// always agree (a `Call` subtracts one from the other).
+#[inline]
+fn stamp_after(origin: Instant, now: Instant) -> u64 {
+    duration_nanos(now.saturating_duration_since(origin)).saturating_add(1)
+}
+
+/// `d` in nanoseconds, saturating at `u64::MAX` (584 years).
+pub(crate) fn duration_nanos(d: Duration) -> u64 {
     d.as_secs()
         .saturating_mul(1_000_000_000)
         .saturating_add(u64::from(d.subsec_nanos()))

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
-use super::{Health, HealthSlot, OutlierEjection, duration_nanos};
+use super::{Health, HealthSlot, OutlierEjection, duration_nanos, stamp_after};
 use crate::balance::slow_start::SlowStart;
 use crate::instance::Instance;
 
@@ -219,7 +219,7 @@ impl Outliers {
     /// each (they share this origin).
     #[inline]
     pub(crate) fn stamp(&self, now: Instant) -> u64 {
-        self.nanos(now).saturating_add(1)
+        stamp_after(self.origin, now)
     }
 
     /// Makes sure a pick at or after `at` sweeps (an ejection ends then).
