@@ -209,11 +209,11 @@ fn choose<'t>(
     stamp: u64,
 ) -> Option<(u32, u64, &'t Arc<Health>)> {
     let (health_a, health_b) = (tables.health(a), tables.health(b));
-    let (winner, winner_health, loser_health) =
+    let ((winner, winner_health), (loser, loser_health)) =
         if no_costlier(cost(health_a, share_a), cost(health_b, share_b)) {
-            (a, health_a, health_b)
+            ((a, health_a), (b, health_b))
         } else {
-            (b, health_b, health_a)
+            ((b, health_b), (a, health_a))
         };
     // The loser is probed when p2c left it alone too long. One with no health yet was never
     // picked by p2c, but it also costs the least, so it wins its pairs instead.
@@ -221,7 +221,6 @@ fn choose<'t>(
         let last = loser_health.last_pick();
         let stale = stamp.saturating_sub(last) > FORCE_PICK.as_nanos() as u64;
         if stale && loser_health.take_forced_pick(last, stamp) {
-            let loser = if winner == a { b } else { a };
             return Some((loser, stamp, loser_health));
         }
     }
