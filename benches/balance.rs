@@ -6,7 +6,9 @@
 //!   is the floor. `pick_by` hashes another key each time, from a precomputed array of 4 096.
 //!   `bare_round_robin` is the pick as it was before balancing existed: `load()`, a
 //!   thread-local cursor, Lemire's division-free remainder into the table of instances up, and
-//!   the instance (no health check, no per-table cursor).
+//!   the instance (no health check, no per-table cursor). `selection_pick` is `pick()` of a
+//!   `Selection` of every instance (`Selector::new()`): its own tables, checked against the
+//!   cache's publish count on each pick.
 //! - `balance/one_ejected/1-thread`: the same picks over 10 instances with one ejected (one
 //!   shared counter says so; a pick that draws the ejected one reads the clock).
 //! - `balance/p2c/{1,2}-thread`: one operation is a pick and the report of its success.
@@ -65,7 +67,7 @@ use criterion::measurement::WallTime;
 use criterion::{
     BenchmarkGroup, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main,
 };
-use etcd_registry::{OutlierEjection, ServiceCache};
+use etcd_registry::{OutlierEjection, Selector, ServiceCache};
 use tower::balance::p2c::Balance;
 use tower::buffer::Buffer;
 use tower::discover::ServiceList;
@@ -318,6 +320,8 @@ fn pickers(
     picker!("pick_weighted", |_, _| users.pick_weighted());
     picker!("pick_weighted_random", |_, _| users.pick_weighted_random());
     picker!("pick_by", |t, i| users.pick_by(key(keys, t, i)));
+    let every = users.select(Selector::new());
+    picker!("selection_pick", |_, _| every.pick());
 }
 
 thread_local! {
@@ -1167,6 +1171,21 @@ fn summary(record: &Record, paired: &PairedRatios) {
                     pairs("load"),
                 ));
             }
+        }
+    }
+    for n in SIZES {
+        let id = |threads: usize, name: &str| format!("balance/pick/{threads}-thread/{name}/{n}");
+        if let (Some(one), Some(two), Some(pick)) = (
+            median(&id(1, "selection_pick")),
+            median(&id(2, "selection_pick")),
+            median(&id(1, "pick")),
+        ) {
+            lines.push(format!(
+                "  selection_pick {n:>5} instances: {:.2}x pick() on 1 thread; 2 threads / 1 \
+                 thread, per thread: {:.2}x",
+                one / pick,
+                two / one,
+            ));
         }
     }
     println!("{}", lines.join("\n"));

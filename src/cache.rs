@@ -1,6 +1,7 @@
 //! [`ServiceCache`]: the always-readable view of one service.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::{ArcSwap, Guard};
@@ -16,10 +17,44 @@ use crate::sync::machine::Stats;
 /// Counters of what a cache's sync loop did; see [`ServiceCache::stats`].
 pub type SyncStats = Stats;
 
+/// A sequence count of a cache's publishes: even between publishes, odd while one is under way
+/// (between [`begin`](Self::begin) and [`end`](Self::end)). Publishes of one cache never overlap:
+/// its one sync task makes them, and [`Shared::task_ended`] publishes under the lock a restarted
+/// task waits for.
+///
+/// Whoever reads an even count `c` and then loads `current` gets the snapshot of publish `c / 2`
+/// or a newer one (`end` releases after the store). Whoever has seen a snapshot, through any
+/// handle, and then reads the count, reads at least the odd count of its publish (`begin` comes
+/// before the store, which releases it): so a reader never takes tables marked with an even
+/// count for current once it has seen a newer snapshot.
+#[derive(Debug, Default)]
+pub(crate) struct PublishCount(AtomicU64);
+
+impl PublishCount {
+    /// The count now.
+    #[inline]
+    pub(crate) fn read(&self) -> u64 {
+        self.0.load(Ordering::Acquire)
+    }
+
+    /// A publish starts: the count becomes odd.
+    pub(crate) fn begin(&self) {
+        self.0.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// The publish is in `current`: the count becomes even.
+    pub(crate) fn end(&self) {
+        self.0.fetch_add(1, Ordering::Release);
+    }
+}
+
 /// What the sync driver and every handle of one cache share.
 pub(crate) struct Shared {
     pub(crate) service: Arc<str>,
     pub(crate) current: ArcSwap<Snapshot>,
+    /// Counts publishes, odd while one is under way: a [`Selection`] tells by it whether its
+    /// tables are still current without loading `current` itself.
+    pub(crate) publishes: PublishCount,
     pub(crate) changes: watch::Sender<Arc<Snapshot>>,
     pub(crate) stats: Mutex<Stats>,
     pub(crate) last_error: Mutex<Option<(String, Option<FreezeCause>)>>,
@@ -35,6 +70,7 @@ impl Shared {
         Self {
             service: initial.service().into(),
             current: ArcSwap::new(initial.clone()),
+            publishes: PublishCount::default(),
             changes: watch::Sender::new(initial),
             stats: Mutex::new(Stats::default()),
             last_error: Mutex::new(None),
@@ -103,7 +139,9 @@ impl Shared {
 
     /// Makes `snapshot` the one readers see, then tells subscribers.
     pub(crate) fn publish(&self, snapshot: Arc<Snapshot>) {
+        self.publishes.begin();
         self.current.store(snapshot.clone());
+        self.publishes.end();
         self.changes.send_replace(snapshot);
     }
 
@@ -207,7 +245,7 @@ impl ServiceCache {
     }
 
     #[inline]
-    fn shared(&self) -> &Shared {
+    pub(crate) fn shared(&self) -> &Shared {
         &self.shared
     }
 

@@ -137,6 +137,9 @@ pub struct Snapshot {
     freshness: Freshness,
     instances: Arc<[Arc<Instance>]>,
     tables: Arc<Tables>,
+    /// For a selection's view: its cache's publish count when the view was made, or a mark no
+    /// count matches (see [`Selection`](crate::Selection)); 0 for a cache's own snapshots.
+    made_at_publish: u64,
 }
 
 impl Snapshot {
@@ -158,6 +161,7 @@ impl Snapshot {
             freshness,
             instances,
             tables,
+            made_at_publish: 0,
         }
     }
 
@@ -197,6 +201,18 @@ impl Snapshot {
     #[inline]
     pub(crate) fn tables(&self) -> &Tables {
         &self.tables
+    }
+
+    /// For a selection's view: its cache's publish count when it was made (see `made_at_publish`).
+    #[inline]
+    pub(crate) fn made_at_publish(&self) -> u64 {
+        self.made_at_publish
+    }
+
+    /// This view, marked with `mark` (see `made_at_publish`).
+    pub(crate) fn at_publish(mut self, mark: u64) -> Self {
+        self.made_at_publish = mark;
+        self
     }
 
     /// The same instances with another revision and freshness; shares the instance list.

@@ -11,9 +11,10 @@ mod support;
 
 use std::hint::black_box;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use etcd_registry::{Discovery, Instance, MemoryBackend, Picked, Selector, ServiceCache};
+use etcd_registry::{Discovery, Instance, MemoryBackend, Picked, Selector, ServiceCache, Snapshot};
 use support::alloc::{Counting, allocations};
 use support::recorder::Recorder;
 use support::*;
@@ -220,6 +221,102 @@ fn balancing_picks_and_reports_allocate_nothing() {
         );
     }
     assert_eq!(RECORDER.total(&["ejections_total", "service=user"]), 4);
+}
+
+/// Readers on many threads write no line they share: a pick, from the cache or from a
+/// selection, holds arc-swap's guard on the snapshot it came from, not a reference count of its
+/// own, so picks running on every thread never bounce the snapshot's count between cores.
+#[test]
+fn picks_take_no_reference_count() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    let etcd = MemoryBackend::new();
+    let codec = codec();
+    for n in 0..4u32 {
+        let mut builder = Instance::builder("user", format!("10.0.2.{n}:80")).id(format!("i{n}"));
+        if n < 2 {
+            builder = builder.tag("canary");
+        }
+        let instance = builder.build().unwrap();
+        etcd.put(codec.key(&instance, 0), codec.encode_value(&instance));
+    }
+    let users = users_of(&rt, &etcd);
+    let canaries = users.select(Selector::new().tag("canary"));
+    let _context = rt.enter();
+    takes_no_reference("cache", users.snapshot(), || users.pick());
+    takes_no_reference("selection", canaries.snapshot(), || canaries.pick());
+}
+
+/// Asserts that four picks held at once leave `snapshot`'s reference count as it was.
+fn takes_no_reference(what: &str, snapshot: Arc<Snapshot>, pick: impl Fn() -> Option<Picked>) {
+    let before = Arc::strong_count(&snapshot);
+    // Four at once: arc-swap keeps eight guards per thread without a count.
+    let picks: Vec<Picked> = (0..4).map(|_| pick().expect("up")).collect();
+    assert!(
+        picks.iter().all(|p| std::ptr::eq(p.snapshot(), &*snapshot)),
+        "{what}: picked from the snapshot in hand"
+    );
+    assert_eq!(
+        Arc::strong_count(&snapshot),
+        before,
+        "{what}: each pick took a reference"
+    );
+}
+
+/// A selection keeps up with its cache across threads: while the cache publishes as fast as
+/// etcd changes, a pick from a selection never comes from a snapshot older than the one its
+/// thread saw through the cache just before (a selection checks its tables against the cache's
+/// publish count, not against the snapshot itself).
+#[test]
+fn a_selection_never_lags_what_its_thread_has_seen() {
+    const PUTS: u16 = 300;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let etcd = MemoryBackend::new();
+    register(&etcd, "i0", 8000);
+    let users = users_of(&rt, &etcd);
+    let all = users.select(Selector::new());
+    let done = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let readers: Vec<_> = (0..2)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut picks = 0u64;
+                    while !done.load(Ordering::Acquire) {
+                        let seen = users.load().revision();
+                        let picked = all.pick().expect("an instance is up");
+                        assert!(
+                            picked.snapshot().revision() >= seen,
+                            "picked at revision {} after seeing {seen}",
+                            picked.snapshot().revision()
+                        );
+                        picks += 1;
+                    }
+                    picks
+                })
+            })
+            .collect();
+        for n in 1..=PUTS {
+            register(&etcd, &format!("i{n}"), 8000 + n);
+        }
+        rt.block_on(wait_for(
+            &users,
+            Duration::from_secs(60),
+            "every instance",
+            |s| s.len() == usize::from(PUTS) + 1,
+        ));
+        done.store(true, Ordering::Release);
+        for reader in readers {
+            assert!(reader.join().expect("reader") > 0, "the reader picked");
+        }
+    });
+    assert_eq!(all.snapshot().len(), usize::from(PUTS) + 1);
 }
 
 /// The ids of the instances ejected now (allocates: outside the counted parts).

@@ -12,9 +12,10 @@ use super::health::{Health, duration_nanos};
 use crate::instance::Instance;
 use crate::snapshot::Snapshot;
 
-/// An instance picked from a snapshot, borrowed from it: a pick from a [`ServiceCache`] touches
-/// no reference count (it holds the arc-swap guard); a pick from a
-/// [`Selection`](crate::Selection) holds an `Arc` of the selection's snapshot.
+/// An instance picked from a snapshot, borrowed from it: a pick from a [`ServiceCache`] or a
+/// [`Selection`](crate::Selection) touches no reference count (it holds the arc-swap guard of
+/// the snapshot); only the first pick after a publish, which makes a selection's tables, holds
+/// an `Arc` of them.
 ///
 /// [`ServiceCache`]: crate::ServiceCache
 ///
@@ -27,9 +28,9 @@ use crate::snapshot::Snapshot;
 /// failing is ejected (see [`OutlierEjection`](crate::OutlierEjection)); dropping it reports
 /// nothing.
 pub struct Picked {
-    /// The cache's own picks hold arc-swap's guard (no reference-count write); a selection's
-    /// hold an `Arc` wrapped in a guard ([`Guard::from_inner`]), so that reading the instance
-    /// is the same code, without a branch, for both.
+    /// Arc-swap's guard (no reference-count write), or, for the first pick from a selection's
+    /// new tables, an `Arc` wrapped in a guard ([`Guard::from_inner`]): reading the instance is
+    /// the same code, without a branch, for both.
     snapshot: Guard<Arc<Snapshot>>,
     index: u32,
 }

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use arc_swap::ArcSwapOption;
+use arc_swap::{ArcSwap, Guard};
 
 use super::picked::{Call, Picked};
 use crate::cache::ServiceCache;
@@ -58,20 +58,16 @@ impl Selector {
     }
 }
 
-/// The selected part of one snapshot, and the snapshot it was built from.
-struct Built {
-    source: Arc<Snapshot>,
-    view: Arc<Snapshot>,
-}
-
 /// The instances of a service that match a [`Selector`], with every picker of
 /// [`ServiceCache`].
 ///
 /// A selection has pick tables of its own, built once per snapshot (the first pick after a
-/// publish builds them), not a filter run on every pick. Ejection and slow start apply as for
-/// the whole service: health is shared, and the max ejected share and the panic threshold are
-/// weighed with the service's count of ejected instances against the selection's instances up.
-/// Cheap to clone; clones share the built tables.
+/// publish builds them), not a filter run on every pick. A pick costs what the cache's picks
+/// cost plus one atomic read (the cache's count of publishes, which tells whether the
+/// selection's tables are still current), and, like them, touches no reference count. Ejection
+/// and slow start apply as for the whole service: health is shared, and the max ejected share
+/// and the panic threshold are weighed with the service's count of ejected instances against
+/// the selection's instances up. Cheap to clone; clones share the built tables.
 ///
 /// ```
 /// # use etcd_registry::{Codec, Discovery, Instance, KeyLayout, MemoryBackend, Selector};
@@ -92,15 +88,20 @@ struct Built {
 pub struct Selection {
     cache: ServiceCache,
     selector: Arc<Selector>,
-    built: Arc<ArcSwapOption<Built>>,
+    /// The selected part of a snapshot of the cache, marked with the cache's publish count when
+    /// it was made ([`Snapshot::made_at_publish`], [`mark`]): current while the count is the
+    /// same.
+    view: Arc<ArcSwap<Snapshot>>,
 }
 
 impl Selection {
     pub(crate) fn new(cache: ServiceCache, selector: Selector) -> Self {
+        let publishes = cache.shared().publishes.read();
+        let view = made(&cache.load(), &selector, publishes);
         Self {
             cache,
             selector: Arc::new(selector),
-            built: Arc::new(ArcSwapOption::empty()),
+            view: Arc::new(ArcSwap::new(view)),
         }
     }
 
@@ -117,69 +118,113 @@ impl Selection {
     /// The selected instances of the current snapshot, as a snapshot of their own (same
     /// service, revision and freshness).
     pub fn snapshot(&self) -> Arc<Snapshot> {
+        Guard::into_inner(self.view())
+    }
+
+    /// The view of the cache's current snapshot: the one stored, unless the cache has published
+    /// since it was made, or was publishing then or is now.
+    #[inline]
+    fn view(&self) -> Guard<Arc<Snapshot>> {
+        let publishes = self.cache.shared().publishes.read();
+        let view = self.view.load();
+        if view.made_at_publish() == publishes {
+            return view;
+        }
+        self.remake(publishes)
+    }
+
+    /// A view of the cache's current snapshot, stored for the picks that follow; `publishes`
+    /// was read before the snapshot, so the view is at least as new as its mark says.
+    #[cold]
+    #[inline(never)]
+    fn remake(&self, publishes: u64) -> Guard<Arc<Snapshot>> {
         let current = self.cache.load();
-        if let Some(built) = &*self.built.load() {
-            if Arc::ptr_eq(&built.source, &current) {
-                return built.view.clone();
-            }
+        let stored = self.view.load_full();
+        let view = match stored.tables().selected_from() {
             // Only the freshness or revision changed: the same selected instances and tables.
-            if built.source.same_instances(&current) {
-                let view = Arc::new(built.view.with(current.revision(), current.freshness()));
-                self.store(&current, &view);
-                return view;
-            }
-        }
-        let view = Arc::new(current.select(|instance| self.selector.matches(instance)));
-        // Health is read and made in the whole snapshot's slots, shared with the cache.
-        if let Some(at) = positions(&current, &view) {
-            view.tables().select_from(Arc::clone(&current), at);
-        }
-        self.store(&current, &view);
-        view
+            Some(source) if source.same_instances(&current) => Arc::new(
+                stored
+                    .with(current.revision(), current.freshness())
+                    .at_publish(mark(publishes)),
+            ),
+            _ => made(&current, &self.selector, publishes),
+        };
+        // Two threads remaking at once may store in either order: a view stored over a newer
+        // one is marked older, so the next pick remakes it again.
+        self.view.store(Arc::clone(&view));
+        Guard::from_inner(view)
     }
 
-    fn store(&self, source: &Arc<Snapshot>, view: &Arc<Snapshot>) {
-        self.built.store(Some(Arc::new(Built {
-            source: Arc::clone(source),
-            view: Arc::clone(view),
-        })));
-    }
-
+    #[inline]
     fn picked(&self, pick: impl FnOnce(&Snapshot) -> Option<u32>) -> Option<Picked> {
-        let view = self.snapshot();
+        let view = self.view();
         let index = pick(&view)?;
-        Some(Picked::new(arc_swap::Guard::from_inner(view), index))
+        Some(Picked::new(view, index))
     }
 
     /// Round-robin among the selected instances; see [`ServiceCache::pick`].
+    #[inline]
     pub fn pick(&self) -> Option<Picked> {
         self.picked(Snapshot::pick_round_robin)
     }
 
     /// Uniformly random; see [`ServiceCache::pick_random`].
+    #[inline]
     pub fn pick_random(&self) -> Option<Picked> {
         self.picked(Snapshot::pick_random)
     }
 
     /// Smooth weighted round-robin; see [`ServiceCache::pick_weighted`].
+    #[inline]
     pub fn pick_weighted(&self) -> Option<Picked> {
         self.picked(Snapshot::pick_weighted)
     }
 
     /// Weighted random; see [`ServiceCache::pick_weighted_random`].
+    #[inline]
     pub fn pick_weighted_random(&self) -> Option<Picked> {
         self.picked(Snapshot::pick_weighted_random)
     }
 
     /// Consistent hash of `key` among the selected instances; see [`ServiceCache::pick_by`].
+    #[inline]
     pub fn pick_by(&self, key: impl AsRef<[u8]>) -> Option<Picked> {
         self.picked(|snapshot| snapshot.pick_by_key(key.as_ref()))
     }
 
     /// Power of two choices among the selected instances; see [`ServiceCache::pick_p2c`].
+    #[inline]
     pub fn pick_p2c(&self) -> Option<Call> {
-        self.snapshot().pick_p2c()
+        self.view().pick_p2c()
     }
+}
+
+/// The mark of a view made while a publish was under way (an odd count): the snapshot it was
+/// made from may be the one before, so no count ever matches it. (The count would reach it
+/// after 2^63 publishes.)
+const UNCONFIRMED: u64 = u64::MAX;
+
+/// The mark of a view made from a snapshot loaded after reading the publish count `publishes`.
+fn mark(publishes: u64) -> u64 {
+    if publishes % 2 == 0 {
+        publishes
+    } else {
+        UNCONFIRMED
+    }
+}
+
+/// The view of `current` that `selector` selects, marked as made at `publishes` (see
+/// [`mark`]), its health read and made in `current`'s slots (shared with the cache).
+fn made(current: &Arc<Snapshot>, selector: &Selector, publishes: u64) -> Arc<Snapshot> {
+    let view = Arc::new(
+        current
+            .select(|instance| selector.matches(instance))
+            .at_publish(mark(publishes)),
+    );
+    if let Some(at) = positions(current, &view) {
+        view.tables().select_from(Arc::clone(current), at);
+    }
+    view
 }
 
 /// Where each instance of `view` (selected from `source`, in the same order) is in `source`;
@@ -201,5 +246,56 @@ impl std::fmt::Debug for Selection {
             .field("service", &self.cache.service())
             .field("selector", &self.selector)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Codec, Discovery, KeyLayout, MemoryBackend};
+
+    /// The ids `n` picks of `selection` gave, each once.
+    fn ids(selection: &Selection, n: usize) -> std::collections::BTreeSet<String> {
+        (0..n)
+            .filter_map(|_| selection.pick().map(|p| p.id().to_owned()))
+            .collect()
+    }
+
+    /// A caller that has seen a snapshot never gets an older one from a selection, not even
+    /// in the instant of a publish between the snapshot's store and the end of the count.
+    #[tokio::test(start_paused = true)]
+    async fn a_selection_never_answers_older_than_a_snapshot_seen() {
+        let etcd = MemoryBackend::new();
+        let codec = Codec::new(KeyLayout::Native, "/services");
+        for id in ["a", "b"] {
+            let instance = Instance::builder("user", "10.0.0.1:80")
+                .id(id)
+                .tag("canary")
+                .build()
+                .expect("valid");
+            etcd.put(codec.key(&instance, 0), codec.encode_value(&instance));
+        }
+        let users = Discovery::memory(etcd)
+            .namespace("/services")
+            .build()
+            .expect("valid")
+            .service("user")
+            .await
+            .expect("listed");
+        let canaries = users.select(Selector::new().tag("canary"));
+        assert_eq!(ids(&canaries, 10), ["a", "b"].map(String::from).into());
+
+        // Half a publish (no await in between, so the sync task cannot run): the snapshot
+        // without `a` stored, the count not yet ended.
+        let shared = users.shared();
+        let without_a = Arc::new(users.load().select(|i| i.id() != "a"));
+        shared.publishes.begin();
+        shared.current.store(without_a);
+        assert!(users.load().get("a").is_none(), "the caller sees it");
+        assert_eq!(ids(&canaries, 10), ["b"].map(String::from).into());
+        assert_eq!(canaries.snapshot().len(), 1);
+
+        shared.publishes.end();
+        assert_eq!(ids(&canaries, 10), ["b"].map(String::from).into());
     }
 }

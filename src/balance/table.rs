@@ -92,6 +92,12 @@ impl Tables {
         let _ = self.selected.set(Selected { source, at });
     }
 
+    /// For a selection's tables: the snapshot they were selected from (see
+    /// [`select_from`](Self::select_from)).
+    pub(crate) fn selected_from(&self) -> Option<&Arc<Snapshot>> {
+        self.selected.get().map(|selected| &selected.source)
+    }
+
     /// This table's round-robin cursor owner (see [`rng::next_position`]): its address, which
     /// is even (the weighted cursor sets the low bit).
     #[inline]
