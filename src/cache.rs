@@ -26,35 +26,38 @@ pub type SyncStats = Stats;
 /// or a newer one (`end` releases after the store). Whoever has seen a snapshot, through any
 /// handle, and then reads the count, reads at least the odd count of its publish (`begin` comes
 /// before the store, which releases it): so a reader never takes tables marked with an even
-/// count for current once it has seen a newer snapshot.
+/// count below that for current once it has seen a newer snapshot.
 #[derive(Debug, Default)]
-pub(crate) struct PublishCount(AtomicU64);
+struct PublishCount(AtomicU64);
 
 impl PublishCount {
     /// The count now.
     #[inline]
-    pub(crate) fn read(&self) -> u64 {
+    fn read(&self) -> u64 {
         self.0.load(Ordering::Acquire)
     }
 
     /// A publish starts: the count becomes odd.
-    pub(crate) fn begin(&self) {
-        self.0.fetch_add(1, Ordering::AcqRel);
+    fn begin(&self) {
+        let was = self.0.fetch_add(1, Ordering::AcqRel);
+        debug_assert!(was % 2 == 0, "two publishes of one cache overlap");
     }
 
     /// The publish is in `current`: the count becomes even.
-    pub(crate) fn end(&self) {
-        self.0.fetch_add(1, Ordering::Release);
+    fn end(&self) {
+        let was = self.0.fetch_add(1, Ordering::Release);
+        debug_assert!(was % 2 == 1, "a publish ended that had not begun");
     }
 }
 
 /// What the sync driver and every handle of one cache share.
 pub(crate) struct Shared {
     pub(crate) service: Arc<str>,
-    pub(crate) current: ArcSwap<Snapshot>,
+    /// Written only by [`publish`](Self::publish), which keeps `publishes` in step.
+    current: ArcSwap<Snapshot>,
     /// Counts publishes, odd while one is under way: a [`Selection`] tells by it whether its
     /// tables are still current without loading `current` itself.
-    pub(crate) publishes: PublishCount,
+    publishes: PublishCount,
     pub(crate) changes: watch::Sender<Arc<Snapshot>>,
     pub(crate) stats: Mutex<Stats>,
     pub(crate) last_error: Mutex<Option<(String, Option<FreezeCause>)>>,
@@ -143,6 +146,31 @@ impl Shared {
         self.current.store(snapshot.clone());
         self.publishes.end();
         self.changes.send_replace(snapshot);
+    }
+
+    /// The publish count (see [`PublishCount`]): even between publishes, odd during one.
+    #[inline]
+    pub(crate) fn publishes(&self) -> u64 {
+        self.publishes.read()
+    }
+
+    /// A [`publish`](Self::publish) one step at a time, for tests of what readers see between
+    /// the steps: the count made odd.
+    #[cfg(test)]
+    pub(crate) fn begin_publish(&self) {
+        self.publishes.begin();
+    }
+
+    /// The second step of a publish: `snapshot` stored.
+    #[cfg(test)]
+    pub(crate) fn store_published(&self, snapshot: Arc<Snapshot>) {
+        self.current.store(snapshot);
+    }
+
+    /// The last step of a publish: the count made even.
+    #[cfg(test)]
+    pub(crate) fn end_publish(&self) {
+        self.publishes.end();
     }
 
     pub(crate) fn stats(&self) -> Stats {

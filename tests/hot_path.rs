@@ -11,6 +11,7 @@ mod support;
 
 use std::hint::black_box;
 use std::sync::Arc;
+use std::sync::Barrier;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -266,8 +267,8 @@ fn takes_no_reference(what: &str, snapshot: Arc<Snapshot>, pick: impl Fn() -> Op
     );
 }
 
-/// A selection keeps up with its cache across threads: while the cache publishes as fast as
-/// etcd changes, a pick from a selection never comes from a snapshot older than the one its
+/// A selection keeps up with its cache across threads: while the cache publishes 300 times, a
+/// pick from a selection never comes from a snapshot older than the one its
 /// thread saw through the cache just before (a selection checks its tables against the cache's
 /// publish count, not against the snapshot itself).
 #[test]
@@ -283,10 +284,16 @@ fn a_selection_never_lags_what_its_thread_has_seen() {
     let users = users_of(&rt, &etcd);
     let all = users.select(Selector::new());
     let done = AtomicBool::new(false);
+    // Both readers and the writer start together, so the readers overlap the publishes.
+    let start = Barrier::new(3);
     std::thread::scope(|s| {
+        // Set however the writer's part ends, a panic included: the readers stop, and the
+        // scope's join passes the panic on instead of waiting for ever.
+        let _stop = Stop(&done);
         let readers: Vec<_> = (0..2)
             .map(|_| {
                 s.spawn(|| {
+                    start.wait();
                     let mut picks = 0u64;
                     while !done.load(Ordering::Acquire) {
                         let seen = users.load().revision();
@@ -302,21 +309,29 @@ fn a_selection_never_lags_what_its_thread_has_seen() {
                 })
             })
             .collect();
+        start.wait();
+        // One publish per put: each waits until the cache has it.
         for n in 1..=PUTS {
-            register(&etcd, &format!("i{n}"), 8000 + n);
+            let revision = register(&etcd, &format!("i{n}"), 8000 + n);
+            rt.block_on(wait_for(&users, Duration::from_secs(10), "the put", |s| {
+                s.revision() >= revision
+            }));
         }
-        rt.block_on(wait_for(
-            &users,
-            Duration::from_secs(60),
-            "every instance",
-            |s| s.len() == usize::from(PUTS) + 1,
-        ));
         done.store(true, Ordering::Release);
         for reader in readers {
             assert!(reader.join().expect("reader") > 0, "the reader picked");
         }
     });
     assert_eq!(all.snapshot().len(), usize::from(PUTS) + 1);
+}
+
+/// Sets its flag when dropped.
+struct Stop<'a>(&'a AtomicBool);
+
+impl Drop for Stop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
 }
 
 /// The ids of the instances ejected now (allocates: outside the counted parts).

@@ -14,8 +14,8 @@ use crate::snapshot::Snapshot;
 
 /// An instance picked from a snapshot, borrowed from it: a pick from a [`ServiceCache`] or a
 /// [`Selection`](crate::Selection) touches no reference count (it holds the arc-swap guard of
-/// the snapshot); only the first pick after a publish, which makes a selection's tables, holds
-/// an `Arc` of them.
+/// the snapshot). Only a selection's pick that finds its view out of date (after or during a
+/// publish) makes a new one and holds an `Arc` of it.
 ///
 /// [`ServiceCache`]: crate::ServiceCache
 ///
@@ -28,9 +28,9 @@ use crate::snapshot::Snapshot;
 /// failing is ejected (see [`OutlierEjection`](crate::OutlierEjection)); dropping it reports
 /// nothing.
 pub struct Picked {
-    /// Arc-swap's guard (no reference-count write), or, for the first pick from a selection's
-    /// new tables, an `Arc` wrapped in a guard ([`Guard::from_inner`]): reading the instance is
-    /// the same code, without a branch, for both.
+    /// Arc-swap's guard (no reference-count write), or, for a selection's pick that made a new
+    /// view, an `Arc` wrapped in a guard ([`Guard::from_inner`]): reading the instance is the
+    /// same code, without a branch, for both.
     snapshot: Guard<Arc<Snapshot>>,
     index: u32,
 }

@@ -61,13 +61,17 @@ impl Selector {
 /// The instances of a service that match a [`Selector`], with every picker of
 /// [`ServiceCache`].
 ///
-/// A selection has pick tables of its own, built once per snapshot (the first pick after a
-/// publish builds them), not a filter run on every pick. A pick costs what the cache's picks
-/// cost plus one atomic read (the cache's count of publishes, which tells whether the
-/// selection's tables are still current), and, like them, touches no reference count. Ejection
-/// and slow start apply as for the whole service: health is shared, and the max ejected share
-/// and the panic threshold are weighed with the service's count of ejected instances against
-/// the selection's instances up. Cheap to clone; clones share the built tables.
+/// A selection has pick tables of its own, built once per snapshot, not a filter run on every
+/// pick: [`ServiceCache::select`] builds them for the current snapshot (O(n) in the service's
+/// instances), and the first pick after each publish for the new one. A pick costs what the
+/// cache's picks cost plus one atomic read (the cache's publish count, which tells whether the
+/// selection's tables are still current), and, like them, touches no reference count: its
+/// [`Picked`] holds one of the thread's arc-swap guards, so keep it short-lived, as the cache's.
+/// A caller that has seen a snapshot through the cache never gets an older one through a
+/// selection. Ejection and slow start apply as for the whole service: health is shared, and
+/// the max ejected share and the panic threshold are weighed with the service's count of
+/// ejected instances against the selection's instances up. Cheap to clone; clones share the
+/// built tables.
 ///
 /// ```
 /// # use etcd_registry::{Codec, Discovery, Instance, KeyLayout, MemoryBackend, Selector};
@@ -89,14 +93,14 @@ pub struct Selection {
     cache: ServiceCache,
     selector: Arc<Selector>,
     /// The selected part of a snapshot of the cache, marked with the cache's publish count when
-    /// it was made ([`Snapshot::made_at_publish`], [`mark`]): current while the count is the
-    /// same.
+    /// it was made ([`Snapshot::made_at_publish`], [`mark`]): current while the count is no
+    /// higher.
     view: Arc<ArcSwap<Snapshot>>,
 }
 
 impl Selection {
     pub(crate) fn new(cache: ServiceCache, selector: Selector) -> Self {
-        let publishes = cache.shared().publishes.read();
+        let publishes = cache.shared().publishes();
         let view = made(&cache.load(), &selector, publishes);
         Self {
             cache,
@@ -125,21 +129,27 @@ impl Selection {
     /// since it was made, or was publishing then or is now.
     #[inline]
     fn view(&self) -> Guard<Arc<Snapshot>> {
-        let publishes = self.cache.shared().publishes.read();
+        let publishes = self.cache.shared().publishes();
         let view = self.view.load();
-        if view.made_at_publish() == publishes {
+        if view.made_at_publish() >= publishes {
             return view;
         }
+        // Released first: arc-swap's store below then need not pay this thread's own debt.
+        drop(view);
         self.remake(publishes)
     }
 
-    /// A view of the cache's current snapshot, stored for the picks that follow; `publishes`
-    /// was read before the snapshot, so the view is at least as new as its mark says.
+    /// A view of the cache's current snapshot, made after the publish count read `publishes`,
+    /// and stored for the picks that follow unless another thread stored one meanwhile.
     #[cold]
     #[inline(never)]
     fn remake(&self, publishes: u64) -> Guard<Arc<Snapshot>> {
         let current = self.cache.load();
         let stored = self.view.load_full();
+        if stored.made_at_publish() >= publishes {
+            // Another thread remade it since this one looked.
+            return Guard::from_inner(stored);
+        }
         let view = match stored.tables().selected_from() {
             // Only the freshness or revision changed: the same selected instances and tables.
             Some(source) if source.same_instances(&current) => Arc::new(
@@ -149,9 +159,9 @@ impl Selection {
             ),
             _ => made(&current, &self.selector, publishes),
         };
-        // Two threads remaking at once may store in either order: a view stored over a newer
-        // one is marked older, so the next pick remakes it again.
-        self.view.store(Arc::clone(&view));
+        // Only over the view this thread found out of date: a thread that remade meanwhile
+        // stored a view at least as new, or one the next pick remakes.
+        let _ = self.view.compare_and_swap(&stored, Arc::clone(&view));
         Guard::from_inner(view)
     }
 
@@ -200,11 +210,16 @@ impl Selection {
 }
 
 /// The mark of a view made while a publish was under way (an odd count): the snapshot it was
-/// made from may be the one before, so no count ever matches it. (The count would reach it
-/// after 2^63 publishes.)
-const UNCONFIRMED: u64 = u64::MAX;
+/// made from may be the one before, so no count taken after it is at or below the mark (the
+/// count that was odd is above 0, and counts only grow).
+const UNCONFIRMED: u64 = 0;
 
 /// The mark of a view made from a snapshot loaded after reading the publish count `publishes`.
+///
+/// An even count `c` read before the load means the snapshot is that of publish `c / 2` or a
+/// newer one; so the view serves any reader whose count is at most `c`. Such a reader has seen
+/// no snapshot newer than publish `c / 2` (see `PublishCount` in the cache), so it is never
+/// served an older one.
 fn mark(publishes: u64) -> u64 {
     if publishes % 2 == 0 {
         publishes
@@ -285,17 +300,20 @@ mod tests {
         let canaries = users.select(Selector::new().tag("canary"));
         assert_eq!(ids(&canaries, 10), ["a", "b"].map(String::from).into());
 
-        // Half a publish (no await in between, so the sync task cannot run): the snapshot
-        // without `a` stored, the count not yet ended.
+        // A publish of the snapshot without `a`, one step at a time (no await in between, so
+        // the sync task cannot run).
         let shared = users.shared();
         let without_a = Arc::new(users.load().select(|i| i.id() != "a"));
-        shared.publishes.begin();
-        shared.current.store(without_a);
+        shared.begin_publish();
+        // Under way, not stored yet: the selection remakes its view from the old snapshot, as
+        // it may; that view must not outlive the store.
+        assert_eq!(ids(&canaries, 10), ["a", "b"].map(String::from).into());
+        shared.store_published(without_a);
         assert!(users.load().get("a").is_none(), "the caller sees it");
         assert_eq!(ids(&canaries, 10), ["b"].map(String::from).into());
         assert_eq!(canaries.snapshot().len(), 1);
 
-        shared.publishes.end();
+        shared.end_publish();
         assert_eq!(ids(&canaries, 10), ["b"].map(String::from).into());
     }
 }
