@@ -10,7 +10,8 @@
 //!   `Selection` of every instance (`Selector::new()`): its own tables, checked against the
 //!   cache's publish count on each pick.
 //! - `balance/one_ejected/1-thread`: the same picks over 10 instances with one ejected (one
-//!   shared counter says so; a pick that draws the ejected one reads the clock).
+//!   shared counter says so). While it is, every pick reads the clock, to see whether a sweep
+//!   of ended ejections is due (`Tables::gate_at`), and checks its candidate's health.
 //! - `balance/p2c/{1,2}-thread`: one operation is a pick and the report of its success.
 //!   - `ours`: `pick_p2c()`, then `Call::success()`.
 //!   - `mutex_gozero`: go-zero's p2c as go-zero builds it (`zrpc/internal/balancer/p2c/p2c.go`):
