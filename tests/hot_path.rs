@@ -26,11 +26,7 @@ static GLOBAL: Counting = Counting;
 /// `load()`, `pick()` and `pick_random()` allocate nothing, live or frozen, on two threads.
 #[test]
 fn picks_and_loads_allocate_nothing_even_while_frozen() {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .start_paused(true)
-        .build()
-        .unwrap();
+    let rt = paused_runtime();
     let etcd = MemoryBackend::new();
     for n in 0..10 {
         register(&etcd, &format!("i{n}"), 8000 + n);
@@ -148,23 +144,8 @@ fn balancing_picks_and_reports_allocate_nothing() {
     // instance's health made (both on first need), an ejection and a return seen once. Ejection,
     // its end noticed by a pick (probation) and the restoring success included.
     let _ = metrics::set_global_recorder(&RECORDER);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .start_paused(true)
-        .build()
-        .unwrap();
-    let etcd = MemoryBackend::new();
-    let codec = codec();
-    for n in 0..10u32 {
-        let mut builder = Instance::builder("user", format!("10.0.1.{n}:80"))
-            .id(format!("i{n}"))
-            .weight(1 + n % 3);
-        if n < 4 {
-            builder = builder.tag("canary");
-        }
-        let instance = builder.build().unwrap();
-        etcd.put(codec.key(&instance, 0), codec.encode_value(&instance));
-    }
+    let rt = paused_runtime();
+    let etcd = fleet(10, 4);
     let users = users_of(&rt, &etcd);
     let canaries = users.select(Selector::new().tag("canary"));
     // Balancing reads tokio's (paused) clock: picks run in the runtime's context, not in it.
@@ -229,21 +210,8 @@ fn balancing_picks_and_reports_allocate_nothing() {
 /// own, so picks running on every thread never bounce the snapshot's count between cores.
 #[test]
 fn picks_take_no_reference_count() {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .start_paused(true)
-        .build()
-        .unwrap();
-    let etcd = MemoryBackend::new();
-    let codec = codec();
-    for n in 0..4u32 {
-        let mut builder = Instance::builder("user", format!("10.0.2.{n}:80")).id(format!("i{n}"));
-        if n < 2 {
-            builder = builder.tag("canary");
-        }
-        let instance = builder.build().unwrap();
-        etcd.put(codec.key(&instance, 0), codec.encode_value(&instance));
-    }
+    let rt = paused_runtime();
+    let etcd = fleet(4, 2);
     let users = users_of(&rt, &etcd);
     let canaries = users.select(Selector::new().tag("canary"));
     let _context = rt.enter();
@@ -342,6 +310,33 @@ fn ejected_ids(users: &ServiceCache) -> Vec<String> {
         .filter(|h| h.ejected_until.is_some())
         .map(|h| h.instance.id().to_owned())
         .collect()
+}
+
+/// A current-thread runtime with tokio's clock paused.
+fn paused_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap()
+}
+
+/// Instances `i0` to `i{n-1}` of `user` in a new memory etcd, weights 1 to 3 in turn, the
+/// first `canaries` of them tagged `canary`.
+fn fleet(n: u32, canaries: u32) -> MemoryBackend {
+    let etcd = MemoryBackend::new();
+    let codec = codec();
+    for k in 0..n {
+        let mut builder = Instance::builder("user", format!("10.0.1.{k}:80"))
+            .id(format!("i{k}"))
+            .weight(1 + k % 3);
+        if k < canaries {
+            builder = builder.tag("canary");
+        }
+        let instance = builder.build().unwrap();
+        etcd.put(codec.key(&instance, 0), codec.encode_value(&instance));
+    }
+    etcd
 }
 
 /// The live cache of service `user` over `etcd`, its task on `rt`.
