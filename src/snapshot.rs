@@ -137,8 +137,9 @@ pub struct Snapshot {
     freshness: Freshness,
     instances: Arc<[Arc<Instance>]>,
     tables: Arc<Tables>,
-    /// For a selection's view: its cache's publish count when the view was made, or a mark no
-    /// count matches (see [`Selection`](crate::Selection)); 0 for a cache's own snapshots.
+    /// For a selection's view, its mark: the cache's publish count read before the view was
+    /// made, or 0 when a publish was under way then (see [`Selection`](crate::Selection)); the
+    /// view is current while the count is at most its mark. 0 for a cache's own snapshots.
     made_at_publish: u64,
 }
 
@@ -203,7 +204,7 @@ impl Snapshot {
         &self.tables
     }
 
-    /// For a selection's view: its cache's publish count when it was made (see `made_at_publish`).
+    /// For a selection's view: its mark (see the field `made_at_publish`).
     #[inline]
     pub(crate) fn made_at_publish(&self) -> u64 {
         self.made_at_publish

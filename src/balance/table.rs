@@ -316,7 +316,7 @@ impl Tables {
     /// instance no longer in the snapshot was benched when it left, which released its slot.)
     #[cold]
     fn sweep(&self, now: Instant) {
-        let tables = self.selected.get().map_or(self, |s| s.source.tables());
+        let tables = self.selected_from().map_or(self, |source| source.tables());
         for index in 0..tables.health.len() {
             let Some(health) = u32::try_from(index).ok().and_then(|n| tables.health(n)) else {
                 continue;
