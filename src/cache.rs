@@ -424,6 +424,8 @@ impl ServiceCache {
     pub fn health(&self) -> Vec<InstanceHealth> {
         let snapshot = self.load();
         let now = crate::balance::now();
+        // Ejections over by now end (and leave the `ejected` gauge) before they are shown.
+        snapshot.tables().balancing.sweep_if_due(now);
         snapshot
             .instances()
             .iter()
@@ -510,7 +512,7 @@ mod tests {
             Freshness::Live,
             Arc::default(),
             Arc::default(),
-            Arc::new(balancing),
+            balancing,
         );
         Arc::new(Shared::new(Arc::new(initial)))
     }

@@ -201,11 +201,7 @@ impl Discovery {
     /// A new cache of `service` and its sync task.
     fn spawn(&self, service: &str) -> Result<Arc<Handle>> {
         let config = &self.inner.config;
-        let balancing = Arc::new(Balancing::new(
-            service.into(),
-            config.ejection,
-            config.slow_start,
-        ));
+        let balancing = Balancing::new(service.into(), config.ejection, config.slow_start);
         let machine = self.machine(service, &balancing);
         let shared = Arc::new(Shared::new(machine.published().clone()));
         let handle = Arc::new(Handle {

@@ -242,18 +242,23 @@ impl Tables {
     }
 
     /// [`gate`](Self::gate) for a pick at `now` (read from the clock when needed, if `None`).
-    /// While some instance is ejected the clock is read, to sweep out ejections that ended
-    /// (see [`Outliers::sweep_due`](super::health::Outliers::sweep_due)), so that the panic
-    /// threshold and the max ejected share count only the ejections running.
+    ///
+    /// While some instance is ejected, a pick does not read the clock unless a candidate shows
+    /// an ejection ([`Gate::admit`]) or the service is in panic mode: ejections that ended are
+    /// swept out of the count (see [`Outliers::sweep_due`](super::health::Outliers::sweep_due))
+    /// whenever the clock is read, and panic mode reads it for that, since its picks look at no
+    /// candidate's health and would never notice that the ejections causing it are over.
     #[inline]
     pub(crate) fn gate_at(&self, now: Option<Instant>) -> Option<Gate<'_>> {
         let warm = self.warming_until.is_some() && !self.warmed.load(Ordering::Relaxed);
         let mut now = now;
         let mut eject = false;
         if self.outliers.any_ejected() {
-            let at = *now.get_or_insert_with(super::clock::now);
-            if self.outliers.sweep_due(at) {
-                self.sweep(at);
+            if let Some(at) = now {
+                self.sweep_if_due(at);
+            } else if self.outliers.panicking(self.up.len()) {
+                let at = *now.get_or_insert_with(super::clock::now);
+                self.sweep_if_due(at);
             }
             eject = self.outliers.any_ejected() && !self.outliers.panicking(self.up.len());
         }
@@ -281,12 +286,30 @@ impl Tables {
     /// pick writes (the ejected count is written only by ejections and returns).
     #[inline]
     fn quiet(&self) -> bool {
-        !self.outliers.any_ejected()
-            && (self.warming_until.is_none() || self.warmed.load(Ordering::Relaxed))
+        !self.outliers.any_ejected() && !self.warming()
     }
 
+    /// Whether some instance may still be warming up: then every pick goes through the gate.
+    #[inline]
+    fn warming(&self) -> bool {
+        self.warming_until.is_some() && !self.warmed.load(Ordering::Relaxed)
+    }
+
+    /// Whether candidate `first` shows an ejection. One that shows none is picked whatever else
+    /// is ejected (panic mode only ever lets ejected ones in), so while others are ejected this
+    /// is all a pick of it reads beyond the ejected count: its health's ejection end, no clock.
+    #[inline]
+    fn shows_ejection(&self, first: u32) -> bool {
+        self.health(first).is_some_and(|h| h.maybe_ejected())
+    }
+
+    /// [`choose`](Self::choose) once something is ejected or warming: out of line, so that the
+    /// quiet path stays the two loads of [`quiet`](Self::quiet).
     #[cold]
     fn choose_slow(&self, first: u32, candidate: impl Fn(u32) -> Option<u32>) -> Option<u32> {
+        if !self.warming() && !self.shows_ejection(first) {
+            return Some(first);
+        }
         match self.gate() {
             None => Some(first),
             Some(mut gate) => gate.choose(first, candidate),
@@ -298,6 +321,19 @@ impl Tables {
     pub(crate) fn choose_sticky(&self, candidate: impl Fn(u32) -> Option<u32>) -> Option<u32> {
         let first = candidate(0)?;
         if !self.outliers.any_ejected() {
+            return Some(first);
+        }
+        self.choose_sticky_slow(first, candidate)
+    }
+
+    /// [`choose_sticky`](Self::choose_sticky) once something is ejected.
+    #[cold]
+    fn choose_sticky_slow(
+        &self,
+        first: u32,
+        candidate: impl Fn(u32) -> Option<u32>,
+    ) -> Option<u32> {
+        if !self.shows_ejection(first) {
             return Some(first);
         }
         match self.gate().map(Gate::without_slow_start) {
@@ -315,18 +351,22 @@ impl Tables {
     /// waits for a publish. A selection sweeps the whole snapshot it was made from. (An
     /// instance no longer in the snapshot was benched when it left, which released its slot.)
     #[cold]
+    #[inline(never)]
     fn sweep(&self, now: Instant) {
         let tables = self.selected_from().map_or(self, |source| source.tables());
         for index in 0..tables.health.len() {
-            let Some(health) = u32::try_from(index).ok().and_then(|n| tables.health(n)) else {
-                continue;
-            };
-            if health.maybe_ejected()
-                && health.is_ejected(now)
-                && let Some(until) = health.ejected_until()
-            {
-                self.outliers.sweep_after(until);
+            if let Some(health) = u32::try_from(index).ok().and_then(|n| tables.health(n)) {
+                health.sweep(now);
             }
+        }
+    }
+
+    /// Sweeps (see [`sweep`](Self::sweep)) if an ejection may have ended by `now`: one thread
+    /// per due time (see [`Outliers::sweep_due`](super::health::Outliers::sweep_due)).
+    #[inline]
+    fn sweep_if_due(&self, now: Instant) {
+        if self.outliers.sweep_due(now) {
+            self.sweep(now);
         }
     }
 }
@@ -414,8 +454,17 @@ impl Gate<'_> {
         self
     }
 
+    /// The time of this pick: the clock is read at most once per pick, and the first read
+    /// sweeps out ejections that ended, if one may have.
     pub(crate) fn now(&mut self) -> Instant {
-        *self.now.get_or_insert_with(super::clock::now)
+        match self.now {
+            Some(now) => now,
+            None => {
+                let now = super::clock::now();
+                self.tables.sweep_if_due(now);
+                *self.now.insert(now)
+            }
+        }
     }
 
     /// Whether `index` may be picked now, and at what share of its weight.

@@ -3,7 +3,9 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::clock;
 use super::health::{Balancing, OutlierEjection};
+use super::pick::round_robin;
 use super::rng::{next_position, next_random};
 use super::table::Tables;
 use crate::instance::{Instance, State};
@@ -11,7 +13,7 @@ use crate::instance::{Instance, State};
 /// The tables of `instances`, each with fresh health, default outlier ejection and no slow
 /// start.
 fn tables(instances: &[Arc<Instance>]) -> Tables {
-    let balancing = Arc::new(Balancing::new("s".into(), OutlierEjection::default(), None));
+    let balancing = Balancing::new("s".into(), OutlierEjection::default(), None);
     let now = Instant::now();
     let health = balancing.slots(&instances.iter().cloned().collect(), now, true);
     Tables::new(instances, health, balancing)
@@ -85,4 +87,80 @@ fn random_covers_all() {
         seen[(next_random() % 5) as usize] += 1;
     }
     assert!(seen.iter().all(|&c| c > 800), "{seen:?}");
+}
+
+/// While one instance of ten is ejected, a pick reads the clock only when its candidate is that
+/// one (to see whether its ejection has ended): the others cost what they cost with nothing
+/// ejected.
+#[test]
+fn a_pick_reads_the_clock_only_when_it_meets_an_ejected_instance() {
+    let inst = instances(&[State::Up; 10]);
+    let table = tables(&inst);
+    let ejected = table
+        .health_or_new(3, &inst)
+        .expect("instance 3 exists")
+        .clone();
+    let now = clock::now();
+    for _ in 0..5 {
+        ejected.on_failure(now, table.up_len());
+    }
+    assert!(ejected.is_ejected(now), "five failures eject");
+    let start = next_position(table.cursor_owner());
+    let before = clock::reads();
+    for _ in 0..100 {
+        assert_ne!(
+            round_robin(&table),
+            Some(3),
+            "an ejected instance was picked"
+        );
+    }
+    let reads = clock::reads() - before;
+    // Each pick takes one position of the cursor, and one more when its candidate is the
+    // ejected instance: the positions past 100 are the meetings (one in each round of 10).
+    let meetings = next_position(table.cursor_owner()) - start - 1 - 100;
+    assert!((10..=11).contains(&meetings), "{meetings} meetings");
+    assert_eq!(reads, meetings, "clock reads in 100 picks");
+}
+
+/// An ejection that ended with no pick meeting it (nothing read the clock since) stops holding
+/// its slot of the max ejected share when the next report comes: a failing instance is ejected
+/// in its place.
+#[test]
+fn an_ejection_over_unnoticed_gives_its_slot_to_the_next_failing_instance() {
+    let inst = instances(&[State::Up; 10]);
+    let table = tables(&inst);
+    let up = table.up_len();
+    let first = table
+        .health_or_new(3, &inst)
+        .expect("instance 3 exists")
+        .clone();
+    let second = table
+        .health_or_new(5, &inst)
+        .expect("instance 5 exists")
+        .clone();
+    let now = clock::now();
+    for _ in 0..5 {
+        first.on_failure(now, up);
+    }
+    assert!(first.maybe_ejected(), "five failures eject");
+    // One of ten may be ejected at once (10 %, at least one): the second fails while the first
+    // is ejected and stays in.
+    for _ in 0..5 {
+        second.on_failure(now, up);
+    }
+    assert!(
+        !second.maybe_ejected(),
+        "the max ejected share let a second in"
+    );
+    // Past the first one's 30 s, with no pick since: the second's next failure is ejected.
+    let later = now + std::time::Duration::from_secs(31);
+    second.on_failure(later, up);
+    assert!(
+        second.is_ejected(later),
+        "the slot of an ejection over was not given back"
+    );
+    assert!(
+        !first.maybe_ejected(),
+        "the sweep did not end the first ejection"
+    );
 }

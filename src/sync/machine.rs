@@ -228,11 +228,7 @@ impl Machine {
             since: now,
             cause: FreezeCause::NotListed,
         };
-        let balancing = Arc::new(Balancing::new(
-            service.clone(),
-            OutlierEjection::default(),
-            None,
-        ));
+        let balancing = Balancing::new(service.clone(), OutlierEjection::default(), None);
         Self {
             published: Arc::new(Snapshot::new(
                 service.clone(),

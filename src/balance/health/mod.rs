@@ -115,10 +115,7 @@ impl Health {
     }
 
     fn instant(&self, stamp: u64) -> Instant {
-        // A stamp is at most u64::MAX ns (584 years) after `origin`: checked all the same, so
-        // no input can make this panic.
-        let after = Duration::from_nanos(stamp.saturating_sub(1));
-        self.origin.checked_add(after).unwrap_or(self.origin)
+        instant_of(self.origin, stamp)
     }
 
     /// How long since the key was first seen; `None` for an instance present at the first list.
@@ -162,6 +159,17 @@ impl Health {
             );
         }
         false
+    }
+
+    /// Ends its ejection if it is over by `now` (see [`is_ejected`](Self::is_ejected)), or else
+    /// makes sure a sweep comes by its end: one instance's part of a sweep.
+    pub(crate) fn sweep(&self, now: Instant) {
+        if self.maybe_ejected()
+            && self.is_ejected(now)
+            && let Some(until) = self.ejected_until()
+        {
+            self.balancing.sweep_after(until);
+        }
     }
 
     /// A request was sent to it.
@@ -271,6 +279,7 @@ impl Health {
 
     /// A request succeeded at `stamp`, after `latency_nanos` (if measured).
     pub(crate) fn on_success(&self, stamp: u64, latency_nanos: Option<u64>) {
+        self.balancing.sweep_if_due_at(stamp);
         self.sample(stamp, latency_nanos, true);
         self.balancing.metrics.success.increment(1);
         // Written only when they change: a success on a healthy instance (the common case)
@@ -289,6 +298,8 @@ impl Health {
     /// A request failed. Ejects the instance after the consecutive-failure threshold, or at
     /// once when on probation, if the max ejected share of `up` instances allows.
     pub(crate) fn on_failure(&self, now: Instant, up: usize) {
+        // Ejections over by now give their slots back before this failure asks for one.
+        self.balancing.sweep_if_due(now);
         self.sample(self.stamp(now), None, false);
         self.balancing.metrics.failure.increment(1);
         // An ejection that ended with nobody noticing (no pick of it since) ends now: the
@@ -399,6 +410,14 @@ impl Health {
 #[inline]
 fn stamp_after(origin: Instant, now: Instant) -> u64 {
     duration_nanos(now.saturating_duration_since(origin)).saturating_add(1)
+}
+
+/// The instant of a stamp after `origin` (the inverse of [`stamp_after`]).
+fn instant_of(origin: Instant, stamp: u64) -> Instant {
+    // A stamp is at most u64::MAX ns (584 years) after `origin`: checked all the same, so no
+    // input can make this panic.
+    let after = Duration::from_nanos(stamp.saturating_sub(1));
+    origin.checked_add(after).unwrap_or(origin)
 }
 
 /// `d` in nanoseconds, saturating at `u64::MAX` (584 years).

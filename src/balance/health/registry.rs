@@ -3,10 +3,10 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Instant;
 
-use super::{Health, HealthSlot, OutlierEjection, duration_nanos, stamp_after};
+use super::{Health, HealthSlot, OutlierEjection, duration_nanos, instant_of, stamp_after};
 use crate::balance::slow_start::SlowStart;
 use crate::instance::Instance;
 
@@ -46,16 +46,19 @@ pub(crate) struct Outliers {
     pub(crate) service: Arc<str>,
     pub(crate) ejection: OutlierEjection,
     pub(crate) slow_start: Option<SlowStart>,
-    /// Instances ejected right now (an expired ejection counts until the next pick sweeps it
-    /// out: see [`sweep_due`](Self::sweep_due)).
+    /// Instances ejected right now (an expired ejection counts until it is noticed, by a look
+    /// at the instance or by a sweep: see [`sweep_if_due`](Self::sweep_if_due)).
     ejected: AtomicU32,
     /// The clock origin of `sweep_at` and of every stamp of this cache's instance health.
     origin: Instant,
     /// When some ejection may have ended, in nanoseconds after `origin` (`u64::MAX`: none):
-    /// at or before the end of every ejection, so a pick past it sweeps the expired ones out of
-    /// the count.
+    /// at or before the end of every ejection, so the first clock read past it sweeps the
+    /// expired ones out of the count.
     sweep_at: AtomicU64,
     pub(super) metrics: Metrics,
+    /// The balancing this belongs to, where a sweep finds every instance's health. Weak: the
+    /// balancing holds this, and its health refers to this.
+    balancing: Weak<Balancing>,
 }
 
 /// Metric handles registered once per cache, so that reporting never allocates.
@@ -73,7 +76,7 @@ impl Balancing {
         service: Arc<str>,
         ejection: OutlierEjection,
         slow_start: Option<SlowStart>,
-    ) -> Self {
+    ) -> Arc<Self> {
         let label = service.to_string();
         let picks = |outcome: &'static str| metrics::counter!(crate::metrics::PICKS, "service" => label.clone(), "outcome" => outcome);
         let metrics = Metrics {
@@ -83,18 +86,20 @@ impl Balancing {
             ejections: metrics::counter!(crate::metrics::EJECTIONS, "service" => label.clone()),
             ejected: metrics::gauge!(crate::metrics::EJECTED, "service" => label),
         };
-        Self {
+        let origin = crate::balance::now();
+        Arc::new_cyclic(|balancing| Self {
             outliers: Arc::new(Outliers {
                 service,
                 ejection,
                 slow_start,
                 ejected: AtomicU32::new(0),
-                origin: crate::balance::now(),
+                origin,
                 sweep_at: AtomicU64::new(u64::MAX),
                 metrics,
+                balancing: balancing.clone(),
             }),
             registry: Mutex::new(Registry::default()),
-        }
+        })
     }
 
     /// The settings, ejected count and metric handles every health of this cache refers to.
@@ -181,6 +186,17 @@ impl Balancing {
         registry.newest = Some((instances.clone(), slots.clone()));
         slots
     }
+
+    /// Notices every ejection that has ended by `now` (the instance goes on probation and gives
+    /// its slot back) and sets the next sweep at the earliest end of those still running. Over
+    /// the registry, under its lock: for reports, which may lock (they make health on first
+    /// need); a pick sweeps its snapshot's slots instead, lock-free.
+    fn sweep(&self, now: Instant) {
+        let registry = self.registry.lock().unwrap_or_else(PoisonError::into_inner);
+        for health in registry.by_id.values() {
+            health.sweep(now);
+        }
+    }
 }
 
 impl Outliers {
@@ -222,24 +238,51 @@ impl Outliers {
         stamp_after(self.origin, now)
     }
 
-    /// Makes sure a pick at or after `at` sweeps (an ejection ends then).
+    /// Makes sure the first sweep check at or after `at` sweeps (an ejection ends then).
     pub(crate) fn sweep_after(&self, at: Instant) {
         self.sweep_at.fetch_min(self.nanos(at), Ordering::AcqRel);
     }
 
     /// Whether an ejection may have ended by `now` and the ejected count may be stale: if so,
     /// the caller got the sweep (no other thread gets it until one is due again) and must look
-    /// at every instance's ejection, calling [`sweep_after`](Self::sweep_after) with the end of
-    /// each one still running. Without it, an expired ejection would count until a pick of
-    /// that very instance noticed it, which in panic mode (picks do not look) is never.
+    /// at every instance's ejection ([`Health::sweep`]). Checked wherever the clock was read
+    /// anyway: a pick that met an ejected or warming candidate, a p2c pick, a report, the
+    /// health view, and a pick in panic mode (which reads the clock for it). Without it, an
+    /// expired ejection would count until a look at that very instance noticed it: a service
+    /// would stay in panic mode on ejections long over (picks in panic mode look at no
+    /// candidate), and a failing instance be refused the slot of one that nobody picks any more
+    /// (a consistent hash's unused keys).
     #[inline]
     pub(crate) fn sweep_due(&self, now: Instant) -> bool {
         let due = self.sweep_at.load(Ordering::Acquire);
-        due <= self.nanos(now)
-            && self
-                .sweep_at
-                .compare_exchange(due, u64::MAX, Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok()
+        due <= self.nanos(now) && self.take_sweep(due)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn take_sweep(&self, due: u64) -> bool {
+        self.sweep_at
+            .compare_exchange(due, u64::MAX, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+    }
+
+    /// For a report at `now`: sweeps the whole registry if [`sweep_due`](Self::sweep_due).
+    pub(crate) fn sweep_if_due(&self, now: Instant) {
+        if self.sweep_due(now)
+            && let Some(balancing) = self.balancing.upgrade()
+        {
+            balancing.sweep(now);
+        }
+    }
+
+    /// [`sweep_if_due`](Self::sweep_if_due) for a report at `stamp`, a stamp of this cache's
+    /// instance health: converted back to an instant only when a sweep is due.
+    #[inline]
+    pub(crate) fn sweep_if_due_at(&self, stamp: u64) {
+        // `sweep_at` is nanoseconds after `origin`; a stamp is that plus one.
+        if self.sweep_at.load(Ordering::Acquire) < stamp {
+            self.sweep_if_due(instant_of(self.origin, stamp));
+        }
     }
 
     /// Takes one ejection slot out of `limit`, or says there is none.
