@@ -10,9 +10,10 @@
 //!   `Selection` of every instance (`Selector::new()`): its own tables, checked against the
 //!   cache's publish count on each pick.
 //! - `balance/one_ejected/1-thread`: the same picks over 10 instances with one ejected (one
-//!   shared counter says so). While it is, every pick reads its candidate's health; only a
-//!   pick whose candidate is the ejected one reads the clock (has the ejection ended?) and goes
-//!   on to the next candidate (`Tables::choose`).
+//!   shared counter says so). While it is, every pick reads its candidate's health; of the
+//!   pickers that return a `Picked`, only a pick whose candidate is the ejected one reads the
+//!   clock (has the ejection ended?) and goes on to the next candidate (`Tables::choose`).
+//!   `ours_p2c` reads the clock on every pick, ejection or not.
 //! - `balance/p2c/{1,2}-thread`: one operation is a pick and the report of its success.
 //!   - `ours`: `pick_p2c()`, then `Call::success()`.
 //!   - `mutex_gozero`: go-zero's p2c as go-zero builds it (`zrpc/internal/balancer/p2c/p2c.go`):

@@ -68,7 +68,7 @@
 //! | `etcd_registry_publishes_total` | counter | snapshots published |
 //! | `etcd_registry_picks_total` | counter | reported outcomes, labelled `outcome` = `success`, `failure` or `dropped` |
 //! | `etcd_registry_ejections_total` | counter | instances ejected by outlier ejection |
-//! | `etcd_registry_ejected` | gauge | instances ejected now |
+//! | `etcd_registry_ejected` | gauge | instances ejected now (an ended ejection leaves it at the next report, `health()` read, or pick that meets an ejected instance) |
 //!
 //! The balancing metrics are registered when a cache is created, so that reporting an outcome
 //! never allocates: install the recorder before asking for the caches. Outlier ejection logs

@@ -243,11 +243,13 @@ impl Tables {
 
     /// [`gate`](Self::gate) for a pick at `now` (read from the clock when needed, if `None`).
     ///
-    /// While some instance is ejected, a pick does not read the clock unless a candidate shows
-    /// an ejection ([`Gate::admit`]) or the service is in panic mode: ejections that ended are
-    /// swept out of the count (see [`Outliers::sweep_due`](super::health::Outliers::sweep_due))
-    /// whenever the clock is read, and panic mode reads it for that, since its picks look at no
-    /// candidate's health and would never notice that the ejections causing it are over.
+    /// Only a pick whose candidate shows an ejection, or that may meet a warming instance, gets
+    /// here (see [`choose`](Self::choose)); a p2c pick passes the time it read. Ejections that
+    /// ended are swept out of the count (see
+    /// [`Outliers::sweep_due`](super::health::Outliers::sweep_due)) whenever the clock is read:
+    /// by [`Gate::admit`] for a candidate that shows an ejection, and here in panic mode, where
+    /// the gate admits every candidate without looking at its ejection end and so would never
+    /// notice that the ejections causing the panic are over.
     #[inline]
     pub(crate) fn gate_at(&self, now: Option<Instant>) -> Option<Gate<'_>> {
         let warm = self.warming_until.is_some() && !self.warmed.load(Ordering::Relaxed);
@@ -345,20 +347,28 @@ impl Tables {
 }
 
 impl Tables {
-    /// Lets every ejection of this snapshot's instances that ended by `now` end (back on
-    /// probation, slot released), and schedules the next sweep at the end of the first one
-    /// still running. Lock-free: it reads the health slots, not the registry, so a pick never
-    /// waits for a publish. A selection sweeps the whole snapshot it was made from. (An
-    /// instance no longer in the snapshot was benched when it left, which released its slot.)
+    /// Lets every ejection that ended by `now` end (back on probation, slot released), and
+    /// schedules the next sweep at the end of the first one still running.
+    ///
+    /// Over the cache's registry, which holds every instance's health, if its lock is free;
+    /// a pick never waits for it. When a publish or a report holds it, this snapshot's slots
+    /// are swept instead (a selection's: those of the snapshot it was made from), and the next
+    /// clock read sweeps again: health made after this snapshot was built is in the registry
+    /// and the newest snapshot only, and an ejection of it left out of the sweep would hold
+    /// its slot until some other ejection made a sweep due.
     #[cold]
     #[inline(never)]
     fn sweep(&self, now: Instant) {
+        if self.balancing.try_sweep(now) {
+            return;
+        }
         let tables = self.selected_from().map_or(self, |source| source.tables());
         for index in 0..tables.health.len() {
             if let Some(health) = u32::try_from(index).ok().and_then(|n| tables.health(n)) {
                 health.sweep(now);
             }
         }
+        self.outliers.sweep_after(now);
     }
 
     /// Sweeps (see [`sweep`](Self::sweep)) if an ejection may have ended by `now`: one thread

@@ -105,6 +105,9 @@ fn a_pick_reads_the_clock_only_when_it_meets_an_ejected_instance() {
         ejected.on_failure(now, table.up_len());
     }
     assert!(ejected.is_ejected(now), "five failures eject");
+    // Positions are taken as `u32` (they wrap at 2^32, which would skew the count below): start
+    // clear of the wrap.
+    while next_position(table.cursor_owner()) as u32 > u32::MAX - 1_000 {}
     let start = next_position(table.cursor_owner());
     let before = clock::reads();
     for _ in 0..100 {
@@ -162,5 +165,49 @@ fn an_ejection_over_unnoticed_gives_its_slot_to_the_next_failing_instance() {
     assert!(
         !first.maybe_ejected(),
         "the sweep did not end the first ejection"
+    );
+}
+
+/// A pick through a snapshot older than the newest one sweeps every instance's ejection, not only
+/// those whose health that snapshot shows: an instance that got its health after the older
+/// snapshot was built keeps its place in the next sweep, and its slot comes back when its
+/// ejection ends.
+#[test]
+fn a_sweep_through_an_older_snapshot_misses_no_ejection() {
+    let inst = instances(&[State::Up; 10]);
+    let ejection = OutlierEjection {
+        max_ejection_percent: 20,
+        ..OutlierEjection::default()
+    };
+    let balancing = Balancing::new("s".into(), ejection, None);
+    let all: Arc<[Arc<Instance>]> = inst.iter().cloned().collect();
+    let now = clock::now();
+    let older = Tables::new(&inst, balancing.slots(&all, now, true), balancing.clone());
+    let newer = Tables::new(&inst, balancing.slots(&all, now, true), balancing.clone());
+    let up = newer.up_len();
+    let fail = |tables: &Tables, index: u32, at: Instant| {
+        let health = tables.health_or_new(index, &inst).expect("exists").clone();
+        for _ in 0..5 {
+            health.on_failure(at, up);
+        }
+        health
+    };
+    let secs = |n: u64| now + std::time::Duration::from_secs(n);
+    // Two slots of ten. The first instance gets its health through the older tables, the second
+    // through the newer ones only (the older tables never see it).
+    let first = fail(&older, 1, now);
+    let second = fail(&newer, 2, secs(10));
+    assert!(first.maybe_ejected() && second.maybe_ejected());
+    // A pick through the older tables after the first ejection's end takes the sweep.
+    let _ = older.gate_at(Some(secs(31)));
+    assert!(!first.maybe_ejected(), "the sweep ended the first ejection");
+    // Past the second ejection's end, two more fail: both fit in the two slots, unless the
+    // second ejection, over, still holds one.
+    let third = fail(&newer, 3, secs(41));
+    let fourth = fail(&newer, 4, secs(41));
+    assert!(third.is_ejected(secs(41)), "the third was refused a slot");
+    assert!(
+        fourth.is_ejected(secs(41)),
+        "the fourth was refused the slot of an ejection over"
     );
 }

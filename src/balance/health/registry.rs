@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError, Weak};
 use std::time::Instant;
 
 use super::{Health, HealthSlot, OutlierEjection, duration_nanos, instant_of, stamp_after};
@@ -189,10 +189,29 @@ impl Balancing {
 
     /// Notices every ejection that has ended by `now` (the instance goes on probation and gives
     /// its slot back) and sets the next sweep at the earliest end of those still running. Over
-    /// the registry, under its lock: for reports, which may lock (they make health on first
-    /// need); a pick sweeps its snapshot's slots instead, lock-free.
+    /// the registry, under its lock: for reports, which may wait for it (they make health on
+    /// first need under it too).
     fn sweep(&self, now: Instant) {
-        let registry = self.registry.lock().unwrap_or_else(PoisonError::into_inner);
+        Self::sweep_registry(
+            &self.registry.lock().unwrap_or_else(PoisonError::into_inner),
+            now,
+        );
+    }
+
+    /// [`sweep`](Self::sweep) for a pick, which must not wait: `false` (nothing swept) when
+    /// the registry's lock is held.
+    pub(crate) fn try_sweep(&self, now: Instant) -> bool {
+        match self.registry.try_lock() {
+            Ok(registry) => Self::sweep_registry(&registry, now),
+            Err(TryLockError::Poisoned(poisoned)) => {
+                Self::sweep_registry(&poisoned.into_inner(), now);
+            }
+            Err(TryLockError::WouldBlock) => return false,
+        }
+        true
+    }
+
+    fn sweep_registry(registry: &MutexGuard<'_, Registry>, now: Instant) {
         for health in registry.by_id.values() {
             health.sweep(now);
         }
@@ -247,22 +266,27 @@ impl Outliers {
     /// the caller got the sweep (no other thread gets it until one is due again) and must look
     /// at every instance's ejection ([`Health::sweep`]). Checked wherever the clock was read
     /// anyway: a pick that met an ejected or warming candidate, a p2c pick, a report, the
-    /// health view, and a pick in panic mode (which reads the clock for it). Without it, an
-    /// expired ejection would count until a look at that very instance noticed it: a service
-    /// would stay in panic mode on ejections long over (picks in panic mode look at no
-    /// candidate), and a failing instance be refused the slot of one that nobody picks any more
-    /// (a consistent hash's unused keys).
+    /// health view, and a pick in panic mode whose candidate shows an ejection (which reads the
+    /// clock for it). Without it, an expired ejection would count until a look at that very
+    /// instance noticed it: a service would stay in panic mode on ejections long over (in panic
+    /// mode, picks admit a candidate without looking at its ejection end), and a failing
+    /// instance be refused the slot of one that nobody picks any more (a consistent hash's
+    /// unused keys).
     #[inline]
     pub(crate) fn sweep_due(&self, now: Instant) -> bool {
-        let due = self.sweep_at.load(Ordering::Acquire);
-        due <= self.nanos(now) && self.take_sweep(due)
+        let now = self.nanos(now);
+        self.sweep_at.load(Ordering::Acquire) <= now && self.take_sweep(now)
     }
 
+    /// Takes the sweep due by `now` (nanoseconds after `origin`), unless another thread took it
+    /// first; an end moved earlier meanwhile (a new ejection) is taken too.
     #[cold]
     #[inline(never)]
-    fn take_sweep(&self, due: u64) -> bool {
+    fn take_sweep(&self, now: u64) -> bool {
         self.sweep_at
-            .compare_exchange(due, u64::MAX, Ordering::AcqRel, Ordering::Relaxed)
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |due| {
+                (due <= now).then_some(u64::MAX)
+            })
             .is_ok()
     }
 
