@@ -13,6 +13,7 @@ mod hash;
 mod p2c;
 mod selection;
 mod slow_start;
+mod sweep;
 mod weighted;
 
 use std::collections::BTreeMap;
