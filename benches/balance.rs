@@ -14,6 +14,9 @@
 //!   pickers that return a `Picked`, only a pick whose candidate is the ejected one reads the
 //!   clock (has the ejection ended?) and goes on to the next candidate (`Tables::choose`).
 //!   `ours_p2c` reads the clock on every pick, ejection or not.
+//! - `balance/one_warming/1-thread`: the same picks over 10 instances with slow start on, one of
+//!   them first seen after the first list and warming up for the whole bench (the other nine
+//!   are adults: present at the first list).
 //! - `balance/p2c/{1,2}-thread`: one operation is a pick and the report of its success.
 //!   - `ours`: `pick_p2c()`, then `Call::success()`.
 //!   - `mutex_gozero`: go-zero's p2c as go-zero builds it (`zrpc/internal/balancer/p2c/p2c.go`):
@@ -70,7 +73,7 @@ use criterion::measurement::WallTime;
 use criterion::{
     BenchmarkGroup, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main,
 };
-use etcd_registry::{OutlierEjection, Selector, ServiceCache};
+use etcd_registry::{OutlierEjection, Selector, ServiceCache, SlowStart};
 use tower::balance::p2c::Balance;
 use tower::buffer::Buffer;
 use tower::discover::ServiceList;
@@ -226,7 +229,36 @@ fn cache(
     etcd_registry::MemoryBackend,
     ServiceCache,
 ) {
-    common::cache_with(n, weight, ejection)
+    common::cache_with(n, weight, |discovery| discovery.outlier_ejection(ejection))
+}
+
+/// A cache of 10 weighted instances with slow start over an hour, the last of which came after
+/// the first list: it warms up for the whole bench, the other nine are adults.
+fn warming_cache() -> (
+    tokio::runtime::Runtime,
+    etcd_registry::MemoryBackend,
+    ServiceCache,
+) {
+    let slow_start = SlowStart::new(Duration::from_secs(3_600));
+    let (rt, etcd, users) =
+        common::cache_with(9, weight, |discovery| discovery.slow_start(slow_start));
+    let mut changes = users.changes();
+    let late = common::instance(9, 8080)
+        .to_builder()
+        .weight(weight(9))
+        .build()
+        .expect("valid instance");
+    let (key, value) = common::encoded(&late);
+    etcd.put(key, value);
+    rt.block_on(changes.changed()).expect("the cache is alive");
+    assert_eq!(users.snapshot().len(), 10);
+    let warming = users
+        .health()
+        .iter()
+        .filter(|h| h.first_seen.is_some())
+        .count();
+    assert_eq!(warming, 1, "one instance warms up");
+    (rt, etcd, users)
 }
 
 /// Routing keys, as a caller would pass them: a session id each.
@@ -989,6 +1021,23 @@ fn benches(c: &mut Criterion) {
         bench(&mut group, &record, group_name, "ours_p2c", 10, |iters| {
             on_threads(1, iters, &|_, _| ours(&users))
         });
+        group.finish();
+    }
+
+    {
+        let group_name = "balance/one_warming/1-thread";
+        let mut group = c.benchmark_group(group_name);
+        let (_rt, _etcd, users) = warming_cache();
+        pickers(
+            &mut group,
+            &record,
+            &paired_ratios,
+            group_name,
+            1,
+            10,
+            &users,
+            &keys,
+        );
         group.finish();
     }
 

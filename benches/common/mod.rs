@@ -95,7 +95,7 @@ pub fn encoded(instance: &Instance) -> (String, Vec<u8>) {
 /// A memory backend holding `n` instances, a live cache of them, and the runtime that keeps the
 /// cache's task.
 pub fn cache(n: usize) -> (tokio::runtime::Runtime, MemoryBackend, ServiceCache) {
-    cache_with(n, |_| 1, etcd_registry::OutlierEjection::default())
+    cache_with(n, |_| 1, |discovery| discovery)
 }
 
 /// A live cache of `service` over `etcd`, once its first list is in.
@@ -109,11 +109,12 @@ pub async fn discover(etcd: &MemoryBackend, service: &str) -> ServiceCache {
         .expect("first list")
 }
 
-/// Like [`cache`], with instance `i` at `weight(i)` and outlier ejection set to `ejection`.
+/// Like [`cache`], with instance `i` at `weight(i)` and the discovery's balancing settings
+/// from `configure`.
 pub fn cache_with(
     n: usize,
     weight: impl Fn(usize) -> u32,
-    ejection: etcd_registry::OutlierEjection,
+    configure: impl FnOnce(etcd_registry::DiscoveryBuilder) -> etcd_registry::DiscoveryBuilder,
 ) -> (tokio::runtime::Runtime, MemoryBackend, ServiceCache) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -130,9 +131,7 @@ pub fn cache_with(
         etcd.put(key, value);
     }
     let cache = rt.block_on(async {
-        Discovery::memory(etcd.clone())
-            .namespace(NAMESPACE)
-            .outlier_ejection(ejection)
+        configure(Discovery::memory(etcd.clone()).namespace(NAMESPACE))
             .build()
             .expect("valid config")
             .service("user")
