@@ -16,7 +16,8 @@
 //!   `ours_p2c` reads the clock on every pick, ejection or not.
 //! - `balance/one_warming/1-thread`: the same picks over 10 instances with slow start on, one of
 //!   them first seen after the first list and warming up for the whole bench (the other nine
-//!   are adults: present at the first list).
+//!   are adults: present at the first list). Only a pick whose candidate is the warming one
+//!   reads the clock and weighs its share; `pick_by` ignores slow start.
 //! - `balance/p2c/{1,2}-thread`: one operation is a pick and the report of its success.
 //!   - `ours`: `pick_p2c()`, then `Call::success()`.
 //!   - `mutex_gozero`: go-zero's p2c as go-zero builds it (`zrpc/internal/balancer/p2c/p2c.go`):

@@ -305,11 +305,20 @@ impl Tables {
         self.health(first).is_some_and(|h| h.maybe_ejected())
     }
 
+    /// Whether candidate `first` can be taken as it is, without the gate and its clock read: it
+    /// shows no ejection (see [`shows_ejection`](Self::shows_ejection)), and nothing warms up
+    /// or it was present at the first list (an adult takes its full share at any age).
+    #[inline]
+    fn plainly_admitted(&self, first: u32) -> bool {
+        self.health(first)
+            .is_none_or(|h| !h.maybe_ejected() && (h.born().is_none() || !self.warming()))
+    }
+
     /// [`choose`](Self::choose) once something is ejected or warming: out of line, so that the
     /// quiet path stays the two loads of [`quiet`](Self::quiet).
     #[cold]
     fn choose_slow(&self, first: u32, candidate: impl Fn(u32) -> Option<u32>) -> Option<u32> {
-        if !self.warming() && !self.shows_ejection(first) {
+        if self.plainly_admitted(first) {
             return Some(first);
         }
         match self.gate() {

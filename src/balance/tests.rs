@@ -211,3 +211,38 @@ fn a_sweep_through_an_older_snapshot_misses_no_ejection() {
         "the fourth was refused the slot of an ejection over"
     );
 }
+
+/// While one instance of eleven warms up (slow start), a pick reads the clock only when its
+/// candidate is that one: an instance present at the first list takes its full share at any
+/// age, so its picks need no time.
+#[test]
+fn a_pick_reads_the_clock_only_when_it_meets_a_warming_instance() {
+    let slow_start = super::slow_start::SlowStart::new(std::time::Duration::from_secs(60));
+    let balancing = Balancing::new("s".into(), OutlierEjection::default(), Some(slow_start));
+    let inst = instances(&[State::Up; 11]);
+    let now = clock::now();
+    let first: Arc<[Arc<Instance>]> = inst[..10].iter().cloned().collect();
+    let _ = balancing.slots(&first, now, true);
+    let all: Arc<[Arc<Instance>]> = inst.iter().cloned().collect();
+    let table = Tables::new(&inst, balancing.slots(&all, now, false), balancing.clone());
+    let young = table
+        .health(10)
+        .expect("slow start gives every instance health");
+    assert!(
+        young.born().is_some(),
+        "instance 10 came after the first list"
+    );
+    while next_position(table.cursor_owner()) as u32 > u32::MAX - 1_000 {}
+    let start = next_position(table.cursor_owner()) + 1;
+    let before = clock::reads();
+    for _ in 0..110 {
+        assert!(round_robin(&table).is_some());
+    }
+    let reads = clock::reads() - before;
+    let end = next_position(table.cursor_owner());
+    // Positions `start..end` were taken by the picks (one more after each pick of the warming
+    // instance that its share turned down); position `p` is instance `p % 11`.
+    let meetings = (start..end).filter(|p| p % 11 == 10).count() as u64;
+    assert!((10..=11).contains(&meetings), "{meetings} meetings");
+    assert_eq!(reads, meetings, "clock reads in 110 picks");
+}
