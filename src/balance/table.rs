@@ -243,8 +243,8 @@ impl Tables {
 
     /// [`gate`](Self::gate) for a pick at `now` (read from the clock when needed, if `None`).
     ///
-    /// Only a pick whose candidate shows an ejection, or that may meet a warming instance, gets
-    /// here (see [`choose`](Self::choose)); a p2c pick passes the time it read. Ejections that
+    /// Only a pick whose candidate shows an ejection or may be warming gets here (see
+    /// [`choose`](Self::choose)); a p2c pick passes the time it read. Ejections that
     /// ended are swept out of the count (see
     /// [`Outliers::sweep_due`](super::health::Outliers::sweep_due)) whenever the clock is read:
     /// by [`Gate::admit`] for a candidate that shows an ejection, and here in panic mode, where
@@ -359,25 +359,15 @@ impl Tables {
     /// Lets every ejection that ended by `now` end (back on probation, slot released), and
     /// schedules the next sweep at the end of the first one still running.
     ///
-    /// Over the cache's registry, which holds every instance's health, if its lock is free;
-    /// a pick never waits for it. When a publish or a report holds it, this snapshot's slots
-    /// are swept instead (a selection's: those of the snapshot it was made from), and the next
-    /// clock read sweeps again: health made after this snapshot was built is in the registry
-    /// and the newest snapshot only, and an ejection of it left out of the sweep would hold
-    /// its slot until some other ejection made a sweep due.
+    /// Over the cache's registry, which holds every instance's health (this snapshot's slots
+    /// would miss health made after it was built), if its lock is free: a pick never waits for
+    /// it. When a publish or a report holds it, the sweep is left to the next clock read.
     #[cold]
     #[inline(never)]
     fn sweep(&self, now: Instant) {
-        if self.balancing.try_sweep(now) {
-            return;
+        if !self.balancing.try_sweep(now) {
+            self.outliers.sweep_after(now);
         }
-        let tables = self.selected_from().map_or(self, |source| source.tables());
-        for index in 0..tables.health.len() {
-            if let Some(health) = u32::try_from(index).ok().and_then(|n| tables.health(n)) {
-                health.sweep(now);
-            }
-        }
-        self.outliers.sweep_after(now);
     }
 
     /// Sweeps (see [`sweep`](Self::sweep)) if an ejection may have ended by `now`: one thread

@@ -246,3 +246,47 @@ fn a_pick_reads_the_clock_only_when_it_meets_a_warming_instance() {
     assert!((10..=11).contains(&meetings), "{meetings} meetings");
     assert_eq!(reads, meetings, "clock reads in 110 picks");
 }
+
+/// A pick that finds a sweep due while the registry is locked (a publish or a report making
+/// health) does not drop it: the next clock read, here a report's, sweeps.
+#[test]
+fn a_sweep_that_finds_the_registry_locked_is_left_to_the_next_clock_read() {
+    let inst = instances(&[State::Up; 10]);
+    let ejection = OutlierEjection {
+        max_ejection_percent: 20,
+        ..OutlierEjection::default()
+    };
+    let balancing = Balancing::new("s".into(), ejection, None);
+    let all: Arc<[Arc<Instance>]> = inst.iter().cloned().collect();
+    let now = clock::now();
+    let table = Tables::new(&inst, balancing.slots(&all, now, true), balancing.clone());
+    let up = table.up_len();
+    let fail = |index: u32, at: Instant| {
+        let health = table.health_or_new(index, &inst).expect("exists").clone();
+        for _ in 0..5 {
+            health.on_failure(at, up);
+        }
+        health
+    };
+    let secs = |n: u64| now + std::time::Duration::from_secs(n);
+    // Two slots of ten: the first ejection ends at 30 s, the second at 40 s.
+    let first = fail(1, now);
+    let second = fail(2, secs(10));
+    {
+        let _publishing = balancing.hold_registry();
+        // A pick at 31 s finds the sweep due and the registry locked.
+        let _ = table.gate_at(Some(secs(31)));
+    }
+    assert!(first.maybe_ejected(), "nothing has swept yet");
+    // At 32 s a third fails five times: the first ejection is over, its slot is free.
+    let third = fail(3, secs(32));
+    assert!(second.is_ejected(secs(32)));
+    assert!(
+        third.is_ejected(secs(32)),
+        "the sweep put off by the lock never came"
+    );
+    assert!(
+        !first.maybe_ejected(),
+        "the report's sweep ended the first ejection"
+    );
+}

@@ -211,6 +211,12 @@ impl Balancing {
         true
     }
 
+    /// Holds the registry's lock until the guard is dropped, as a publish or a report does.
+    #[cfg(test)]
+    pub(crate) fn hold_registry(&self) -> impl Drop + '_ {
+        self.registry.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn sweep_registry(registry: &MutexGuard<'_, Registry>, now: Instant) {
         for health in registry.by_id.values() {
             health.sweep(now);
