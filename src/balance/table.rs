@@ -41,7 +41,7 @@ pub(crate) struct Tables {
     maglev: OnceLock<Maglev>,
     /// Until when some instance of this snapshot warms up (slow start); `None` when none does.
     warming_until: Option<Instant>,
-    /// Set once a pick saw the clock past `warming_until`: no clock reads after that.
+    /// Set once a pick saw the clock past `warming_until`: no gate for slow start after that.
     warmed: AtomicBool,
     /// For a selection's tables: where health lives (see [`select_from`](Self::select_from)).
     selected: OnceLock<Selected>,
@@ -291,7 +291,8 @@ impl Tables {
         !self.outliers.any_ejected() && !self.warming()
     }
 
-    /// Whether some instance may still be warming up: then every pick goes through the gate.
+    /// Whether some instance may still be warming up: then a pick whose candidate was first seen
+    /// after the first list goes through the gate (see [`plainly_admitted`](Self::plainly_admitted)).
     #[inline]
     fn warming(&self) -> bool {
         self.warming_until.is_some() && !self.warmed.load(Ordering::Relaxed)
@@ -299,7 +300,8 @@ impl Tables {
 
     /// Whether candidate `first` shows an ejection. One that shows none is picked whatever else
     /// is ejected (panic mode only ever lets ejected ones in), so while others are ejected this
-    /// is all a pick of it reads beyond the ejected count: its health's ejection end, no clock.
+    /// is all a consistent-hash pick of it reads beyond the ejected count (the hash ignores slow
+    /// start): its health's ejection end, no clock.
     #[inline]
     fn shows_ejection(&self, first: u32) -> bool {
         self.health(first).is_some_and(|h| h.maybe_ejected())
