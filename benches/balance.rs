@@ -17,7 +17,8 @@
 //! - `balance/one_warming/1-thread`: the same picks over 10 instances with slow start on, one of
 //!   them first seen after the first list and warming up for the whole bench (the other nine
 //!   are adults: present at the first list). Only a pick whose candidate is the warming one
-//!   reads the clock and weighs its share; `pick_by` ignores slow start.
+//!   reads the clock and weighs its share; `pick_by` ignores slow start, and `ours_p2c` reads
+//!   the clock on every pick and divides the warming one's cost by its share.
 //! - `balance/p2c/{1,2}-thread`: one operation is a pick and the report of its success.
 //!   - `ours`: `pick_p2c()`, then `Call::success()`.
 //!   - `mutex_gozero`: go-zero's p2c as go-zero builds it (`zrpc/internal/balancer/p2c/p2c.go`):
@@ -1004,11 +1005,16 @@ fn benches(c: &mut Criterion) {
         group.finish();
     }
 
-    {
-        let group_name = "balance/one_ejected/1-thread";
-        let mut group = c.benchmark_group(group_name);
-        let (_rt, _etcd, users) = cache(10, long_ejection());
+    let one_ejected = || {
+        let (rt, etcd, users) = cache(10, long_ejection());
         eject(&users, "u3");
+        (rt, etcd, users)
+    };
+    for (group_name, (_rt, _etcd, users)) in [
+        ("balance/one_ejected/1-thread", one_ejected()),
+        ("balance/one_warming/1-thread", warming_cache()),
+    ] {
+        let mut group = c.benchmark_group(group_name);
         pickers(
             &mut group,
             &record,
@@ -1022,23 +1028,6 @@ fn benches(c: &mut Criterion) {
         bench(&mut group, &record, group_name, "ours_p2c", 10, |iters| {
             on_threads(1, iters, &|_, _| ours(&users))
         });
-        group.finish();
-    }
-
-    {
-        let group_name = "balance/one_warming/1-thread";
-        let mut group = c.benchmark_group(group_name);
-        let (_rt, _etcd, users) = warming_cache();
-        pickers(
-            &mut group,
-            &record,
-            &paired_ratios,
-            group_name,
-            1,
-            10,
-            &users,
-            &keys,
-        );
         group.finish();
     }
 

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::clock;
-use super::health::{Balancing, OutlierEjection};
+use super::health::{Balancing, Health, OutlierEjection};
 use super::pick::round_robin;
 use super::rng::{next_position, next_random};
 use super::table::Tables;
@@ -32,6 +32,39 @@ fn instances(states: &[State]) -> Vec<Arc<Instance>> {
             )
         })
         .collect()
+}
+
+/// Ten instances up, and a balancing that may eject two of them at once (20 %).
+fn two_slots_of_ten() -> (Vec<Arc<Instance>>, Arc<Balancing>) {
+    let ejection = OutlierEjection {
+        max_ejection_percent: 20,
+        ..OutlierEjection::default()
+    };
+    let balancing = Balancing::new("s".into(), ejection, None);
+    (instances(&[State::Up; 10]), balancing)
+}
+
+/// The tables of a snapshot of `inst` published now under `balancing`.
+fn published(inst: &[Arc<Instance>], balancing: &Arc<Balancing>) -> Tables {
+    let all: Arc<[Arc<Instance>]> = inst.iter().cloned().collect();
+    Tables::new(
+        inst,
+        balancing.slots(&all, clock::now(), true),
+        balancing.clone(),
+    )
+}
+
+/// Five failures of instance `index` reported at `at` through `tables`, which make its health
+/// if it has none: an ejection, if a slot is free.
+fn fail_five(tables: &Tables, inst: &[Arc<Instance>], index: u32, at: Instant) -> Arc<Health> {
+    let health = tables
+        .health_or_new(index, inst)
+        .expect("the instance exists")
+        .clone();
+    for _ in 0..5 {
+        health.on_failure(at, tables.up_len());
+    }
+    health
 }
 
 #[test]
@@ -96,14 +129,8 @@ fn random_covers_all() {
 fn a_pick_reads_the_clock_only_when_it_meets_an_ejected_instance() {
     let inst = instances(&[State::Up; 10]);
     let table = tables(&inst);
-    let ejected = table
-        .health_or_new(3, &inst)
-        .expect("instance 3 exists")
-        .clone();
     let now = clock::now();
-    for _ in 0..5 {
-        ejected.on_failure(now, table.up_len());
-    }
+    let ejected = fail_five(&table, &inst, 3, now);
     assert!(ejected.is_ejected(now), "five failures eject");
     // Positions are taken as `u32` (they wrap at 2^32, which would skew the count below): start
     // clear of the wrap.
@@ -132,32 +159,19 @@ fn a_pick_reads_the_clock_only_when_it_meets_an_ejected_instance() {
 fn an_ejection_over_unnoticed_gives_its_slot_to_the_next_failing_instance() {
     let inst = instances(&[State::Up; 10]);
     let table = tables(&inst);
-    let up = table.up_len();
-    let first = table
-        .health_or_new(3, &inst)
-        .expect("instance 3 exists")
-        .clone();
-    let second = table
-        .health_or_new(5, &inst)
-        .expect("instance 5 exists")
-        .clone();
     let now = clock::now();
-    for _ in 0..5 {
-        first.on_failure(now, up);
-    }
+    let first = fail_five(&table, &inst, 3, now);
     assert!(first.maybe_ejected(), "five failures eject");
     // One of ten may be ejected at once (10 %, at least one): the second fails while the first
     // is ejected and stays in.
-    for _ in 0..5 {
-        second.on_failure(now, up);
-    }
+    let second = fail_five(&table, &inst, 5, now);
     assert!(
         !second.maybe_ejected(),
         "the max ejected share let a second in"
     );
     // Past the first one's 30 s, with no pick since: the second's next failure is ejected.
     let later = now + std::time::Duration::from_secs(31);
-    second.on_failure(later, up);
+    second.on_failure(later, table.up_len());
     assert!(
         second.is_ejected(later),
         "the slot of an ejection over was not given back"
@@ -174,37 +188,23 @@ fn an_ejection_over_unnoticed_gives_its_slot_to_the_next_failing_instance() {
 /// ejection ends.
 #[test]
 fn a_sweep_through_an_older_snapshot_misses_no_ejection() {
-    let inst = instances(&[State::Up; 10]);
-    let ejection = OutlierEjection {
-        max_ejection_percent: 20,
-        ..OutlierEjection::default()
-    };
-    let balancing = Balancing::new("s".into(), ejection, None);
-    let all: Arc<[Arc<Instance>]> = inst.iter().cloned().collect();
+    let (inst, balancing) = two_slots_of_ten();
+    let older = published(&inst, &balancing);
+    let newer = published(&inst, &balancing);
     let now = clock::now();
-    let older = Tables::new(&inst, balancing.slots(&all, now, true), balancing.clone());
-    let newer = Tables::new(&inst, balancing.slots(&all, now, true), balancing.clone());
-    let up = newer.up_len();
-    let fail = |tables: &Tables, index: u32, at: Instant| {
-        let health = tables.health_or_new(index, &inst).expect("exists").clone();
-        for _ in 0..5 {
-            health.on_failure(at, up);
-        }
-        health
-    };
     let secs = |n: u64| now + std::time::Duration::from_secs(n);
-    // Two slots of ten. The first instance gets its health through the older tables, the second
-    // through the newer ones only (the older tables never see it).
-    let first = fail(&older, 1, now);
-    let second = fail(&newer, 2, secs(10));
+    // The first instance gets its health through the older tables, the second through the
+    // newer ones only (the older tables never see it).
+    let first = fail_five(&older, &inst, 1, now);
+    let second = fail_five(&newer, &inst, 2, secs(10));
     assert!(first.maybe_ejected() && second.maybe_ejected());
     // A pick through the older tables after the first ejection's end takes the sweep.
     let _ = older.gate_at(Some(secs(31)));
     assert!(!first.maybe_ejected(), "the sweep ended the first ejection");
     // Past the second ejection's end, two more fail: both fit in the two slots, unless the
     // second ejection, over, still holds one.
-    let third = fail(&newer, 3, secs(41));
-    let fourth = fail(&newer, 4, secs(41));
+    let third = fail_five(&newer, &inst, 3, secs(41));
+    let fourth = fail_five(&newer, &inst, 4, secs(41));
     assert!(third.is_ejected(secs(41)), "the third was refused a slot");
     assert!(
         fourth.is_ejected(secs(41)),
@@ -251,27 +251,13 @@ fn a_pick_reads_the_clock_only_when_it_meets_a_warming_instance() {
 /// health) does not drop it: the next clock read, here a report's, sweeps.
 #[test]
 fn a_sweep_that_finds_the_registry_locked_is_left_to_the_next_clock_read() {
-    let inst = instances(&[State::Up; 10]);
-    let ejection = OutlierEjection {
-        max_ejection_percent: 20,
-        ..OutlierEjection::default()
-    };
-    let balancing = Balancing::new("s".into(), ejection, None);
-    let all: Arc<[Arc<Instance>]> = inst.iter().cloned().collect();
+    let (inst, balancing) = two_slots_of_ten();
+    let table = published(&inst, &balancing);
     let now = clock::now();
-    let table = Tables::new(&inst, balancing.slots(&all, now, true), balancing.clone());
-    let up = table.up_len();
-    let fail = |index: u32, at: Instant| {
-        let health = table.health_or_new(index, &inst).expect("exists").clone();
-        for _ in 0..5 {
-            health.on_failure(at, up);
-        }
-        health
-    };
     let secs = |n: u64| now + std::time::Duration::from_secs(n);
-    // Two slots of ten: the first ejection ends at 30 s, the second at 40 s.
-    let first = fail(1, now);
-    let second = fail(2, secs(10));
+    // The first ejection ends at 30 s, the second at 40 s.
+    let first = fail_five(&table, &inst, 1, now);
+    let second = fail_five(&table, &inst, 2, secs(10));
     {
         let _publishing = balancing.hold_registry();
         // A pick at 31 s finds the sweep due and the registry locked.
@@ -279,7 +265,7 @@ fn a_sweep_that_finds_the_registry_locked_is_left_to_the_next_clock_read() {
     }
     assert!(first.maybe_ejected(), "nothing has swept yet");
     // At 32 s a third fails five times: the first ejection is over, its slot is free.
-    let third = fail(3, secs(32));
+    let third = fail_five(&table, &inst, 3, secs(32));
     assert!(second.is_ejected(secs(32)));
     assert!(
         third.is_ejected(secs(32)),
