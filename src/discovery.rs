@@ -1,6 +1,6 @@
 //! [`Discovery`]: the caller side's entry point, one per backend connection.
 
-use crate::balance::health::Balancing;
+use crate::balance::health::{Balancing, sweeper};
 use crate::{OutlierEjection, SlowStart};
 use std::collections::HashMap;
 use std::collections::hash_map::RandomState;
@@ -224,6 +224,8 @@ impl Discovery {
         self.run(machine, handle)
     }
 
+    /// Starts the sync task running `machine` for the cache of `handle`, and the cache's sweep
+    /// timer if none runs.
     fn run(&self, machine: Machine, handle: &Handle) -> Result<()> {
         let config = &self.inner.config;
         let prefix = machine.prefix();
@@ -237,7 +239,10 @@ impl Discovery {
             },
             handle.shared.clone(),
             handle.stop.subscribe(),
-        )
+        )?;
+        // After the sync task: it has checked that there is a runtime to run the timer on.
+        sweeper::spawn(handle.balancing.outliers(), handle.stop.subscribe());
+        Ok(())
     }
 
     fn machine(&self, service: &str, balancing: &Arc<Balancing>) -> Machine {
@@ -331,7 +336,8 @@ impl DiscoveryBuilder {
 
     /// Outlier ejection settings (default [`OutlierEjection::default`]: 5 consecutive failures,
     /// 30 s growing to 300 s, 10 % of the instances but at least one, panic below 50 %
-    /// healthy). Ejection only acts on outcomes callers report.
+    /// healthy, ended ejections swept by a timer at the latest 10 s after their end). Ejection
+    /// only acts on outcomes callers report.
     pub fn outlier_ejection(mut self, ejection: OutlierEjection) -> Self {
         self.config.ejection = ejection;
         self

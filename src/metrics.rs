@@ -28,7 +28,9 @@ pub const PICKS: &str = "etcd_registry_picks_total";
 /// Counter: instances ejected by outlier ejection.
 pub const EJECTIONS: &str = "etcd_registry_ejections_total";
 /// Gauge: instances ejected now. An ejection that ends leaves it at the next sweep: the
-/// first report, `health()` read, or pick that meets an ejected instance after the end.
+/// first report, `health()` read, or pick that meets an ejected instance after the end, and
+/// at the latest the cache's sweep timer,
+/// [`sweep_interval`](crate::OutlierEjection::sweep_interval) (10 s) after the end.
 pub const EJECTED: &str = "etcd_registry_ejected";
 
 use crate::sync::machine::Stats;

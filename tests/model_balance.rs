@@ -141,13 +141,20 @@ fn case() -> impl Strategy<Value = Case> {
         1u64..60,
         prop_oneof![Just(0u8), Just(10), Just(50), Just(100)],
         prop_oneof![Just(0u8), Just(30), Just(50), Just(100)],
+        // The sweep timer at the very end, Envoy's 10 s after it, or off.
+        prop_oneof![
+            Just(Duration::ZERO),
+            Just(Duration::from_secs(10)),
+            Just(Duration::MAX)
+        ],
     )
-        .prop_map(|(failures, base, max, panic)| OutlierEjection {
+        .prop_map(|(failures, base, max, panic, sweep)| OutlierEjection {
             consecutive_failures: failures,
             base_ejection_time: Duration::from_secs(base),
             max_ejection_time: Duration::from_secs(base * 4),
             max_ejection_percent: max,
             panic_threshold_percent: panic,
+            sweep_interval: sweep,
         });
     let slow_start = prop::option::of((2u64..60, 0u64..100)).prop_map(|o| {
         o.map(|(window, young)| {

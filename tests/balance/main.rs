@@ -14,6 +14,7 @@ mod p2c;
 mod selection;
 mod slow_start;
 mod sweep;
+mod sweep_timer;
 mod weighted;
 
 use std::collections::BTreeMap;
@@ -168,6 +169,12 @@ pub fn ejected(cache: &ServiceCache) -> Vec<String> {
         .filter(|h| h.ejected_until.is_some())
         .map(|h| h.instance.id().to_owned())
         .collect()
+}
+
+/// The value of the `etcd_registry_ejected` gauge of `recorder`'s one cache.
+pub fn ejected_gauge(recorder: &support::recorder::Recorder) -> f64 {
+    // The recorder keeps a gauge as the bits of its `f64` (one handle per cache made under it).
+    f64::from_bits(recorder.total(&["etcd_registry_ejected{", "service=user"]))
 }
 
 /// Advances paused time by `d`.

@@ -6,10 +6,11 @@ use std::time::Duration;
 /// back.
 ///
 /// Defaults after Envoy's outlier detection (`envoy/api/v3/cluster/outlier_detection.proto`:
-/// `consecutive_5xx` 5, `base_ejection_time` 30 s, `max_ejection_time` 300 s) and its panic
-/// threshold (`healthy_panic_threshold` 50 %). The max ejected share defaults to 10 % like
-/// Envoy's `max_ejection_percent`, but at least one instance may always be ejected (as in gRPC's
-/// `outlier_detection` balancer), so a service of three can route around one failed instance.
+/// `consecutive_5xx` 5, `base_ejection_time` 30 s, `max_ejection_time` 300 s, `interval` 10 s)
+/// and its panic threshold (`healthy_panic_threshold` 50 %). The max ejected share defaults to
+/// 10 % like Envoy's `max_ejection_percent`, but at least one instance may always be ejected
+/// (as in gRPC's `outlier_detection` balancer), so a service of three can route around one
+/// failed instance.
 ///
 /// ```
 /// use std::time::Duration;
@@ -39,6 +40,15 @@ pub struct OutlierEjection {
     /// are healthy (not ejected), picks ignore ejection and choose among all of them, as Envoy
     /// does. 0 turns panic mode off. 0 to 100.
     pub panic_threshold_percent: u8,
+    /// The longest an ended ejection goes unnoticed (default 10 s, Envoy's `interval`).
+    ///
+    /// An ejection ends at the first clock read after its end by a pick that meets the
+    /// instance, a report, or [`health`](crate::ServiceCache::health). A caller with no
+    /// traffic reads no clock, so a timer of the cache ends it at the latest this long after
+    /// its end: the `etcd_registry_ejected` gauge and the instance's return event then follow
+    /// within this bound on an idle caller too. `Duration::ZERO` ends every ejection at its
+    /// very end by the timer; `Duration::MAX` turns the timer off.
+    pub sweep_interval: Duration,
 }
 
 impl Default for OutlierEjection {
@@ -49,6 +59,7 @@ impl Default for OutlierEjection {
             max_ejection_time: Duration::from_secs(300),
             max_ejection_percent: 10,
             panic_threshold_percent: 50,
+            sweep_interval: Duration::from_secs(10),
         }
     }
 }

@@ -1,7 +1,8 @@
 //! Passive health: per-instance load and latency for p2c, and outlier ejection.
 //!
 //! [`ejection`] holds the settings, [`registry`] the per-cache registry and ejected count,
-//! this module each instance's [`Health`].
+//! [`sweeper`] the timer that ends ejections an idle caller does not notice, this module each
+//! instance's [`Health`].
 //!
 //! Each instance's [`Health`] lives outside the snapshot, in its cache's [`Balancing`] registry,
 //! keyed by the instance id (the last segment of its etcd key in every layout, so the key and
@@ -19,6 +20,7 @@
 
 mod ejection;
 mod registry;
+pub(crate) mod sweeper;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};

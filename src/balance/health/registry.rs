@@ -2,9 +2,11 @@
 //! ejected count and metric handles.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError, Weak};
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
 
 use super::{Health, HealthSlot, OutlierEjection, duration_nanos, instant_of, stamp_after};
 use crate::balance::slow_start::SlowStart;
@@ -59,6 +61,10 @@ pub(crate) struct Outliers {
     /// The balancing this belongs to, where a sweep finds every instance's health. Weak: the
     /// balancing holds this, and its health refers to this.
     balancing: Weak<Balancing>,
+    /// Wakes the [sweep timer](super::sweeper) when `sweep_at` moves earlier.
+    sweep_moved: Notify,
+    /// Whether a sweep timer runs for this cache (at most one does).
+    pub(super) sweeper_running: AtomicBool,
 }
 
 /// Metric handles registered once per cache, so that reporting never allocates.
@@ -97,6 +103,8 @@ impl Balancing {
                 sweep_at: AtomicU64::new(u64::MAX),
                 metrics,
                 balancing: balancing.clone(),
+                sweep_moved: Notify::new(),
+                sweeper_running: AtomicBool::new(false),
             }),
             registry: Mutex::new(Registry::default()),
         })
@@ -263,9 +271,32 @@ impl Outliers {
         stamp_after(self.origin, now)
     }
 
-    /// Makes sure the first sweep check at or after `at` sweeps (an ejection ends then).
+    /// Makes sure the first sweep check at or after `at` sweeps (an ejection ends then), and
+    /// that the sweep timer wakes by `sweep_interval` after `at`.
     pub(crate) fn sweep_after(&self, at: Instant) {
-        self.sweep_at.fetch_min(self.nanos(at), Ordering::AcqRel);
+        let at = self.nanos(at);
+        if self.sweep_at.fetch_min(at, Ordering::AcqRel) > at {
+            // Rare: an ejection, or a sweep setting the next one. No allocation; a permit is
+            // kept if the timer is not waiting right now, so the move is never missed.
+            self.sweep_moved.notify_one();
+        }
+    }
+
+    /// When the sweep timer sweeps next: `sweep_interval` after the earliest ejection end that
+    /// no sweep has seen yet; `None` while there is none (or the timer is off).
+    pub(super) fn timer_due(&self) -> Option<Instant> {
+        match self.sweep_at.load(Ordering::Acquire) {
+            u64::MAX => None,
+            due => self
+                .origin
+                .checked_add(Duration::from_nanos(due))?
+                .checked_add(self.ejection.sweep_interval),
+        }
+    }
+
+    /// Resolves when `sweep_at` moved earlier since the last time it resolved.
+    pub(super) async fn sweep_moved(&self) {
+        self.sweep_moved.notified().await;
     }
 
     /// Whether an ejection may have ended by `now` and the ejected count may be stale: if so,
@@ -273,11 +304,11 @@ impl Outliers {
     /// at every instance's ejection ([`Health::sweep`]). Checked wherever the clock was read
     /// anyway: a pick that met an ejected or warming candidate, a p2c pick, a report, the
     /// health view, and a pick in panic mode whose candidate shows an ejection (which reads the
-    /// clock for it). Without it, an expired ejection would count until a look at that very
-    /// instance noticed it: a service would stay in panic mode on ejections long over (in panic
-    /// mode, picks admit a candidate without looking at its ejection end), and a failing
-    /// instance be refused the slot of one that nobody picks any more (a consistent hash's
-    /// unused keys).
+    /// clock for it); and by the [sweep timer](super::sweeper) of a caller with no traffic.
+    /// Without it, an expired ejection would count until a look at that very instance noticed
+    /// it: a service would stay in panic mode on ejections long over (in panic mode, picks
+    /// admit a candidate without looking at its ejection end), and a failing instance be
+    /// refused the slot of one that nobody picks any more (a consistent hash's unused keys).
     #[inline]
     pub(crate) fn sweep_due(&self, now: Instant) -> bool {
         let now = self.nanos(now);
