@@ -9,7 +9,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use super::hash::Maglev;
-use super::health::{Balancing, Health, HealthSlot, Outliers};
+use super::health::{Balancing, Health, HealthSlot, Outliers, SweepDue};
 use super::rng;
 use super::weighted::{Alias, smooth_cycle};
 use crate::instance::Instance;
@@ -363,12 +363,13 @@ impl Tables {
     ///
     /// Over the cache's registry, which holds every instance's health (this snapshot's slots
     /// would miss health made after it was built), if its lock is free: a pick never waits for
-    /// it. When a publish or a report holds it, the sweep is left to the next clock read.
+    /// it. When a publish or a report holds it, the sweep taken is given back, due when it was:
+    /// the next clock read takes it, and the sweep timer keeps its time.
     #[cold]
     #[inline(never)]
-    fn sweep(&self, now: Instant) {
+    fn sweep(&self, now: Instant, due: SweepDue) {
         if !self.balancing.try_sweep(now) {
-            self.outliers.sweep_after(now);
+            self.outliers.give_back(due);
         }
     }
 
@@ -376,8 +377,8 @@ impl Tables {
     /// per due time (see [`Outliers::sweep_due`](super::health::Outliers::sweep_due)).
     #[inline]
     fn sweep_if_due(&self, now: Instant) {
-        if self.outliers.sweep_due(now) {
-            self.sweep(now);
+        if let Some(due) = self.outliers.sweep_due(now) {
+            self.sweep(now, due);
         }
     }
 }

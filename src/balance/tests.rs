@@ -276,3 +276,31 @@ fn a_sweep_that_finds_the_registry_locked_is_left_to_the_next_clock_read() {
         "the report's sweep ended the first ejection"
     );
 }
+
+/// Issue (review): a pick that took a due sweep and found the registry locked re-armed it at
+/// its own time. The sweep timer, due `sweep_interval` after the end, then slept until that
+/// long after the pick: up to twice the bound for a caller that goes idle. The pick now gives
+/// back the due time it took, and the next clock read still sweeps.
+#[test]
+fn a_sweep_left_under_the_lock_keeps_the_timer_s_due_time() {
+    let (inst, balancing) = two_slots_of_ten();
+    let table = published(&inst, &balancing);
+    let now = clock::now();
+    let at = |ms: u64| now + std::time::Duration::from_millis(ms);
+    // Ends at 30 s: the timer is due at 40 s.
+    let first = fail_five(&table, &inst, 1, now);
+    let due = balancing.timer_due();
+    assert!(
+        due.is_some_and(|due| due > at(39_000) && due <= at(40_000)),
+        "{due:?}"
+    );
+    {
+        let _publishing = balancing.hold_registry();
+        // A pick at 39.9 s finds the sweep due and the registry locked.
+        let _ = table.gate_at(Some(at(39_900)));
+    }
+    assert_eq!(balancing.timer_due(), due, "the timer's due time moved");
+    assert!(first.maybe_ejected(), "nothing has swept yet");
+    let _ = table.gate_at(Some(at(39_950)));
+    assert!(!first.maybe_ejected(), "the next clock read did not sweep");
+}

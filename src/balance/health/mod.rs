@@ -27,7 +27,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 pub use ejection::OutlierEjection;
-pub(crate) use registry::{Balancing, Outliers};
+pub(crate) use registry::{Balancing, Outliers, SweepDue};
 
 /// Where a snapshot's pick tables keep one instance's health: empty until first needed.
 pub(crate) type HealthSlot = OnceLock<Arc<Health>>;

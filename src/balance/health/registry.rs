@@ -23,6 +23,12 @@ pub(crate) struct Balancing {
     registry: Mutex<Registry>,
 }
 
+/// A sweep taken by [`Outliers::sweep_due`]: when it was due, in nanoseconds after the
+/// cache's clock origin.
+#[derive(Debug, Clone, Copy)]
+#[must_use = "a sweep taken must run or be given back"]
+pub(crate) struct SweepDue(u64);
+
 /// See [`Balancing::registry`].
 #[derive(Debug, Default)]
 struct Registry {
@@ -274,7 +280,11 @@ impl Outliers {
     /// Makes sure the first sweep check at or after `at` sweeps (an ejection ends then), and
     /// that the sweep timer wakes by `sweep_interval` after `at`.
     pub(crate) fn sweep_after(&self, at: Instant) {
-        let at = self.nanos(at);
+        self.sweep_at_most(self.nanos(at));
+    }
+
+    /// [`sweep_after`](Self::sweep_after) in nanoseconds after `origin`.
+    fn sweep_at_most(&self, at: u64) {
         if self.sweep_at.fetch_min(at, Ordering::AcqRel) > at {
             // Rare: an ejection, or a sweep setting the next one. No allocation; a permit is
             // kept if the timer is not waiting right now, so the move is never missed.
@@ -284,7 +294,7 @@ impl Outliers {
 
     /// When the sweep timer sweeps next: `sweep_interval` after the earliest ejection end that
     /// no sweep has seen yet; `None` while there is none (or the timer is off).
-    pub(super) fn timer_due(&self) -> Option<Instant> {
+    pub(crate) fn timer_due(&self) -> Option<Instant> {
         match self.sweep_at.load(Ordering::Acquire) {
             u64::MAX => None,
             due => self
@@ -301,7 +311,8 @@ impl Outliers {
 
     /// Whether an ejection may have ended by `now` and the ejected count may be stale: if so,
     /// the caller got the sweep (no other thread gets it until one is due again) and must look
-    /// at every instance's ejection ([`Health::sweep`]). Checked wherever the clock was read
+    /// at every instance's ejection ([`Health::sweep`]), or give it back with
+    /// [`give_back`](Self::give_back) if it cannot now. Checked wherever the clock was read
     /// anyway: a pick that met an ejected or warming candidate, a p2c pick, a report, the
     /// health view, and a pick in panic mode whose candidate shows an ejection (which reads the
     /// clock for it); and by the [sweep timer](super::sweeper) of a caller with no traffic.
@@ -310,26 +321,38 @@ impl Outliers {
     /// admit a candidate without looking at its ejection end), and a failing instance be
     /// refused the slot of one that nobody picks any more (a consistent hash's unused keys).
     #[inline]
-    pub(crate) fn sweep_due(&self, now: Instant) -> bool {
+    pub(crate) fn sweep_due(&self, now: Instant) -> Option<SweepDue> {
         let now = self.nanos(now);
-        self.sweep_at.load(Ordering::Acquire) <= now && self.take_sweep(now)
+        if self.sweep_at.load(Ordering::Acquire) <= now {
+            self.take_sweep(now)
+        } else {
+            None
+        }
     }
 
     /// Takes the sweep due by `now` (nanoseconds after `origin`), unless another thread took it
     /// first; an end moved earlier meanwhile (a new ejection) is taken too.
     #[cold]
     #[inline(never)]
-    fn take_sweep(&self, now: u64) -> bool {
+    fn take_sweep(&self, now: u64) -> Option<SweepDue> {
         self.sweep_at
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |due| {
                 (due <= now).then_some(u64::MAX)
             })
-            .is_ok()
+            .ok()
+            .map(SweepDue)
+    }
+
+    /// Gives back a sweep taken by [`sweep_due`](Self::sweep_due) that could not run (a pick
+    /// found the registry locked): due at the same time as before, the next clock read takes it
+    /// and the sweep timer keeps its due time.
+    pub(crate) fn give_back(&self, due: SweepDue) {
+        self.sweep_at_most(due.0);
     }
 
     /// For a report at `now`: sweeps the whole registry if [`sweep_due`](Self::sweep_due).
     pub(crate) fn sweep_if_due(&self, now: Instant) {
-        if self.sweep_due(now)
+        if self.sweep_due(now).is_some()
             && let Some(balancing) = self.balancing.upgrade()
         {
             balancing.sweep(now);
