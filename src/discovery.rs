@@ -224,8 +224,8 @@ impl Discovery {
         self.run(machine, handle)
     }
 
-    /// Starts the sync task running `machine` for the cache of `handle`, and the cache's sweep
-    /// timer if none runs.
+    /// Starts the sync task running `machine` for the cache of `handle`, with the cache's sweep
+    /// timer beside it.
     fn run(&self, machine: Machine, handle: &Handle) -> Result<()> {
         let config = &self.inner.config;
         let prefix = machine.prefix();
@@ -239,10 +239,8 @@ impl Discovery {
             },
             handle.shared.clone(),
             handle.stop.subscribe(),
-        )?;
-        // After the sync task: it has checked that there is a runtime to run the timer on.
-        sweeper::spawn(handle.balancing.outliers(), handle.stop.subscribe());
-        Ok(())
+            sweeper::run(handle.balancing.outliers()),
+        )
     }
 
     fn machine(&self, service: &str, balancing: &Arc<Balancing>) -> Machine {

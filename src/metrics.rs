@@ -30,7 +30,7 @@ pub const EJECTIONS: &str = "etcd_registry_ejections_total";
 /// Gauge: instances ejected now. An ejection that ends leaves it at the next sweep: the
 /// first report, `health()` read, or pick that meets an ejected instance after the end, and
 /// at the latest the cache's sweep timer,
-/// [`sweep_interval`](crate::OutlierEjection::sweep_interval) (10 s) after the end.
+/// [`sweep_interval`](crate::OutlierEjection::sweep_interval) (default 10 s) after the end.
 pub const EJECTED: &str = "etcd_registry_ejected";
 
 use crate::sync::machine::Stats;

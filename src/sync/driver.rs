@@ -96,6 +96,10 @@ enum Outcome {
 /// If the task ends any other way (its runtime shuts down, or it panics) its destructor freezes
 /// the cache with [`FreezeCause::TaskEnded`], so the cache never claims to be live with nobody
 /// keeping it so.
+///
+/// `beside` runs in the same task for as long as the sync loop does, and never ends on its
+/// own: the cache's sweep timer (see [`sweeper`](crate::balance::health::sweeper)), which so
+/// starts, ends and restarts with the task.
 pub(crate) fn spawn(
     backend: Arc<dyn Backend>,
     machine: Machine,
@@ -103,6 +107,7 @@ pub(crate) fn spawn(
     config: DriverConfig,
     shared: Arc<Shared>,
     stop: watch::Receiver<()>,
+    beside: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), crate::Error> {
     let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
         crate::Error::Config(
@@ -111,17 +116,24 @@ pub(crate) fn spawn(
         )
     })?;
     let span = tracing::info_span!("etcd_registry::cache", service = %shared.service);
+    let sync = Driver {
+        backend,
+        machine,
+        prefix: prefix.into(),
+        config,
+        shared,
+        stopped: false,
+        progress_support: ProgressSupport::Answered,
+    }
+    .run(stop);
     runtime.spawn(
-        Driver {
-            backend,
-            machine,
-            prefix: prefix.into(),
-            config,
-            shared,
-            stopped: false,
-            progress_support: ProgressSupport::Answered,
+        async move {
+            tokio::select! {
+                biased;
+                () = sync => {}
+                () = beside => {}
+            }
         }
-        .run(stop)
         .instrument(span),
     );
     Ok(())

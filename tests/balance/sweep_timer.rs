@@ -5,7 +5,12 @@
 //! Picks and reports call nothing here: every check reads the gauge, which only a sweep moves
 //! back down (`ServiceCache::health()` sweeps too, so these tests read it only at the end).
 
-use etcd_registry::OutlierEjection;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use etcd_registry::backend::{BackendError, KeysAt, ListResponse, PutCondition, PutOutcome, Watch};
+use etcd_registry::{Backend, FreezeCause, Freshness, OutlierEjection};
+use futures_util::future::BoxFuture;
 
 use crate::support::recorder::Recorder;
 
@@ -138,7 +143,8 @@ async fn an_earlier_end_wakes_the_timer_sooner() {
     assert_eq!(ejected(&users), ["a"]);
 }
 
-/// Dropping the last handle of a cache ends its timer with its sync task: no task is left.
+/// The timer runs inside the cache's sync task: dropping the last handle of the cache ends both,
+/// and no task is left.
 #[tokio::test(start_paused = true)]
 async fn the_timer_ends_with_its_cache() {
     let runtime = tokio::runtime::Handle::current();
@@ -147,19 +153,19 @@ async fn the_timer_ends_with_its_cache() {
     fail(&users, "a", 5);
     assert_eq!(
         runtime.metrics().num_alive_tasks(),
-        before + 2,
-        "the sync task and the sweep timer"
+        before + 1,
+        "one task: the sync loop and the sweep timer"
     );
     let selection = users.select(etcd_registry::Selector::new());
     drop(users);
     settle().await;
     assert_eq!(
         runtime.metrics().num_alive_tasks(),
-        before + 2,
-        "a selection keeps its cache and its tasks"
+        before + 1,
+        "a selection keeps its cache and its task"
     );
     drop(selection);
-    until("both tasks ended", || {
+    until("the task ended", || {
         runtime.metrics().num_alive_tasks() == before
     })
     .await;
@@ -196,4 +202,114 @@ fn a_restarted_cache_gets_its_timer_back() {
         advance(secs(40)).await;
         until("the new timer's sweep", || ejected_gauge(&recorder) == 0.0).await;
     });
+}
+
+/// A `MemoryBackend` whose list, watch and history check panic while `panic` is set: the
+/// sync task dies, its runtime lives on.
+struct Panicking {
+    inner: MemoryBackend,
+    panic: Arc<AtomicBool>,
+}
+
+impl Panicking {
+    fn check(&self) {
+        assert!(
+            !self.panic.load(Ordering::SeqCst),
+            "the backend panics on purpose: the sync task dies"
+        );
+    }
+}
+
+type Answer<'a, T> = BoxFuture<'a, Result<T, BackendError>>;
+
+impl Backend for Panicking {
+    fn list(&self, prefix: &[u8]) -> Answer<'_, ListResponse> {
+        self.check();
+        self.inner.list(prefix)
+    }
+    fn watch(&self, prefix: &[u8], revision: i64) -> Answer<'_, Watch> {
+        self.check();
+        self.inner.watch(prefix, revision)
+    }
+    fn keys_at(&self, prefix: &[u8], revision: i64, values: bool) -> Answer<'_, KeysAt> {
+        self.check();
+        self.inner.keys_at(prefix, revision, values)
+    }
+    fn grant(&self, ttl: Duration) -> Answer<'_, i64> {
+        Backend::grant(&self.inner, ttl)
+    }
+    fn keep_alive(&self, lease: i64) -> Answer<'_, Duration> {
+        Backend::keep_alive(&self.inner, lease)
+    }
+    fn put(&self, key: &[u8], value: &[u8], lease: i64, c: PutCondition) -> Answer<'_, PutOutcome> {
+        Backend::put(&self.inner, key, value, lease, c)
+    }
+    fn revoke(&self, lease: i64) -> Answer<'_, ()> {
+        Backend::revoke(&self.inner, lease)
+    }
+    fn probe(&self, prefix: &[u8]) -> Answer<'_, u64> {
+        self.inner.probe(prefix)
+    }
+}
+
+/// Issue (review): the timer lived apart from the sync task, one per cache. When the sync task
+/// died in runtime A (a panic; A lived on) and the cache was asked for in runtime B, B got a
+/// sync task but no timer, since A's still ran; when A went, so did the only timer, for good.
+/// The timer now runs inside the sync task: B's task has its own.
+#[test]
+fn a_cache_restarted_in_another_runtime_keeps_a_timer_when_the_first_goes() {
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .expect("a runtime")
+    };
+    let recorder = Recorder::new();
+    let _local = metrics::set_default_local_recorder(&recorder);
+    let etcd = MemoryBackend::new();
+    put_all(&etcd, &["a", "b", "c"]);
+    let panic = Arc::new(AtomicBool::new(false));
+    let discovery = Discovery::with_backend(Panicking {
+        inner: etcd.clone(),
+        panic: panic.clone(),
+    })
+    .namespace(crate::support::NS)
+    .build()
+    .expect("valid settings");
+    let first = runtime();
+    let users = first.block_on(async {
+        let users = discovery.service("user").await.expect("first list");
+        fail(&users, "a", 5);
+        panic.store(true, Ordering::SeqCst);
+        etcd.break_streams();
+        crate::support::wait_for(&users, Duration::from_secs(60), "the task ended", |s| {
+            matches!(
+                s.freshness(),
+                Freshness::Frozen {
+                    cause: FreezeCause::TaskEnded,
+                    ..
+                }
+            )
+        })
+        .await;
+        users
+    });
+    panic.store(false, Ordering::SeqCst);
+    assert_eq!(ejected_gauge(&recorder), 1.0);
+
+    let second = runtime();
+    second.block_on(async {
+        let again = discovery.service("user").await.expect("restarted");
+        until_live(&again).await;
+    });
+    drop(first);
+    second.block_on(async {
+        advance(secs(40)).await;
+        until("the timer's sweep in the second runtime", || {
+            ejected_gauge(&recorder) == 0.0
+        })
+        .await;
+    });
+    drop(users);
 }

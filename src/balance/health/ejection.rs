@@ -44,10 +44,12 @@ pub struct OutlierEjection {
     ///
     /// An ejection ends at the first clock read after its end by a pick that meets the
     /// instance, a report, or [`health`](crate::ServiceCache::health). A caller with no
-    /// traffic reads no clock, so a timer of the cache ends it at the latest this long after
-    /// its end: the `etcd_registry_ejected` gauge and the instance's return event then follow
-    /// within this bound on an idle caller too. `Duration::ZERO` ends every ejection at its
-    /// very end by the timer; `Duration::MAX` turns the timer off.
+    /// traffic reads no clock, so a timer in the cache's sync task ends it at the latest this
+    /// long after its end (while that task runs, that is while the cache's runtime does): the
+    /// `etcd_registry_ejected` gauge and the instance's return event then follow within this
+    /// bound on an idle caller too. `Duration::ZERO` ends every ejection at its very end by
+    /// the timer; `Duration::MAX` (or any interval that takes the end past what an `Instant`
+    /// can hold) means the timer never sweeps.
     pub sweep_interval: Duration,
 }
 

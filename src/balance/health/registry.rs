@@ -2,7 +2,7 @@
 //! ejected count and metric handles.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError, Weak};
 use std::time::{Duration, Instant};
 
@@ -69,8 +69,6 @@ pub(crate) struct Outliers {
     balancing: Weak<Balancing>,
     /// Wakes the [sweep timer](super::sweeper) when `sweep_at` moves earlier.
     sweep_moved: Notify,
-    /// Whether a sweep timer runs for this cache (at most one does).
-    pub(super) sweeper_running: AtomicBool,
 }
 
 /// Metric handles registered once per cache, so that reporting never allocates.
@@ -110,7 +108,6 @@ impl Balancing {
                 metrics,
                 balancing: balancing.clone(),
                 sweep_moved: Notify::new(),
-                sweeper_running: AtomicBool::new(false),
             }),
             registry: Mutex::new(Registry::default()),
         })

@@ -1,5 +1,4 @@
-//! The sweep timer: one task per cache that ends the ejections no pick, report or health read
-//! noticed.
+//! The sweep timer: ends the ejections no pick, report or health read noticed.
 //!
 //! An ejection ends at the first clock read past its end wherever a clock is read anyway (see
 //! [`Outliers::sweep_due`]). A caller with no traffic reads none, so without this timer its
@@ -10,48 +9,20 @@
 //! a [`Notify`](tokio::sync::Notify) and costs nothing; an ejection that ends earlier than it
 //! sleeps for wakes it. Like Envoy's `interval` sweeps, but only while there is something to
 //! sweep, and the in-line sweeps keep every end exact for callers that do pick.
+//!
+//! It runs inside the cache's sync task, beside the sync loop (see
+//! [`driver::spawn`](crate::sync::driver::spawn)): it starts, ends and restarts with that
+//! task, so a cache has exactly one timer while it has a sync task.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
-use tokio::sync::watch;
 use tokio::time::sleep_until;
 
 use super::Outliers;
 
-/// Starts the sweep timer of the cache `outliers` belongs to, unless one already runs (a sync
-/// task restarted in the same runtime keeps it). It ends when `stop` closes: the last handle of
-/// the cache was dropped. Nothing starts outside a tokio runtime (the cache's sync task, started
-/// first, needs one too).
-pub(crate) fn spawn(outliers: Arc<Outliers>, stop: watch::Receiver<()>) {
-    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-        return;
-    };
-    if outliers
-        .sweeper_running
-        .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
-        .is_err()
-    {
-        return;
-    }
-    // Made before the task is: a runtime that shuts down before polling it drops it, and with it
-    // the claim, so the next start of the cache's task starts a timer again.
-    let running = Running(outliers);
-    runtime.spawn(run(running, stop));
-}
-
-/// The claim of the one sweep timer of a cache, given back when its task ends (or is dropped
-/// unpolled).
-struct Running(Arc<Outliers>);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.0.sweeper_running.store(false, Ordering::Release);
-    }
-}
-
-async fn run(running: Running, mut stop: watch::Receiver<()>) {
-    let outliers = &running.0;
+/// Sweeps the ejections of the cache `outliers` belongs to on time, for ever: the sync task
+/// that runs it drops it when it ends.
+pub(crate) async fn run(outliers: Arc<Outliers>) {
     loop {
         let due = outliers.timer_due();
         let timer = async {
@@ -62,8 +33,6 @@ async fn run(running: Running, mut stop: watch::Receiver<()>) {
         };
         tokio::select! {
             biased;
-            // Nothing is ever sent: this resolves when the last handle drops the sender.
-            _ = stop.changed() => break,
             () = outliers.sweep_moved() => {}
             () = timer => outliers.sweep_if_due(crate::balance::now()),
         }
