@@ -36,7 +36,16 @@ async fn until(what: &str, mut condition: impl FnMut() -> bool) {
     panic!("{what}: never happened");
 }
 
-/// A cache of `a`, `b`, `c` with `ejection`, made under `recorder`.
+/// A current-thread runtime with paused time, for tests that run a cache in two runtimes.
+fn paused_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .expect("a runtime")
+}
+
+/// A cache of `a`, `b`, `c` with `ejection`.
 async fn setup(ejection: OutlierEjection) -> (MemoryBackend, ServiceCache) {
     let etcd = MemoryBackend::new();
     put_all(&etcd, &["a", "b", "c"]);
@@ -175,26 +184,19 @@ async fn the_timer_ends_with_its_cache() {
 /// an ejection made in the first ends by the timer in the second, with no traffic.
 #[test]
 fn a_restarted_cache_gets_its_timer_back() {
-    let runtime = || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .start_paused(true)
-            .build()
-            .expect("a runtime")
-    };
     let recorder = Recorder::new();
     let _local = metrics::set_default_local_recorder(&recorder);
     let etcd = MemoryBackend::new();
     put_all(&etcd, &["a", "b", "c"]);
     let discovery = discovery(&etcd).build().expect("valid settings");
-    let first = runtime();
+    let first = paused_runtime();
     let users = first
         .block_on(discovery.service("user"))
         .expect("first list");
     fail(&users, "a", 5);
     drop(first);
 
-    let second = runtime();
+    let second = paused_runtime();
     second.block_on(async {
         let again = discovery.service("user").await.expect("restarted");
         until_live(&again).await;
@@ -258,13 +260,6 @@ impl Backend for Panicking {
 /// The timer now runs inside the sync task: B's task has its own.
 #[test]
 fn a_cache_restarted_in_another_runtime_keeps_a_timer_when_the_first_goes() {
-    let runtime = || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .start_paused(true)
-            .build()
-            .expect("a runtime")
-    };
     let recorder = Recorder::new();
     let _local = metrics::set_default_local_recorder(&recorder);
     let etcd = MemoryBackend::new();
@@ -277,7 +272,7 @@ fn a_cache_restarted_in_another_runtime_keeps_a_timer_when_the_first_goes() {
     .namespace(crate::support::NS)
     .build()
     .expect("valid settings");
-    let first = runtime();
+    let first = paused_runtime();
     let users = first.block_on(async {
         let users = discovery.service("user").await.expect("first list");
         fail(&users, "a", 5);
@@ -298,7 +293,7 @@ fn a_cache_restarted_in_another_runtime_keeps_a_timer_when_the_first_goes() {
     panic.store(false, Ordering::SeqCst);
     assert_eq!(ejected_gauge(&recorder), 1.0);
 
-    let second = runtime();
+    let second = paused_runtime();
     second.block_on(async {
         let again = discovery.service("user").await.expect("restarted");
         until_live(&again).await;
