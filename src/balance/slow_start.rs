@@ -56,8 +56,9 @@ impl SlowStart {
     }
 
     /// A period after it is first seen during which the instance is not picked at all (default
-    /// zero). The ramp is measured from first sight, so it is already under way when this ends.
-    /// Must be less than the window.
+    /// zero), unless no other instance up may be (all young or ejected): better a young one
+    /// than none. The ramp is measured from first sight, so it is already under way when this
+    /// ends. Must be less than the window.
     pub fn young(mut self, young: Duration) -> Self {
         self.young = young;
         self

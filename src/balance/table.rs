@@ -535,31 +535,40 @@ impl Gate<'_> {
                 return Some(next);
             }
         }
-        // Nothing passed the coin: an instance that is not ejected (young or warming ones
-        // included: better than none), chosen uniformly among them, so that this rare path
-        // spreads its picks instead of sending them to the first instance in key order (or to
-        // the one after an ejected one); else the first candidate. O(n), off the common path.
-        let eject = self.eject;
-        let tables = self.tables;
-        let mut eligible = |n: u32| {
-            !eject
-                || tables
-                    .health(n)
-                    .is_none_or(|h| !h.maybe_ejected() || !h.is_ejected(self.now()))
-        };
-        let allowed: u32 = tables.up.iter().map(|&n| u32::from(eligible(n))).sum();
-        let fallback = match allowed {
-            0 => None,
-            allowed => {
-                let nth = rng::next_random() % allowed;
-                tables
-                    .up
-                    .iter()
-                    .copied()
-                    .filter(|&n| eligible(n))
-                    .nth(nth as usize)
-            }
-        };
+        // Nothing passed the coin: an instance the gate admits (a warming one at any share),
+        // else one that is not ejected (a young one: better than none), chosen uniformly among
+        // them, so that this rare path spreads its picks instead of sending them to the first
+        // instance in key order (or to the one after an ejected one); else the first candidate.
+        // O(n), off the common path.
+        let fallback = self
+            .uniformly(|gate, n| gate.admit(n) != Admit::No)
+            .or_else(|| self.uniformly(|gate, n| !gate.ejected(n)));
         Some(fallback.unwrap_or(first))
+    }
+
+    /// Whether `index` is ejected at this pick (never, when ejection does not apply to it).
+    fn ejected(&mut self, index: u32) -> bool {
+        self.eject
+            && self
+                .tables
+                .health(index)
+                .is_some_and(|h| h.maybe_ejected() && h.is_ejected(self.now()))
+    }
+
+    /// An instance up for which `eligible` holds, chosen uniformly among them; `None` if none.
+    /// Two passes over the instances up (count, then take), so nothing is allocated.
+    fn uniformly(&mut self, mut eligible: impl FnMut(&mut Self, u32) -> bool) -> Option<u32> {
+        let tables = self.tables;
+        let allowed = tables.up.iter().filter(|&&n| eligible(self, n)).count();
+        if allowed == 0 {
+            return None;
+        }
+        let nth = rng::next_random() as usize % allowed;
+        tables
+            .up
+            .iter()
+            .copied()
+            .filter(|&n| eligible(self, n))
+            .nth(nth)
     }
 }
