@@ -302,7 +302,7 @@ impl Snapshot {
         Some(Call::new(
             Arc::clone(instance),
             Some(Arc::clone(health)),
-            self.tables.up_len(),
+            self.tables.service_up_len(),
             now,
             stamp,
         ))

@@ -7,8 +7,7 @@
 //! 1. never returns a draining instance;
 //! 2. never returns an ejected instance unless in panic mode: fewer than the panic threshold of
 //!    the instances up are healthy, or none is (then an ejected one beats none). For a
-//!    selection, as its docs say, the service's count of ejected instances is weighed against
-//!    the selection's instances up;
+//!    selection, as its docs say, its own instances up and how many of them are ejected;
 //! 3. never returns `None` while an instance is up.
 //!
 //! What is ejected is read from `ServiceCache::health()` (ejections that end at or before now
@@ -263,14 +262,13 @@ fn check_picks(
         .filter(|i| i.is_up() && in_scope(i))
         .map(|i| i.id())
         .collect();
-    // The count the pick weighs: the whole service's ejected instances (all of them up).
-    let healthy = up.len().saturating_sub(ejected.len());
-    let healthy_here = up
+    // The count the pick weighs: the ejected among the instances up in scope.
+    let healthy = up
         .iter()
         .filter(|i| !ejected.iter().any(|e| e == *i))
         .count();
     let panic = healthy * 100 < up.len() * usize::from(case.ejection.panic_threshold_percent)
-        || healthy_here == 0;
+        || healthy == 0;
     for _ in 0..n {
         let got = pick_one(users, selection, picker);
         let Some(got) = got else {

@@ -75,7 +75,7 @@ impl Picked {
     /// Reports that the request to this instance failed: after the consecutive-failure threshold
     /// (or at once, on probation) the instance is ejected.
     pub fn failure(self) {
-        let up = self.snapshot.tables().up_len();
+        let up = self.snapshot.tables().service_up_len();
         if let Some(health) = self.health() {
             health.on_failure(clock::now(), up);
         }
@@ -84,7 +84,7 @@ impl Picked {
     /// Starts a request to this instance: counts it in flight (for p2c) and times it until its
     /// outcome is reported on the [`Call`].
     pub fn start(self) -> Call {
-        let up = self.snapshot.tables().up_len();
+        let up = self.snapshot.tables().service_up_len();
         let instance = self.to_arc();
         let health = self.health().cloned();
         let now = clock::now();
@@ -123,6 +123,8 @@ pub struct Call {
     /// `None` only for an instance whose health was gone (never in practice: every snapshot
     /// holds the health of each of its instances).
     health: Option<Arc<Health>>,
+    /// The service's instances up when the call started (a selection's call included): what
+    /// the max ejected share is a share of.
     up: usize,
     started: Instant,
     /// `started` as a stamp of `health` (0 without health).

@@ -68,10 +68,13 @@ impl Selector {
 /// selection's tables are still current), and, like them, touches no reference count: its
 /// [`Picked`] holds one of the thread's arc-swap guards, so keep it short-lived, as the cache's.
 /// A caller that has seen a snapshot through the cache never gets an older one through a
-/// selection. Ejection and slow start apply as for the whole service: health is shared, and
-/// the max ejected share and the panic threshold are weighed with the service's count of
-/// ejected instances against the selection's instances up. Cheap to clone; clones share the
-/// built tables.
+/// selection. Ejection and slow start apply as for the whole service: health is shared, so an
+/// instance ejected through the cache is skipped by its selections and the other way round, and
+/// the max ejected share is the service's, whichever reports a failure. The panic threshold
+/// weighs the selection's own instances: it panics when fewer than the threshold of them are
+/// healthy, whatever is ejected elsewhere in the service (as Envoy weighs each subset's
+/// hosts, `LoadBalancerBase::isHostSetInPanic`). Cheap to clone; clones share the built
+/// tables.
 ///
 /// ```
 /// # use etcd_registry::{Codec, Discovery, Instance, KeyLayout, MemoryBackend, Selector};

@@ -4,7 +4,7 @@
 //! weighted cycle, the alias table and the Maglev table are built the first time a pick needs
 //! them (a `OnceLock` each), so callers that never use a picker never pay for its table.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
@@ -22,6 +22,13 @@ use crate::snapshot::Snapshot;
 struct Selected {
     source: Arc<Snapshot>,
     at: Box<[u32]>,
+    /// How many of the selection's instances up are ejected, counted at an
+    /// [ejection epoch](Outliers::ejection_epoch): `epoch << 32 | count`. Counted again (O(n))
+    /// only on the first panic check after an ejection changed, so a pick pays it at most once
+    /// per ejection, its end or its lift. Starts at epoch 0, count 0: true while no instance
+    /// was ever ejected. The epoch wraps at 2^32: a count kept across exactly 2^32 changes
+    /// would pass for current, a number of ejections no service comes near.
+    ejected: AtomicU64,
 }
 
 /// The pick tables of one snapshot; shared by the snapshots that differ only in freshness.
@@ -89,7 +96,11 @@ impl Tables {
     /// an instance had health would never see the health its cache made later (and the other
     /// way round): an instance ejected through one would still be picked by the other.
     pub(crate) fn select_from(&self, source: Arc<Snapshot>, at: Box<[u32]>) {
-        let _ = self.selected.set(Selected { source, at });
+        let _ = self.selected.set(Selected {
+            source,
+            at,
+            ejected: AtomicU64::new(0),
+        });
     }
 
     /// For a selection's tables: the snapshot they were selected from (see
@@ -116,6 +127,55 @@ impl Tables {
     #[inline]
     pub(crate) fn up_len(&self) -> usize {
         self.up.len()
+    }
+
+    /// How many instances of the whole service are up: for a selection's tables, those of the
+    /// snapshot it was selected from. The max ejected share is the service's, whichever way a
+    /// failure is reported (Envoy's `max_ejection_percent` is a share of the cluster).
+    pub(crate) fn service_up_len(&self) -> usize {
+        self.selected
+            .get()
+            .map_or(self.up.len(), |selected| selected.source.tables().up_len())
+    }
+
+    /// Panic mode for these tables: fewer than the panic threshold of their instances up are
+    /// healthy. A selection weighs its own instances, the service all of them, as Envoy weighs
+    /// each host set, a subset's included (`LoadBalancerBase::isHostSetInPanic`).
+    fn panicking(&self) -> bool {
+        let ejected = match self.selected.get() {
+            None => self.outliers.ejected(),
+            Some(selected) => self.ejected_among(selected),
+        };
+        self.outliers.panicking(self.up.len(), ejected)
+    }
+
+    /// How many of a selection's instances up are ejected: the count kept in `selected` while
+    /// no ejection changed since, else counted again (see [`Selected::ejected`]). Two threads
+    /// counting at once both count, and the one with the older epoch may store last: the next
+    /// check then counts again.
+    fn ejected_among(&self, selected: &Selected) -> u32 {
+        let epoch = self.outliers.ejection_epoch();
+        let kept = selected.ejected.load(Ordering::Relaxed);
+        if kept >> 32 == u64::from(epoch) {
+            // The low half: the count.
+            return kept as u32;
+        }
+        self.count_ejected(selected, epoch)
+    }
+
+    /// Counts a selection's ejected instances up and keeps the count for `epoch`, read before.
+    #[cold]
+    fn count_ejected(&self, selected: &Selected, epoch: u32) -> u32 {
+        let count = self
+            .up
+            .iter()
+            .filter(|&&n| self.health(n).is_some_and(|h| h.maybe_ejected()))
+            .count();
+        let count = u32::try_from(count).unwrap_or(u32::MAX);
+        selected
+            .ejected
+            .store(u64::from(epoch) << 32 | u64::from(count), Ordering::Relaxed);
+        count
     }
 
     /// The indexes of the instances up.
@@ -258,11 +318,11 @@ impl Tables {
         if self.outliers.any_ejected() {
             if let Some(at) = now {
                 self.sweep_if_due(at);
-            } else if self.outliers.panicking(self.up.len()) {
+            } else if self.panicking() {
                 let at = *now.get_or_insert_with(super::clock::now);
                 self.sweep_if_due(at);
             }
-            eject = self.outliers.any_ejected() && !self.outliers.panicking(self.up.len());
+            eject = self.outliers.any_ejected() && !self.panicking();
         }
         (eject || warm).then_some(Gate {
             tables: self,

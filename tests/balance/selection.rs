@@ -1,7 +1,9 @@
 //! Selections by tags and metadata: only matching instances, tables rebuilt after a publish,
-//! `None` when nothing matches, and ejection counted for the whole service.
+//! `None` when nothing matches, health shared with the cache, the max ejected share counted
+//! for the whole service, and the panic threshold for the selection's own instances.
 
-use etcd_registry::{Selection, Selector};
+use etcd_registry::balance::p2c::FORCE_PICK;
+use etcd_registry::{OutlierEjection, Selection, Selector};
 
 use super::*;
 
@@ -164,4 +166,116 @@ async fn a_selection_and_its_cache_share_health() {
         let counts = tally(600, || users.pick_p2c().map(|c| c.id().to_owned()));
         assert!(!counts.contains_key("b"), "{through_selection}: {counts:?}");
     }
+}
+
+/// Reports `n` failures of `id` through `selection`, each on the first of 300 picks that finds
+/// it (the others unreported). p2c avoids an instance that failed until it has been left alone
+/// for `FORCE_PICK`: that much time passes before each of its picks, which then probe it.
+async fn fail_through(selection: &Selection, id: &str, n: usize, through: Through) {
+    let pick = || (0..300).find_map(|_| selection.pick().filter(|p| p.id() == id));
+    for k in 0..n {
+        let missing = format!("failure {k} of {id}: not picked ({through:?})");
+        match through {
+            Through::Picked => pick().expect(&missing).failure(),
+            Through::Started => pick().expect(&missing).start().failure(),
+            Through::P2c => {
+                advance(FORCE_PICK + ms(1)).await;
+                (0..300)
+                    .find_map(|_| selection.pick_p2c().filter(|c| c.id() == id))
+                    .expect(&missing)
+                    .failure();
+            }
+        }
+    }
+}
+
+/// How [`fail_through`] reports a failure: on a `Picked`, on a `Call` it started, or on a
+/// p2c `Call`.
+#[derive(Debug, Clone, Copy)]
+enum Through {
+    Picked,
+    Started,
+    P2c,
+}
+
+/// The max ejected share is the service's, whichever way a failure is reported: a selection of
+/// 3 of 40 instances does not cap ejections at its own share (one instance).
+#[tokio::test(start_paused = true)]
+async fn failures_through_a_selection_get_the_service_s_ejection_slots() {
+    // 40 instances at the default 10 %: four may be ejected. One plain instance is; the three
+    // canaries, failing five times each through the canaries' selection (each a different way
+    // of reporting), are the others.
+    let etcd = MemoryBackend::new();
+    for id in ["c0", "c1", "c2"] {
+        put(&etcd, spec(id).tag("canary"));
+    }
+    let plain = names("s", 37);
+    put_all(&etcd, &plain.iter().map(String::as_str).collect::<Vec<_>>());
+    let users = users(discovery(&etcd)).await;
+    let canaries = users.select(Selector::new().tag("canary"));
+    fail(&users, "s-00", 5);
+    assert_eq!(ejected(&users), ["s-00"]);
+
+    let mut want = vec!["s-00"];
+    for (id, through) in [
+        ("c0", Through::Picked),
+        ("c1", Through::Started),
+        ("c2", Through::P2c),
+    ] {
+        fail_through(&canaries, id, 5, through).await;
+        want.insert(want.len() - 1, id);
+        assert_eq!(ejected(&users), want, "4 of 40 may be ejected: {through:?}");
+    }
+    // The fifth asks for a slot the service does not have.
+    fail(&users, "s-01", 5);
+    assert_eq!(ejected(&users), want, "at most 4 of 40");
+}
+
+/// A selection's panic threshold weighs its own instances: ejections elsewhere in the service
+/// do not put it in panic mode, and its own do.
+#[tokio::test(start_paused = true)]
+async fn a_selection_s_panic_threshold_counts_its_own_instances() {
+    // 4 canaries among 12 instances, no share limit. With three plain instances and one canary
+    // ejected, the canaries are 3 of 4 healthy: the ejected canary is not picked. With three
+    // canaries ejected (1 of 4 healthy) the selection panics and picks all four, while the
+    // service (6 of 12 healthy) does not.
+    let ejection = OutlierEjection {
+        max_ejection_percent: 100,
+        ..OutlierEjection::default()
+    };
+    let etcd = MemoryBackend::new();
+    for id in ["c0", "c1", "c2", "c3"] {
+        put(&etcd, spec(id).tag("canary"));
+    }
+    let plain = names("s", 8);
+    put_all(&etcd, &plain.iter().map(String::as_str).collect::<Vec<_>>());
+    let users = users(discovery(&etcd).outlier_ejection(ejection)).await;
+    let canaries = users.select(Selector::new().tag("canary"));
+    for id in ["s-00", "s-01", "s-02", "c0"] {
+        fail(&users, id, 5);
+    }
+    assert_eq!(ejected(&users), ["c0", "s-00", "s-01", "s-02"]);
+    let counts = picked_ids(&canaries, 300);
+    assert_eq!(
+        keys_of(&counts),
+        set(&["c1", "c2", "c3"]),
+        "3 of 4 healthy: {counts:?}"
+    );
+
+    fail_through(&canaries, "c1", 5, Through::Picked).await;
+    fail(&users, "c2", 5);
+    assert_eq!(ejected(&users), ["c0", "c1", "c2", "s-00", "s-01", "s-02"]);
+    let counts = picked_ids(&canaries, 300);
+    assert_eq!(
+        keys_of(&counts),
+        set(&["c0", "c1", "c2", "c3"]),
+        "panic: {counts:?}"
+    );
+    let counts = tally(600, || users.pick().map(|p| p.id().to_owned()));
+    assert!(
+        ["c0", "c1", "c2"]
+            .iter()
+            .all(|id| !counts.contains_key(*id)),
+        "the service, 6 of 12 healthy, is not in panic: {counts:?}"
+    );
 }

@@ -384,10 +384,13 @@ async fn a_report_through_a_selection_frees_the_slot_of_an_ejection_over_outside
 }
 
 /// A selection's pick that meets an ejected instance sweeps the whole service's ejections:
-/// `a` and `b` (not selected) ended unnoticed while `c` (selected) still runs, and the stale
-/// count must not keep the selection in panic mode (picking `c`).
+/// `a` and `b` (not selected) ended unnoticed while `c` (selected) still runs, and a pick of
+/// the selection that meets `c` ends them (the gauge goes from 3 to 1). The selection, 1 of 2
+/// healthy, is never in panic mode, whatever the service's count.
 #[tokio::test(start_paused = true)]
 async fn a_selection_pick_sweeps_ejections_outside_the_selection() {
+    let recorder = Recorder::new();
+    let _local = metrics::set_default_local_recorder(&recorder);
     let etcd = MemoryBackend::new();
     put_all(&etcd, &["a", "b"]);
     put(&etcd, spec("c").tag("x"));
@@ -398,18 +401,13 @@ async fn a_selection_pick_sweeps_ejections_outside_the_selection() {
     fail(&users, "b", 5);
     advance(secs(20)).await;
     fail(&users, "c", 5);
-    assert_eq!(ejected(&users), ["a", "b", "c"]);
-    assert!(
-        tally(200, || selection.pick().map(|p| p.id().to_owned())).contains_key("c"),
-        "panic: the selection picks c"
-    );
+    assert_eq!(ejected_gauge(&recorder), 3.0);
     advance(secs(11)).await;
+    assert_eq!(ejected_gauge(&recorder), 3.0, "nothing has looked yet");
 
     let counts = tally(200, || selection.pick().map(|p| p.id().to_owned()));
-    assert!(
-        !counts.contains_key("c"),
-        "the selection is in panic on ejections over: {counts:?}"
-    );
+    assert_eq!(counts.keys().collect::<Vec<_>>(), ["d"], "{counts:?}");
+    assert_eq!(ejected_gauge(&recorder), 1.0, "the selection's pick swept");
     assert_eq!(ejected(&users), ["c"]);
 }
 

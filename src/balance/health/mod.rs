@@ -371,6 +371,7 @@ impl Health {
             self.lift();
             return;
         }
+        balancing.ejection_changed();
         balancing.sweep_after(self.instant(until));
         self.times_ejected.store(times, Ordering::Relaxed);
         self.probation.store(false, Ordering::Release);

@@ -57,6 +57,10 @@ pub(crate) struct Outliers {
     /// Instances ejected right now (an expired ejection counts until it is noticed, by a look
     /// at the instance or by a sweep: see [`sweep_if_due`](Self::sweep_if_due)).
     ejected: AtomicU32,
+    /// Bumped (wrapping) after every change of an instance's ejection: an ejection, its end, its
+    /// lift. A selection's tables count their own ejected instances once per value (see
+    /// [`ejection_epoch`](Self::ejection_epoch)).
+    epoch: AtomicU32,
     /// The clock origin of `sweep_at` and of every stamp of this cache's instance health.
     origin: Instant,
     /// When some ejection may have ended, in nanoseconds after `origin` (`u64::MAX`: none):
@@ -103,6 +107,7 @@ impl Balancing {
                 ejection,
                 slow_start,
                 ejected: AtomicU32::new(0),
+                epoch: AtomicU32::new(0),
                 origin,
                 sweep_at: AtomicU64::new(u64::MAX),
                 metrics,
@@ -252,12 +257,27 @@ impl Outliers {
         self.ejected.load(Ordering::Relaxed)
     }
 
-    /// Panic mode: fewer than the panic threshold of `up` instances are healthy, so picks ignore
-    /// ejection.
+    /// How many changes of ejection there have been (wrapping at 2^32): 0 while no instance was
+    /// ever ejected. Read before looking at the instances' ejections, it tells whether what was
+    /// counted then is still true: every change bumps it after the instance's ejection is
+    /// written (Release; this read is Acquire), so a count made after reading a value saw
+    /// every change that value stands for, and a change it missed bumps the value.
     #[inline]
-    pub(crate) fn panicking(&self, up: usize) -> bool {
-        let ejected = self.ejected.load(Ordering::Relaxed) as usize;
-        let healthy = up.saturating_sub(ejected);
+    pub(crate) fn ejection_epoch(&self) -> u32 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Marks a change of an instance's ejection, after it was written: see
+    /// [`ejection_epoch`](Self::ejection_epoch).
+    pub(super) fn ejection_changed(&self) {
+        self.epoch.fetch_add(1, Ordering::Release);
+    }
+
+    /// Panic mode: fewer than the panic threshold of `up` instances are healthy (`ejected` of
+    /// them are not), so picks ignore ejection.
+    #[inline]
+    pub(crate) fn panicking(&self, up: usize, ejected: u32) -> bool {
+        let healthy = up.saturating_sub(ejected as usize);
         healthy.saturating_mul(100)
             < up.saturating_mul(usize::from(self.ejection.panic_threshold_percent))
     }
@@ -375,7 +395,10 @@ impl Outliers {
             .is_ok()
     }
 
+    /// Gives back an ejection slot: the instance's ejection ended, was lifted, or (another
+    /// thread's ejection won) never began.
     pub(super) fn release(&self) {
+        self.ejection_changed();
         let left = self
             .ejected
             .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| n.checked_sub(1))
