@@ -24,9 +24,11 @@ struct Selected {
     at: Box<[u32]>,
     /// How many of the selection's instances up are ejected, counted at an
     /// [ejection epoch](Outliers::ejection_epoch): `epoch << 32 | count`. Counted again (O(n))
-    /// only on the first panic check after an ejection changed, so a pick pays it at most once
-    /// per ejection, its end or its lift. Starts at epoch 0, count 0: true while no instance
-    /// was ever ejected. The epoch wraps at 2^32: a count kept across exactly 2^32 changes
+    /// by the panic checks that find the epoch moved, that is after any ejection, end or lift
+    /// in the whole service: usually one pick per change, more when several threads find it
+    /// at once (nothing marks one as counting) or when a pick's own sweep moves it. Picks that
+    /// meet no ejected candidate never check. Starts at epoch 0, count 0: true while no
+    /// instance was ever ejected. The epoch wraps at 2^32: a count kept across exactly 2^32 changes
     /// would pass for current, a number of ejections no service comes near.
     ejected: AtomicU64,
 }
@@ -294,7 +296,7 @@ impl Tables {
     }
 
     /// Whether picks must look at health or age at all: only while some instance is ejected
-    /// (and the service is not in panic mode) or warming up. When not, a pick is the bare table
+    /// (and these tables are not in panic mode) or warming up. When not, a pick is the bare table
     /// read.
     #[inline]
     pub(crate) fn gate(&self) -> Option<Gate<'_>> {

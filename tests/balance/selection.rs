@@ -279,3 +279,111 @@ async fn a_selection_s_panic_threshold_counts_its_own_instances() {
         "the service, 6 of 12 healthy, is not in panic: {counts:?}"
     );
 }
+
+/// An ejection's end refreshes a selection's count of its own ejected instances: with three of
+/// four canaries ejected the selection panics; when one of those ends (noticed by the health
+/// view, with no ejection after it), 2 of 4 are healthy and the two still ejected are skipped.
+#[tokio::test(start_paused = true)]
+async fn an_ejection_s_end_takes_a_selection_out_of_panic() {
+    let ejection = OutlierEjection {
+        max_ejection_percent: 100,
+        sweep_interval: Duration::MAX,
+        ..OutlierEjection::default()
+    };
+    let etcd = MemoryBackend::new();
+    for id in ["c0", "c1", "c2", "c3"] {
+        put(&etcd, spec(id).tag("canary"));
+    }
+    put_all(&etcd, &["s0", "s1", "s2", "s3"]);
+    let users = users(discovery(&etcd).outlier_ejection(ejection)).await;
+    let canaries = users.select(Selector::new().tag("canary"));
+    fail(&users, "c0", 5);
+    advance(secs(20)).await;
+    fail(&users, "c1", 5);
+    fail(&users, "c2", 5);
+    let counts = picked_ids(&canaries, 300);
+    assert_eq!(
+        keys_of(&counts),
+        set(&["c0", "c1", "c2", "c3"]),
+        "panic: {counts:?}"
+    );
+    advance(secs(11)).await;
+    assert_eq!(ejected(&users), ["c1", "c2"], "the health view ends c0's");
+    let counts = picked_ids(&canaries, 300);
+    assert_eq!(
+        keys_of(&counts),
+        set(&["c0", "c3"]),
+        "2 of 4 healthy: {counts:?}"
+    );
+}
+
+/// Threads report through a selection and its cache at once, ejections come and go (a short
+/// base ejection time, one failure ejects); after each round settles, the selection is in
+/// panic mode exactly when fewer than half of its own instances are healthy.
+#[tokio::test(start_paused = true)]
+async fn a_selection_s_panic_follows_its_own_count_under_concurrent_reports() {
+    let ejection = OutlierEjection {
+        max_ejection_percent: 100,
+        consecutive_failures: 1,
+        base_ejection_time: secs(3),
+        max_ejection_time: secs(7),
+        sweep_interval: Duration::MAX,
+        ..OutlierEjection::default()
+    };
+    let etcd = MemoryBackend::new();
+    let canary_ids = names("c", 8);
+    for id in &canary_ids {
+        put(&etcd, spec(id).tag("canary"));
+    }
+    put_all(&etcd, &["s0", "s1", "s2", "s3"]);
+    let users = users(discovery(&etcd).outlier_ejection(ejection)).await;
+    let canaries = users.select(Selector::new().tag("canary"));
+    let runtime = tokio::runtime::Handle::current();
+    let mut rounds_in_panic = 0;
+    for round in 0..200u32 {
+        std::thread::scope(|s| {
+            for t in 0..3u32 {
+                let (users, canaries, runtime) = (&users, &canaries, &runtime);
+                s.spawn(move || {
+                    let _context = runtime.enter();
+                    for n in 0..12u32 {
+                        // A spread of picks and outcomes that differs by thread and round.
+                        let x = n
+                            .wrapping_mul(2_654_435_761)
+                            .wrapping_add(t * 97 + round * 13);
+                        let picked = if x % 2 == 0 {
+                            canaries.pick()
+                        } else {
+                            users.pick()
+                        };
+                        let Some(picked) = picked else { continue };
+                        if x % 5 < round % 3 {
+                            picked.failure();
+                        } else {
+                            picked.success(ms(1));
+                        }
+                    }
+                });
+            }
+        });
+        advance(ms(u64::from(round % 5) * 900)).await;
+        let ejected_now = ejected(&users); // sweeps
+        let own = ejected_now.iter().filter(|id| id.starts_with('c')).count();
+        let panic = (8 - own) * 100 < 8 * 50;
+        let counts = picked_ids(&canaries, 400);
+        let picked_ejected = counts.keys().any(|id| ejected_now.contains(id));
+        if !panic {
+            assert!(
+                !picked_ejected,
+                "round {round}: {own} of 8 ejected, no panic: {counts:?}"
+            );
+        } else if own < 8 {
+            rounds_in_panic += 1;
+            assert!(
+                picked_ejected,
+                "round {round}: {own} of 8 ejected, panic: {counts:?}"
+            );
+        }
+    }
+    assert!(rounds_in_panic > 0, "no round put the selection in panic");
+}

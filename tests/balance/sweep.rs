@@ -1,7 +1,9 @@
-//! Ejections that end unnoticed: the shared ejected count (max ejected share, panic threshold,
-//! the `etcd_registry_ejected` gauge) must drop them at the first sweep, which runs wherever the
-//! clock is read past the earliest end: a pick that meets an ejected candidate, a pick in panic
-//! mode, a report, or the health view, but not a pick whose candidate shows no ejection.
+//! Ejections that end unnoticed: the shared ejected count (max ejected share, the service's
+//! panic threshold, the `etcd_registry_ejected` gauge) and a selection's count of its own
+//! ejected instances (its panic threshold) must drop them at the first sweep, which runs
+//! wherever the clock is read past the earliest end: a pick that meets an ejected candidate, a
+//! pick in panic mode, a report, or the health view, but not a pick whose candidate shows no
+//! ejection.
 //!
 //! `ejected()` and `health_of()` call `ServiceCache::health()`, which sweeps: these tests call
 //! them only before an ejection ends or as the final check, so that they never hide a stale
@@ -409,6 +411,29 @@ async fn a_selection_pick_sweeps_ejections_outside_the_selection() {
     assert_eq!(counts.keys().collect::<Vec<_>>(), ["d"], "{counts:?}");
     assert_eq!(ejected_gauge(&recorder), 1.0, "the selection's pick swept");
     assert_eq!(ejected(&users), ["c"]);
+}
+
+/// A selection in panic mode only on its own ejections that ended unnoticed leaves it at its
+/// first pick: the pick in panic mode reads the clock and sweeps, and the selection counts its
+/// own again (`c` ended, `d` runs: 1 of 2 healthy, no panic).
+#[tokio::test(start_paused = true)]
+async fn a_selection_s_stale_panic_ends_at_its_first_pick() {
+    let etcd = MemoryBackend::new();
+    put(&etcd, spec("c").tag("x"));
+    put(&etcd, spec("d").tag("x"));
+    put_all(&etcd, &["a", "b"]);
+    let users = users(discovery(&etcd).outlier_ejection(untimed(unlimited()))).await;
+    let selection = users.select(Selector::new().tag("x"));
+    fail(&users, "c", 5);
+    advance(secs(20)).await;
+    fail(&users, "d", 5);
+    advance(secs(11)).await;
+    // Each pick alone: the first one must already be out of panic mode.
+    for round in 0..20 {
+        let got = selection.pick().map(|p| p.id().to_owned());
+        assert_eq!(got.as_deref(), Some("c"), "pick {round}");
+    }
+    assert_eq!(ejected(&users), ["d"]);
 }
 
 /// An ejection that ended unnoticed and whose key is then deleted gives its slot back once,

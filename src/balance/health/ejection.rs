@@ -33,12 +33,15 @@ pub struct OutlierEjection {
     pub base_ejection_time: Duration,
     /// The longest an ejection lasts (default 300 s). At least `base_ejection_time`.
     pub max_ejection_time: Duration,
-    /// The most instances ejected at once, in percent of the instances up (default 10); one may
-    /// always be ejected, whatever the share. 0 to 100.
+    /// The most instances ejected at once, in percent of the service's instances up (default
+    /// 10); one may always be ejected, whatever the share. A failure reported through a
+    /// [`Selection`](crate::Selection) counts against the same share. 0 to 100.
     pub max_ejection_percent: u8,
     /// Panic threshold, in percent (default 50): when fewer than this share of the instances up
     /// are healthy (not ejected), picks ignore ejection and choose among all of them, as Envoy
-    /// does. 0 turns panic mode off. 0 to 100.
+    /// does. A [`Selection`](crate::Selection)'s picks weigh its own instances (Envoy weighs a
+    /// subset's hosts the same way), the cache's all of them. 0 turns panic mode off. 0 to
+    /// 100.
     pub panic_threshold_percent: u8,
     /// The longest an ended ejection goes unnoticed (default 10 s, Envoy's `interval`).
     ///
