@@ -54,6 +54,18 @@ fn published(inst: &[Arc<Instance>], balancing: &Arc<Balancing>) -> Tables {
     )
 }
 
+/// The tables of `n` instances under `slow_start`, the last one first seen now, after a first
+/// list of the others: the others are adults, the last one warms up.
+fn with_newcomer(n: usize, slow_start: super::slow_start::SlowStart) -> Tables {
+    let balancing = Balancing::new("s".into(), OutlierEjection::default(), Some(slow_start));
+    let inst = instances(&vec![State::Up; n]);
+    let now = clock::now();
+    let first: Arc<[Arc<Instance>]> = inst[..n - 1].iter().cloned().collect();
+    let _ = balancing.slots(&first, now, true);
+    let all: Arc<[Arc<Instance>]> = inst.iter().cloned().collect();
+    Tables::new(&inst, balancing.slots(&all, now, false), balancing)
+}
+
 /// Five failures of instance `index` reported at `at` through `tables`, which make its health
 /// if it has none: an ejection, if a slot is free.
 fn fail_five(tables: &Tables, inst: &[Arc<Instance>], index: u32, at: Instant) -> Arc<Health> {
@@ -218,13 +230,7 @@ fn a_sweep_through_an_older_snapshot_misses_no_ejection() {
 #[test]
 fn a_pick_reads_the_clock_only_when_it_meets_a_warming_instance() {
     let slow_start = super::slow_start::SlowStart::new(std::time::Duration::from_secs(60));
-    let balancing = Balancing::new("s".into(), OutlierEjection::default(), Some(slow_start));
-    let inst = instances(&[State::Up; 11]);
-    let now = clock::now();
-    let first: Arc<[Arc<Instance>]> = inst[..10].iter().cloned().collect();
-    let _ = balancing.slots(&first, now, true);
-    let all: Arc<[Arc<Instance>]> = inst.iter().cloned().collect();
-    let table = Tables::new(&inst, balancing.slots(&all, now, false), balancing.clone());
+    let table = with_newcomer(11, slow_start);
     let young = table
         .health(10)
         .expect("slow start gives every instance health");
@@ -315,13 +321,7 @@ fn a_sweep_left_under_the_lock_keeps_the_timer_s_due_time() {
 fn the_fallback_of_a_pick_takes_no_young_instance_while_another_is_admitted() {
     let slow_start = super::slow_start::SlowStart::new(std::time::Duration::from_secs(60))
         .young(std::time::Duration::from_secs(5));
-    let balancing = Balancing::new("s".into(), OutlierEjection::default(), Some(slow_start));
-    let inst = instances(&[State::Up; 4]);
-    let now = clock::now();
-    let first: Arc<[Arc<Instance>]> = inst[..3].iter().cloned().collect();
-    let _ = balancing.slots(&first, now, true);
-    let all: Arc<[Arc<Instance>]> = inst.iter().cloned().collect();
-    let table = Tables::new(&inst, balancing.slots(&all, now, false), balancing.clone());
+    let table = with_newcomer(4, slow_start);
     // A picker whose every candidate is the young instance 3.
     let picks: Vec<_> = (0..200).map(|_| table.choose(|_| Some(3))).collect();
     let count = |n: u32| picks.iter().filter(|&&p| p == Some(n)).count();
