@@ -302,7 +302,6 @@ impl Snapshot {
         Some(Call::new(
             Arc::clone(instance),
             Some(Arc::clone(health)),
-            self.tables.service_up_len(),
             now,
             stamp,
         ))

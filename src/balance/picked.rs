@@ -75,21 +75,19 @@ impl Picked {
     /// Reports that the request to this instance failed: after the consecutive-failure threshold
     /// (or at once, on probation) the instance is ejected.
     pub fn failure(self) {
-        let up = self.snapshot.tables().service_up_len();
         if let Some(health) = self.health() {
-            health.on_failure(clock::now(), up);
+            health.on_failure(clock::now());
         }
     }
 
     /// Starts a request to this instance: counts it in flight (for p2c) and times it until its
     /// outcome is reported on the [`Call`].
     pub fn start(self) -> Call {
-        let up = self.snapshot.tables().service_up_len();
         let instance = self.to_arc();
         let health = self.health().cloned();
         let now = clock::now();
         let stamp = health.as_ref().map_or(0, |health| health.stamp(now));
-        Call::new(instance, health, up, now, stamp)
+        Call::new(instance, health, now, stamp)
     }
 }
 
@@ -123,9 +121,6 @@ pub struct Call {
     /// `None` only for an instance whose health was gone (never in practice: every snapshot
     /// holds the health of each of its instances).
     health: Option<Arc<Health>>,
-    /// The service's instances up when the call started (a selection's call included): what
-    /// the max ejected share is a share of.
-    up: usize,
     started: Instant,
     /// `started` as a stamp of `health` (0 without health).
     started_stamp: u64,
@@ -136,7 +131,6 @@ impl Call {
     pub(crate) fn new(
         instance: Arc<Instance>,
         health: Option<Arc<Health>>,
-        up: usize,
         started: Instant,
         started_stamp: u64,
     ) -> Self {
@@ -146,7 +140,6 @@ impl Call {
         Self {
             instance,
             health,
-            up,
             started,
             started_stamp,
             ended: false,
@@ -189,7 +182,7 @@ impl Call {
         self.ended = true;
         if let Some(health) = &self.health {
             health.finish();
-            health.on_failure(clock::now(), self.up);
+            health.on_failure(clock::now());
         }
     }
 }

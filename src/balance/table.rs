@@ -131,15 +131,6 @@ impl Tables {
         self.up.len()
     }
 
-    /// How many instances of the whole service are up: for a selection's tables, those of the
-    /// snapshot it was selected from. The max ejected share is the service's, whichever way a
-    /// failure is reported (Envoy's `max_ejection_percent` is a share of the cluster).
-    pub(crate) fn service_up_len(&self) -> usize {
-        self.selected
-            .get()
-            .map_or(self.up.len(), |selected| selected.source.tables().up_len())
-    }
-
     /// Panic mode for these tables: fewer than the panic threshold of their instances up are
     /// healthy. A selection weighs its own instances, the service all of them, as Envoy weighs
     /// each host set, a subset's included (`LoadBalancerBase::isHostSetInPanic`).

@@ -74,7 +74,7 @@ fn fail_five(tables: &Tables, inst: &[Arc<Instance>], index: u32, at: Instant) -
         .expect("the instance exists")
         .clone();
     for _ in 0..5 {
-        health.on_failure(at, tables.up_len());
+        health.on_failure(at);
     }
     health
 }
@@ -183,7 +183,7 @@ fn an_ejection_over_unnoticed_gives_its_slot_to_the_next_failing_instance() {
     );
     // Past the first one's 30 s, with no pick since: the second's next failure is ejected.
     let later = now + std::time::Duration::from_secs(31);
-    second.on_failure(later, table.up_len());
+    second.on_failure(later);
     assert!(
         second.is_ejected(later),
         "the slot of an ejection over was not given back"

@@ -378,6 +378,26 @@ async fn a_call_outliving_its_instance_cannot_take_a_slot() {
     assert!(!picks(&users, Picker::RoundRobin, 100).contains_key("a"));
 }
 
+/// A call's failure weighs the max ejected share against the service as it is when the call
+/// ends, not as it was when it started.
+#[tokio::test(start_paused = true)]
+async fn a_call_s_failure_counts_against_the_service_as_it_is_now() {
+    // 10 instances: one slot (10 %), taken by `b`. `a` fails four times, a call to it starts,
+    // and 10 more instances join: 2 slots of 20. The call's failure, the fifth, ejects `a`.
+    let ids = names("i", 8);
+    let mut all = vec!["a", "b"];
+    all.extend(ids.iter().map(String::as_str));
+    let (etcd, users) = setup(&all, OutlierEjection::default(), Mode::Live).await;
+    fail(&users, "b", 5);
+    fail(&users, "a", 4);
+    let call = pick_id(&users, "a").expect("a").start();
+    let more = names("j", 10);
+    put_all(&etcd, &more.iter().map(String::as_str).collect::<Vec<_>>());
+    wait_for(&users, secs(10), "20 instances", |s| s.len() == 20).await;
+    call.failure();
+    assert_eq!(ejected(&users), ["a", "b"], "2 of 20 may be ejected");
+}
+
 /// An ejected instance that turns draining gives its slot back at once.
 #[tokio::test(start_paused = true)]
 async fn a_draining_instance_gives_its_slot_back() {

@@ -298,8 +298,10 @@ impl Health {
     }
 
     /// A request failed. Ejects the instance after the consecutive-failure threshold, or at
-    /// once when on probation, if the max ejected share of `up` instances allows.
-    pub(crate) fn on_failure(&self, now: Instant, up: usize) {
+    /// once when on probation, if the max ejected share of the service's instances up allows
+    /// (Envoy's `max_ejection_percent` is a share of the cluster: a failure reported through a
+    /// selection counts against the same share).
+    pub(crate) fn on_failure(&self, now: Instant) {
         // Ejections over by now give their slots back before this failure asks for one.
         self.balancing.sweep_if_due(now);
         self.sample(self.stamp(now), None, false);
@@ -314,17 +316,17 @@ impl Health {
         if failures < policy.consecutive_failures && !self.probation.load(Ordering::Acquire) {
             return;
         }
-        self.eject(now, up);
+        self.eject(now);
     }
 
-    fn eject(&self, now: Instant, up: usize) {
+    fn eject(&self, now: Instant) {
         let balancing = &self.balancing;
         let policy = &balancing.ejection;
         // `is_ejected`, not `maybe_ejected`: an ejection that ended unnoticed ends here (the
         // instance goes on probation), so this failure ejects it again instead of being lost.
         if self.benched.load(Ordering::SeqCst)
             || self.is_ejected(now)
-            || !balancing.reserve(policy.max_ejected(up))
+            || !balancing.reserve(policy.max_ejected(balancing.up()))
         {
             return;
         }
@@ -514,7 +516,7 @@ mod tests {
             let w = decay(nanos_f64(gap * 997) * PER_DECAY_TAU_NANO);
             assert_eq!(w + (1.0 - w), 1.0, "w = {w}");
         }
-        health.on_failure(health.instant(stamp + 1_000_000_000), 3);
+        health.on_failure(health.instant(stamp + 1_000_000_000));
         let after_failure = health.success_rate();
         assert!(after_failure < 1.0);
         health.on_success(stamp + 2_000_000_000, None);

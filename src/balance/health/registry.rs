@@ -2,7 +2,7 @@
 //! ejected count and metric handles.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError, Weak};
 use std::time::{Duration, Instant};
 
@@ -58,9 +58,12 @@ pub(crate) struct Outliers {
     /// at the instance or by a sweep: see [`sweep_if_due`](Self::sweep_if_due)).
     ejected: AtomicU32,
     /// Bumped (wrapping) after every change of an instance's ejection: an ejection, its end, its
-    /// lift. A selection's tables count their own ejected instances once per value (see
-    /// [`ejection_epoch`](Self::ejection_epoch)).
+    /// lift. A selection's tables keep the count of their own ejected instances until it moves
+    /// (see [`ejection_epoch`](Self::ejection_epoch)).
     epoch: AtomicU32,
+    /// How many instances of the newest published snapshot are up: what the max ejected share
+    /// is a share of, whichever snapshot or selection a failure is reported through.
+    up: AtomicUsize,
     /// The clock origin of `sweep_at` and of every stamp of this cache's instance health.
     origin: Instant,
     /// When some ejection may have ended, in nanoseconds after `origin` (`u64::MAX`: none):
@@ -108,6 +111,7 @@ impl Balancing {
                 slow_start,
                 ejected: AtomicU32::new(0),
                 epoch: AtomicU32::new(0),
+                up: AtomicUsize::new(0),
                 origin,
                 sweep_at: AtomicU64::new(u64::MAX),
                 metrics,
@@ -164,6 +168,8 @@ impl Balancing {
     ) -> Arc<[HealthSlot]> {
         let mut guard = self.registry.lock().unwrap_or_else(PoisonError::into_inner);
         let registry = &mut *guard;
+        let up = instances.iter().filter(|i| i.is_up()).count();
+        self.outliers.up.store(up, Ordering::Relaxed);
         if registry.by_id.is_empty() && self.slow_start.is_none() {
             let slots: Arc<[HealthSlot]> = instances.iter().map(|_| HealthSlot::new()).collect();
             registry.newest = Some((instances.clone(), slots.clone()));
@@ -250,6 +256,12 @@ impl Outliers {
     #[inline]
     pub(crate) fn any_ejected(&self) -> bool {
         self.ejected.load(Ordering::Relaxed) != 0
+    }
+
+    /// How many instances of the service are up, as of the newest publish (draining ones are
+    /// not): the max ejected share is a share of these.
+    pub(crate) fn up(&self) -> usize {
+        self.up.load(Ordering::Relaxed)
     }
 
     /// How many instances are ejected now.
