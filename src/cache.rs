@@ -69,6 +69,11 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// The current snapshot, as an `Arc`.
+    pub(crate) fn snapshot(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
     pub(crate) fn new(initial: Arc<Snapshot>) -> Self {
         Self {
             service: initial.service().into(),

@@ -221,6 +221,7 @@ impl Discovery {
     fn start(&self, service: &str, handle: &Handle) -> Result<()> {
         let mut machine = self.machine(service, &handle.balancing);
         machine.continue_stats(handle.shared.stats());
+        machine.continue_from(handle.shared.snapshot());
         self.run(machine, handle)
     }
 

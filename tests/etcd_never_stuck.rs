@@ -203,6 +203,65 @@ fn a_cache_whose_runtime_shut_down_says_so_and_comes_back_when_asked_again() {
     );
 }
 
+/// Issue (review): a cache whose task ended, asked for again while etcd was down, lost its
+/// instances: the new task's first list failed and it published its own empty starting
+/// snapshot, frozen. The restarted task now starts from the cache's snapshot, so the cache
+/// stays frozen with what it had until a list succeeds.
+#[test]
+fn a_cache_restarted_while_etcd_is_down_keeps_its_instances() {
+    let started = Instant::now();
+    let etcd = EtcdCluster::single();
+    etcd.etcdctl(&["put", &user_key("u1"), &value_of("u1", 1)]);
+    let connection = runtime();
+    let backend = connection
+        .block_on(EtcdBackend::connect(etcd.endpoints(), EtcdOptions::new()))
+        .expect("connect");
+    let discovery = discovery(backend).build().expect("valid config");
+
+    let first = runtime();
+    let users: ServiceCache = first
+        .block_on(discovery.service("user"))
+        .expect("first list");
+    drop(first);
+    assert!(task_ended(users.freshness()), "{:?}", users.freshness());
+    let revision = users.snapshot().revision();
+    etcd.kill(0);
+
+    let second = runtime();
+    second.block_on(async {
+        let again = discovery
+            .service("user")
+            .await
+            .expect("a cache that has listed is handed out while etcd is down");
+        // The new task has tried to list and failed: its freeze cause replaces `TaskEnded`.
+        let frozen = wait_for(&again, LONG, "the new task's freeze", |s| {
+            !s.freshness().is_live() && !task_ended(s.freshness())
+        })
+        .await;
+        assert_eq!(ids(&frozen), list(&["u1@1"]), "frozen, never cleared");
+        assert_eq!(frozen.revision(), revision, "the revision goes on");
+        assert_eq!(
+            ids(&users.snapshot()),
+            list(&["u1@1"]),
+            "the old handle too"
+        );
+
+        etcd.restart(0);
+        etcd.etcdctl(&["put", &user_key("u2"), &value_of("u2", 2)]);
+        for cache in [&again, &users] {
+            wait_for(cache, LONG, "live again with both", |s| {
+                s.freshness().is_live() && ids(s) == list(&["u1@1", "u2@2"])
+            })
+            .await;
+        }
+    });
+    drop(connection);
+    report(
+        "a_cache_restarted_while_etcd_is_down_keeps_its_instances",
+        started,
+    );
+}
+
 /// Issue: a registration whose runtime shut down kept saying `Registered` while nothing kept
 /// its lease alive. Now it says `TaskEnded`, and the key expires within one TTL.
 #[test]

@@ -8,8 +8,9 @@ use std::time::Duration;
 /// until it is `window` old: Envoy's slow start formula
 /// (`envoy/config/cluster/v3/cluster.proto`, `SlowStartConfig`). With `young` set, it is not
 /// picked at all for that long (unless nothing else can be), for callers that must first open
-/// long-lived connections to it. Instances present at the first list are adults from the start,
-/// so restarting a caller does not ramp the whole fleet.
+/// long-lived connections to it. Instances present at the cache's first list are adults from
+/// the start, so restarting a caller does not ramp the whole fleet (a sync task restarted in
+/// the same process is not a first list: what it sees first warms up).
 ///
 /// Off by default. Applies to every picker but the consistent hash, whose keys must not move.
 ///

@@ -293,6 +293,18 @@ impl Machine {
         self.stats = stats;
     }
 
+    /// Starts from `snapshot`, the cache's current one, when a sync task is restarted: until
+    /// this machine's first list succeeds, what it publishes (a new freeze cause) keeps that
+    /// snapshot's instances and revision, never its own empty start, so a cache is never
+    /// cleared by a restart while etcd is down. Its freeze goes on from the same `since`. If
+    /// the cache had listed before (its revision is above 0), instances first seen at this
+    /// machine's first list are new to the caller (they warm up with slow start on).
+    pub(crate) fn continue_from(&mut self, snapshot: Arc<Snapshot>) {
+        self.freshness = snapshot.freshness();
+        self.first_published = snapshot.revision() > 0;
+        self.published = snapshot;
+    }
+
     /// The key prefix this machine follows.
     pub(crate) fn prefix(&self) -> Vec<u8> {
         self.codec.prefix(&self.service).into_bytes()
@@ -722,7 +734,14 @@ impl Machine {
                 self.balancing.clone(),
             )
         } else if self.freshness != self.published.freshness() {
-            self.published.with(self.revision, self.freshness)
+            // Before the first list, the revision of the snapshot this machine started from
+            // (see `continue_from`), not 0.
+            let revision = if self.listed {
+                self.revision
+            } else {
+                self.published.revision()
+            };
+            self.published.with(revision, self.freshness)
         } else {
             return None;
         };

@@ -155,3 +155,39 @@ async fn a_huge_window_is_no_panic() {
     until_ids(&users, &["a", "b", "c", "new", "newer"]).await;
     assert!(users.snapshot().freshness().is_live());
 }
+
+/// An instance first seen when a restarted sync task lists again is new to the caller and
+/// warms up: only the cache's own first list makes adults, not a restart's.
+#[test]
+fn an_instance_first_seen_by_a_restarted_task_warms_up() {
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime")
+    };
+    let etcd = MemoryBackend::new();
+    put_all(&etcd, &["a", "b"]);
+    let discovery = discovery(&etcd)
+        .slow_start(SlowStart::new(WINDOW))
+        .build()
+        .expect("valid settings");
+    let first = runtime();
+    let users = first
+        .block_on(discovery.service("user"))
+        .expect("first list");
+    drop(first);
+    put(&etcd, spec("new"));
+
+    runtime().block_on(async {
+        let again = discovery.service("user").await.expect("restarted");
+        until_ids(&again, &["a", "b", "new"]).await;
+        assert!(
+            health_of(&again, "new").first_seen.is_some(),
+            "new, first seen by the restarted task, is taken for an adult"
+        );
+        for old in ["a", "b"] {
+            assert_eq!(health_of(&users, old).first_seen, None, "{old} is an adult");
+        }
+    });
+}
