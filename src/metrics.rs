@@ -96,7 +96,10 @@ mod tests {
         );
         for (span, source) in [
             ("etcd_registry::cache", include_str!("sync/driver.rs")),
-            ("etcd_registry::registration", include_str!("register.rs")),
+            (
+                "etcd_registry::registration",
+                include_str!("register/keeper.rs"),
+            ),
         ] {
             assert!(
                 docs.contains(&format!("| `{span}` |")),

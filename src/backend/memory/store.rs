@@ -10,7 +10,8 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::{MemoryState, SnapshotLease, TxnOp};
+use super::faults::SnapshotLease;
+use super::{MemoryState, TxnOp};
 use crate::backend::{
     BackendError, BackendErrorKind, Event, EventKind, Header, KeyRevision, KeyValue, WatchMessage,
 };

@@ -3,35 +3,30 @@
 //!
 //! See [`MemoryBackend`].
 
+mod faults;
+mod serve;
 mod store;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::pin::{Pin, pin};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures_util::Stream;
-use futures_util::future::BoxFuture;
 use tokio::sync::Notify;
-use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::time::Instant;
 
-use self::store::{Item, State, Stored};
-use super::{
-    Backend, BackendError, BackendErrorKind, KeyValue, KeysAt, ListResponse, ProgressRequester,
-    PutCondition, PutOutcome, Watch,
-};
+pub use self::faults::MemoryState;
+use self::store::State;
+use super::{BackendError, KeyValue};
 
 /// The one member of the in-memory etcd, as response headers would name it.
 const MEMBER_ID: u64 = 1;
+
 /// An in-process model of etcd v3, for tests, demos and fault injection.
 ///
 /// All clones share one store, so a test can keep a handle to write keys and inject faults while
-/// the code under test holds another as its [`Backend`].
+/// the code under test holds another as its [`Backend`](crate::Backend).
 ///
 /// # Store
 ///
@@ -59,24 +54,24 @@ const MEMBER_ID: u64 = 1;
 /// # Watches
 ///
 /// A watch from revision `r` first replays the kept events at `r` and later, one
-/// [`WatchMessage::Events`](super::WatchMessage::Events) per revision, then delivers each new
+/// [`WatchMessage::Events`](crate::backend::WatchMessage::Events) per revision, then delivers each new
 /// revision live, one message per revision, leaving out events outside its prefix (and the
 /// whole message when none is left). Replay and registration are one atomic step, so nothing
 /// is lost or seen twice. `r <= 0` means "from the next revision"; an `r` in the future is
 /// accepted and delivers from `r` on. If `r` is older than the compaction revision (the oldest
 /// revision still available), the stream yields one
-/// [`WatchMessage::Compacted`](super::WatchMessage::Compacted) and ends, as etcd does; a watch
+/// [`WatchMessage::Compacted`](crate::backend::WatchMessage::Compacted) and ends, as etcd does; a watch
 /// from exactly the compaction revision is served. Every message's header carries the store
 /// revision when it was sent. Delete events carry the key and the delete's revision only.
 ///
-/// A progress request queues a [`WatchMessage::Progress`](super::WatchMessage::Progress) with
+/// A progress request queues a [`WatchMessage::Progress`](crate::backend::WatchMessage::Progress) with
 /// the current revision behind everything already queued on that watch, so it always means
 /// "every event up to this revision was delivered". Streams are unbounded: writers never block.
 ///
 /// # Faults
 ///
 /// * [`set_reachable(false)`](Self::set_reachable): an outage. New `list`/`watch` calls fail
-///   with [`Unavailable`](super::BackendErrorKind::Unavailable), and every open watch stream
+///   with [`Unavailable`](crate::backend::BackendErrorKind::Unavailable), and every open watch stream
 ///   yields one `Unavailable` error and ends.
 /// * [`stall`](Self::stall): a hung etcd. Open watches hold back their messages (none is lost),
 ///   progress requests go unanswered, and new calls wait; [`resume`](Self::resume) delivers
@@ -203,44 +198,6 @@ impl TxnOp {
     }
 }
 
-/// A backup of a [`MemoryBackend`]: every key, the revision, and the leases. Taken with
-/// [`MemoryBackend::snapshot_state`], applied with [`MemoryBackend::restore`].
-#[derive(Clone, PartialEq, Eq)]
-pub struct MemoryState {
-    kvs: BTreeMap<Vec<u8>, Stored>,
-    revision: i64,
-    cluster_id: u64,
-    leases: BTreeMap<i64, SnapshotLease>,
-    next_lease_id: i64,
-}
-
-/// A lease as kept in a [`MemoryState`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct SnapshotLease {
-    ttl: Duration,
-    keys: BTreeSet<Vec<u8>>,
-}
-
-impl MemoryState {
-    /// The store revision the backup was taken at.
-    pub fn revision(&self) -> i64 {
-        self.revision
-    }
-
-    /// The cluster id of the backend the backup was taken from.
-    pub fn cluster_id(&self) -> u64 {
-        self.cluster_id
-    }
-
-    /// Every key in the backup, in key order.
-    pub fn kvs(&self) -> Vec<KeyValue> {
-        self.kvs
-            .iter()
-            .map(|(key, stored)| stored.to_key_value(key))
-            .collect()
-    }
-}
-
 impl Default for MemoryBackend {
     fn default() -> Self {
         Self::new()
@@ -289,7 +246,7 @@ impl MemoryBackend {
 
     /// Sets `key` to `value` attached to `lease` (0 for none) and returns the new revision.
     ///
-    /// Fails with [`Rejected`](super::BackendErrorKind::Rejected) if the lease does not exist
+    /// Fails with [`Rejected`](crate::backend::BackendErrorKind::Rejected) if the lease does not exist
     /// (never granted, revoked or expired), or if `key` is empty.
     pub fn put_with_lease(
         &self,
@@ -322,7 +279,7 @@ impl MemoryBackend {
     /// the transaction: the new revision, or the unchanged one if no op changed anything.
     ///
     /// Like etcd, the whole transaction is refused with
-    /// [`Rejected`](super::BackendErrorKind::Rejected), changing nothing, if a put names a lease
+    /// [`Rejected`](crate::backend::BackendErrorKind::Rejected), changing nothing, if a put names a lease
     /// that does not exist, if a key is empty, or if two ops name the same key.
     pub fn txn(&self, ops: Vec<TxnOp>) -> Result<i64, BackendError> {
         let mut state = self.lock();
@@ -331,10 +288,10 @@ impl MemoryBackend {
     }
 
     /// Discards the events before `revision`. Watches from an older revision then get
-    /// [`WatchMessage::Compacted`](super::WatchMessage::Compacted); watches from `revision` or
+    /// [`WatchMessage::Compacted`](crate::backend::WatchMessage::Compacted); watches from `revision` or
     /// later are still served.
     ///
-    /// Like etcd, fails with [`Rejected`](super::BackendErrorKind::Rejected) if `revision` is
+    /// Like etcd, fails with [`Rejected`](crate::backend::BackendErrorKind::Rejected) if `revision` is
     /// not above the current compaction revision, or is above the store's revision.
     pub fn compact(&self, revision: i64) -> Result<(), BackendError> {
         self.lock().compact(revision)
@@ -402,7 +359,7 @@ impl MemoryBackend {
 
     /// Resets the lease's deadline to a full TTL from now and returns that TTL.
     ///
-    /// Fails with [`Rejected`](super::BackendErrorKind::Rejected) ("lease not found") if the
+    /// Fails with [`Rejected`](crate::backend::BackendErrorKind::Rejected) ("lease not found") if the
     /// lease never existed, was revoked, or has expired.
     pub fn keep_alive(&self, lease: i64) -> Result<Duration, BackendError> {
         let ttl = self.lock().keep_alive(lease, Instant::now())?;
@@ -413,7 +370,7 @@ impl MemoryBackend {
     /// Ends the lease now, deleting all its keys in one revision (in key order). Returns that
     /// revision, or `None` if the lease had no keys (then no revision is taken, as in etcd).
     ///
-    /// Fails with [`Rejected`](super::BackendErrorKind::Rejected) if there is no such lease.
+    /// Fails with [`Rejected`](crate::backend::BackendErrorKind::Rejected) if there is no such lease.
     pub fn revoke(&self, lease: i64) -> Result<Option<i64>, BackendError> {
         self.lock().revoke(lease)
     }
@@ -440,133 +397,6 @@ impl MemoryBackend {
             state.reaper = Some(runtime.spawn(task));
         }
     }
-
-    // ----- faults -------------------------------------------------------------------------
-
-    /// Cuts this client off from etcd (`false`) or reconnects it (`true`).
-    ///
-    /// While unreachable, new `list`/`watch` calls and progress requests fail with
-    /// [`Unavailable`](super::BackendErrorKind::Unavailable). Going unreachable also ends every
-    /// open watch stream with one `Unavailable` error. Writes through this handle keep working:
-    /// they model other clients.
-    pub fn set_reachable(&self, reachable: bool) {
-        let mut state = self.lock();
-        state.reachable = reachable;
-        if !reachable {
-            state.break_watches("etcd is unreachable");
-        }
-    }
-
-    /// Whether progress requests are answered (default true). `false` models etcd's gRPC proxy
-    /// (and releases before 3.4), which take the request and never answer it, while answering
-    /// everything else.
-    pub fn set_progress_answered(&self, answered: bool) {
-        self.lock().answers_progress = answered;
-    }
-
-    /// Hangs etcd, as if the process were stopped.
-    ///
-    /// Open watch streams stop delivering (their messages are held back, not lost), progress
-    /// requests are accepted but not answered, and new `list`/`watch` calls wait until
-    /// [`resume`](Self::resume). Writes through this handle still apply; watches see them after
-    /// the resume.
-    pub fn stall(&self) {
-        self.lock().stalled = true;
-    }
-
-    /// Ends a [`stall`](Self::stall): delivers everything held back, in order, and lets waiting
-    /// calls proceed (they answer with the state at that moment).
-    pub fn resume(&self) {
-        {
-            let mut state = self.lock();
-            state.stalled = false;
-            state.flush();
-        }
-        self.shared.resumed.notify_waiters();
-    }
-
-    /// Drops the connection: every open watch stream yields one
-    /// [`Unavailable`](super::BackendErrorKind::Unavailable) error and ends. New calls succeed.
-    pub fn break_streams(&self) {
-        self.lock().break_watches("connection lost");
-    }
-
-    /// Makes every later `list`/`watch` call sleep `latency` (on tokio's clock) before it is
-    /// answered. `Duration::ZERO` turns it off.
-    pub fn set_latency(&self, latency: Duration) {
-        self.lock().latency = latency;
-    }
-
-    /// Takes a backup: every key, the revision, and the leases with their TTLs.
-    pub fn snapshot_state(&self) -> MemoryState {
-        self.lock().snapshot()
-    }
-
-    /// Restores a backup, as etcd restored from a snapshot and restarted.
-    ///
-    /// The revision goes back to the backup's, a new cluster id is assigned (different from
-    /// every one this backend had and from the backup's), the event history is lost (watches
-    /// from the backup's revision or earlier get
-    /// [`Compacted`](super::WatchMessage::Compacted), watches from later revisions wait for
-    /// them), every open watch stream yields one
-    /// [`Unavailable`](super::BackendErrorKind::Unavailable) error and ends, and every lease in
-    /// the backup gets a full TTL from now (as after an etcd leader change). Lease ids handed
-    /// out since the backup are not reused. Fault settings (reachability, stall, latency) are
-    /// kept.
-    pub fn restore(&self, backup: MemoryState) {
-        {
-            let mut state = self.lock();
-            state.restore(backup, Instant::now(), false);
-        }
-        self.shared.reaper_wake.notify_one();
-    }
-
-    /// Replaces the store with an empty one at revision 1 and a new cluster id, as an etcd
-    /// rebuilt from nothing. Open watch streams end with an
-    /// [`Unavailable`](super::BackendErrorKind::Unavailable) error; all leases are gone.
-    pub fn wipe(&self) {
-        let mut state = self.lock();
-        let empty = state.empty_snapshot();
-        state.restore(empty, Instant::now(), false);
-    }
-
-    /// [`wipe`](Self::wipe), but the cluster id stays: an etcd whose data directory was deleted
-    /// and that was started again with unchanged flags (same name, peer URLs and cluster
-    /// token), or restored from a snapshot with the default token. Its new history reuses
-    /// revisions the old one had; only what it holds at them tells the two apart.
-    pub fn wipe_keeping_identity(&self) {
-        let mut state = self.lock();
-        let empty = state.empty_snapshot();
-        state.restore(empty, Instant::now(), true);
-    }
-
-    // ----- serving ------------------------------------------------------------------------
-
-    /// Runs `answer` as a server call: after the latency, once not stalled, if reachable.
-    async fn serve<T>(
-        &self,
-        answer: impl FnOnce(&mut State) -> Result<T, BackendError>,
-    ) -> Result<T, BackendError> {
-        let latency = self.lock().latency;
-        if !latency.is_zero() {
-            tokio::time::sleep(latency).await;
-        }
-        loop {
-            let mut resumed = pin!(self.shared.resumed.notified());
-            // Registered before the stall is checked, so a resume in between is not missed.
-            resumed.as_mut().enable();
-            {
-                let mut state = self.lock();
-                if !state.stalled {
-                    if !state.reachable {
-                        return Err(BackendError::unavailable("etcd is unreachable"));
-                    }
-                    return answer(&mut state);
-                }
-            }
-            resumed.await;
-        }
-    }
 }
 
 /// Ends leases on time while the backend exists; holds it only while working.
@@ -589,198 +419,5 @@ async fn reap(shared: Weak<Shared>, wake: Arc<Notify>) {
             }
             None => wake.notified().await,
         }
-    }
-}
-
-impl Backend for MemoryBackend {
-    fn list(&self, prefix: &[u8]) -> BoxFuture<'_, Result<ListResponse, BackendError>> {
-        let prefix = prefix.to_vec();
-        Box::pin(async move {
-            self.serve(|state| {
-                Ok(ListResponse {
-                    header: state.header(),
-                    kvs: state.range(&prefix),
-                })
-            })
-            .await
-        })
-    }
-
-    fn probe(&self, _prefix: &[u8]) -> BoxFuture<'_, Result<u64, BackendError>> {
-        Box::pin(async move { self.serve(|_| Ok(MEMBER_ID)).await })
-    }
-
-    fn keys_at(
-        &self,
-        prefix: &[u8],
-        revision: i64,
-        with_values: bool,
-    ) -> BoxFuture<'_, Result<KeysAt, BackendError>> {
-        let prefix = prefix.to_vec();
-        Box::pin(async move {
-            self.serve(|state| {
-                Ok(KeysAt {
-                    header: state.header(),
-                    keys: state.keys_at(&prefix, revision, with_values)?,
-                })
-            })
-            .await
-        })
-    }
-
-    fn watch(
-        &self,
-        prefix: &[u8],
-        from_revision: i64,
-    ) -> BoxFuture<'_, Result<Watch, BackendError>> {
-        let prefix = prefix.to_vec();
-        Box::pin(async move {
-            let (header, rx, id) = self
-                .serve(|state| Ok(state.open_watch(prefix, from_revision)))
-                .await?;
-            let shared = Arc::downgrade(&self.shared);
-            Ok(Watch {
-                header,
-                stream: Box::pin(MemoryWatchStream {
-                    rx,
-                    shared: shared.clone(),
-                    id,
-                }),
-                progress: Arc::new(MemoryProgress { shared, id }),
-                member_id: MEMBER_ID,
-            })
-        })
-    }
-
-    fn grant(&self, ttl: Duration) -> BoxFuture<'_, Result<i64, BackendError>> {
-        Box::pin(async move {
-            self.serve(|state| {
-                let id = state.grant(ttl, Instant::now());
-                self.ensure_reaper(state);
-                Ok(id)
-            })
-            .await
-        })
-    }
-
-    fn keep_alive(&self, lease: i64) -> BoxFuture<'_, Result<Duration, BackendError>> {
-        Box::pin(async move {
-            let ttl = self
-                .serve(|state| match state.keep_alive(lease, Instant::now()) {
-                    Ok(ttl) => Ok(ttl),
-                    // etcd answers a keep-alive of an unknown lease with TTL 0.
-                    Err(e) if e.kind == BackendErrorKind::Rejected => Ok(Duration::ZERO),
-                    Err(e) => Err(e),
-                })
-                .await?;
-            self.shared.reaper_wake.notify_one();
-            Ok(ttl)
-        })
-    }
-
-    fn put(
-        &self,
-        key: &[u8],
-        value: &[u8],
-        lease: i64,
-        condition: PutCondition,
-    ) -> BoxFuture<'_, Result<PutOutcome, BackendError>> {
-        let (key, value) = (key.to_vec(), value.to_vec());
-        Box::pin(async move {
-            self.serve(|state| self.answer_put(state, key, value, lease, condition))
-                .await
-        })
-    }
-
-    fn revoke(&self, lease: i64) -> BoxFuture<'_, Result<(), BackendError>> {
-        Box::pin(async move {
-            self.serve(|state| match state.revoke(lease) {
-                Ok(_) => Ok(()),
-                Err(e) if e.kind == BackendErrorKind::Rejected => Ok(()),
-                Err(e) => Err(e),
-            })
-            .await
-        })
-    }
-}
-
-/// The lease and write half of the contract, as this client sees it: every call goes through the
-/// injected faults (latency, stall, outage), unlike the inherent methods of the same names, which
-/// model other clients and always work.
-impl MemoryBackend {
-    fn answer_put(
-        &self,
-        state: &mut State,
-        key: Vec<u8>,
-        value: Vec<u8>,
-        lease: i64,
-        condition: PutCondition,
-    ) -> Result<PutOutcome, BackendError> {
-        let current = state.kvs.get(&key).map(|stored| stored.to_key_value(&key));
-        let holds = match condition {
-            PutCondition::Absent => current.is_none(),
-            PutCondition::ModRevision(revision) => current
-                .as_ref()
-                .is_some_and(|kv| kv.mod_revision == revision),
-            PutCondition::Always => true,
-        };
-        if !holds {
-            return Ok(PutOutcome::Refused { current });
-        }
-        let ops = vec![TxnOp::put_with_lease(key, value, lease)];
-        state.validate(&ops)?;
-        let revision = state.apply(ops).unwrap_or(state.revision);
-        Ok(PutOutcome::Written { revision })
-    }
-}
-
-/// The stream of one watch; dropping it closes the watch.
-struct MemoryWatchStream {
-    rx: UnboundedReceiver<Item>,
-    shared: Weak<Shared>,
-    id: Option<u64>,
-}
-
-impl Stream for MemoryWatchStream {
-    type Item = Item;
-
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Item>> {
-        self.get_mut().rx.poll_recv(cx)
-    }
-}
-
-impl Drop for MemoryWatchStream {
-    fn drop(&mut self) {
-        if let (Some(id), Some(shared)) = (self.id, self.shared.upgrade()) {
-            shared.lock().close_watch(id);
-        }
-    }
-}
-
-/// Asks one watch for progress notifications.
-struct MemoryProgress {
-    shared: Weak<Shared>,
-    id: Option<u64>,
-}
-
-impl ProgressRequester for MemoryProgress {
-    fn request_progress(&self) -> BoxFuture<'_, Result<(), BackendError>> {
-        Box::pin(async move {
-            match self.shared.upgrade() {
-                Some(shared) => shared.lock().request_progress(self.id),
-                None => Err(BackendError::unavailable("the backend is gone")),
-            }
-        })
-    }
-}
-
-impl fmt::Debug for MemoryState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("MemoryState")
-            .field("revision", &self.revision)
-            .field("cluster_id", &self.cluster_id)
-            .field("keys", &self.kvs.len())
-            .field("leases", &self.leases.len())
-            .finish()
     }
 }

@@ -34,14 +34,17 @@
 //!     under the same cluster id whose new history has passed that revision is noticed, and
 //!     relisted.
 
+mod apply;
+mod history;
+
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::backend::{Event, EventKind, Header, KeyValue, KeysAt, ListResponse, WatchMessage};
+use crate::backend::{Event, Header, KeysAt, ListResponse, WatchMessage};
 use crate::backoff::{Backoff, BackoffConfig};
 use crate::balance::health::{Balancing, OutlierEjection};
-use crate::codec::{Codec, Decoded};
+use crate::codec::Codec;
 use crate::instance::Instance;
 use crate::snapshot::{FreezeCause, Freshness, Snapshot};
 
@@ -469,201 +472,6 @@ impl Machine {
         self.set_live();
     }
 
-    /// Whether etcd's keys at the applied revision are exactly the ones applied: the same keys,
-    /// each created and last changed at the same revisions, under the same lease, and (for up
-    /// to [`EXACT_CHECK_MAX_KEYS`] keys) with values that decode to what is held. Above that
-    /// the read is keys only, and a key rewritten at the very same revisions under the same
-    /// lease with another value is the one case it cannot tell apart. Both sides are in key
-    /// order.
-    fn holds(&self, keys: &KeysAt) -> bool {
-        let keys_only = self.entries.len() > EXACT_CHECK_MAX_KEYS;
-        keys.keys.len() == self.entries.len()
-            && keys
-                .keys
-                .iter()
-                .zip(&self.entries)
-                .all(|(theirs, (key, ours))| {
-                    *theirs.key == **key
-                        && theirs.mod_revision == ours.mod_revision
-                        && theirs.create_revision == ours.create_revision
-                        && theirs.lease == ours.lease
-                        && (keys_only || self.same_value(key, theirs.value.as_deref(), ours))
-                })
-    }
-
-    /// Whether etcd's value of `key` describes what `ours` holds; a value asked for and
-    /// missing is a difference.
-    fn same_value(&self, key: &[u8], theirs: Option<&[u8]>, ours: &Entry) -> bool {
-        let Some(value) = theirs else {
-            return false;
-        };
-        match (self.codec.decode(&self.service, key, value), &ours.instance) {
-            (Ok(Decoded::Put(instance)), Some(held)) => instance == **held,
-            (Ok(Decoded::Put(_)), None) => false,
-            (Ok(Decoded::Delete) | Err(_), held) => held.is_none(),
-        }
-    }
-
-    /// Whether a response says etcd's history is not the one we applied.
-    fn went_back(&self, header: Header) -> bool {
-        self.cluster_id.is_some_and(|id| id != header.cluster_id) || header.revision < self.revision
-    }
-
-    fn on_regression(&mut self, now: Instant, header: Header) -> Action {
-        tracing::warn!(
-            service = %self.service,
-            applied = self.revision,
-            header_revision = header.revision,
-            cluster_id = ?self.cluster_id,
-            header_cluster_id = header.cluster_id,
-            "etcd's history does not follow the applied revision (restored, replaced, or a lagging member); relisting"
-        );
-        self.regressions += 1;
-        if self.regressions == 1 {
-            self.phase = Phase::Listing;
-            Action::List
-        } else {
-            // The list just before said history was fine, yet the watch disagrees again: a member
-            // that lags behind. Relisting at once would spin, so back off first; no watch is
-            // open meanwhile, so the snapshot is frozen.
-            self.freeze(now, FreezeCause::HistoryBehind);
-            let delay = self.backoff.next_delay();
-            self.phase = Phase::Sleeping { relist: true };
-            Action::Sleep(delay)
-        }
-    }
-
-    fn on_listed(&mut self, list: ListResponse) -> Action {
-        let header = list.header;
-        if self.listed {
-            self.stats.relists += 1;
-            // Taken before the test: a list that is a reset for both reasons must not leave the
-            // flag set for a later, unrelated relist.
-            let rewritten = std::mem::take(&mut self.rewritten);
-            if self.went_back(header) || rewritten {
-                self.stats.resets += 1;
-                tracing::warn!(
-                    service = %self.service,
-                    from_revision = self.revision,
-                    to_revision = header.revision,
-                    cluster_id = header.cluster_id,
-                    "etcd went back in time (restored from a backup or replaced); the snapshot resets to its state"
-                );
-                // `regressions` stays: only a healthy watch clears it. If the watch keeps
-                // disagreeing with the list (endpoints of two clusters behind one client), the
-                // next disagreement backs off instead of relisting at once, forever.
-            }
-        }
-        let mut fresh = BTreeMap::new();
-        for kv in list.kvs {
-            let instance = self.decode_instance(&kv);
-            let entry = Entry {
-                mod_revision: kv.mod_revision,
-                create_revision: kv.create_revision,
-                lease: kv.lease,
-                instance,
-            };
-            fresh.insert(kv.key.into_boxed_slice(), entry);
-        }
-        if fresh != self.entries || header.revision != self.revision {
-            self.changed = true;
-            self.entries = fresh;
-        }
-        // The first list always publishes, even an empty one: its freshness turns live below.
-        self.revision = header.revision;
-        self.cluster_id = Some(header.cluster_id);
-        self.listed = true;
-        self.set_live();
-        // Checked too: etcd may be wiped between this list and the watch's creation, and the
-        // watch would then follow a history the list never saw.
-        self.phase = Phase::WatchStarting { check: true };
-        Action::Watch {
-            from_revision: self.revision.saturating_add(1),
-        }
-    }
-
-    fn apply_events(&mut self, events: Vec<Event>) {
-        let mut top = self.revision;
-        for event in events {
-            let rev = event.kv.mod_revision;
-            if rev <= self.revision {
-                self.stats.events_skipped += 1;
-                continue;
-            }
-            top = top.max(rev);
-            self.stats.events_applied += 1;
-            // Even an event that leaves the instances as they were moves the revision, and the
-            // published revision promises every change up to it is included: publish.
-            self.changed = true;
-            match event.kind {
-                EventKind::Put => {
-                    let instance = self.decode_instance(&event.kv);
-                    let entry = Entry {
-                        mod_revision: rev,
-                        create_revision: event.kv.create_revision,
-                        lease: event.kv.lease,
-                        instance,
-                    };
-                    // An entry that no longer decodes no longer describes a reachable instance:
-                    // it goes from the snapshot, exactly as a relist would drop it, so watch and
-                    // list agree; the key stays known, for verifying etcd's history.
-                    self.entries.insert(event.kv.key.into_boxed_slice(), entry);
-                }
-                EventKind::Delete => {
-                    self.quarantined.remove(&*event.kv.key);
-                    self.entries.remove(&*event.kv.key);
-                }
-            }
-        }
-        self.revision = top;
-    }
-
-    /// What `kv` describes now: its instance (the one already held, when equal, so unchanged
-    /// instances keep their allocation), or `None` when it describes none.
-    fn decode_instance(&mut self, kv: &KeyValue) -> Option<Arc<Instance>> {
-        let Some(Decoded::Put(instance)) = self.decode(kv) else {
-            return None;
-        };
-        let held = self
-            .entries
-            .get(&*kv.key)
-            .and_then(|entry| entry.instance.as_ref());
-        Some(match held {
-            Some(old) if **old == instance => old.clone(),
-            _ => Arc::new(instance),
-        })
-    }
-
-    fn decode(&mut self, kv: &KeyValue) -> Option<Decoded> {
-        match self.codec.decode(&self.service, &kv.key, &kv.value) {
-            Ok(decoded) => {
-                if !self.quarantined.is_empty() {
-                    self.quarantined.remove(&*kv.key);
-                }
-                Some(match decoded {
-                    Decoded::Put(instance) => Decoded::Put(instance.share_service(&self.service)),
-                    Decoded::Delete => Decoded::Delete,
-                })
-            }
-            Err(error) => {
-                self.stats.decode_errors += 1;
-                if self.quarantined.len() >= MAX_QUARANTINED {
-                    self.quarantined.clear();
-                }
-                if self.quarantined.insert(kv.key.clone().into_boxed_slice()) {
-                    tracing::warn!(
-                        service = %self.service,
-                        key = %String::from_utf8_lossy(&kv.key),
-                        revision = kv.mod_revision,
-                        %error,
-                        "skipping an entry that does not decode"
-                    );
-                }
-                None
-            }
-        }
-    }
-
     fn on_failed(&mut self, now: Instant, cause: FreezeCause) -> Action {
         self.stats.failures += 1;
         if let Phase::Watching { since } = self.phase {
@@ -755,5 +563,4 @@ impl Machine {
 }
 
 #[cfg(test)]
-#[path = "machine_tests.rs"]
 mod tests;
