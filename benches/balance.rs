@@ -953,11 +953,9 @@ mod towerp2c {
 
 /// The default outlier ejection, but with ejections that outlast the run.
 fn long_ejection() -> OutlierEjection {
-    OutlierEjection {
-        base_ejection_time: Duration::from_secs(3_600),
-        max_ejection_time: Duration::from_secs(3_600),
-        ..OutlierEjection::default()
-    }
+    OutlierEjection::default()
+        .base_ejection_time(Duration::from_secs(3_600))
+        .max_ejection_time(Duration::from_secs(3_600))
 }
 
 /// Ejects instance `id` of `users` by reporting failures on its round-robin picks.

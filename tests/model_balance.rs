@@ -147,13 +147,14 @@ fn case() -> impl Strategy<Value = Case> {
             Just(Duration::MAX)
         ],
     )
-        .prop_map(|(failures, base, max, panic, sweep)| OutlierEjection {
-            consecutive_failures: failures,
-            base_ejection_time: Duration::from_secs(base),
-            max_ejection_time: Duration::from_secs(base * 4),
-            max_ejection_percent: max,
-            panic_threshold_percent: panic,
-            sweep_interval: sweep,
+        .prop_map(|(failures, base, max, panic, sweep)| {
+            OutlierEjection::default()
+                .consecutive_failures(failures)
+                .base_ejection_time(Duration::from_secs(base))
+                .max_ejection_time(Duration::from_secs(base * 4))
+                .max_ejection_percent(max)
+                .panic_threshold_percent(panic)
+                .sweep_interval(sweep)
         });
     let slow_start = prop::option::of((2u64..60, 0u64..100)).prop_map(|o| {
         o.map(|(window, young)| {

@@ -36,10 +36,7 @@ fn instances(states: &[State]) -> Vec<Arc<Instance>> {
 
 /// Ten instances up, and a balancing that may eject two of them at once (20 %).
 fn two_slots_of_ten() -> (Vec<Arc<Instance>>, Arc<Balancing>) {
-    let ejection = OutlierEjection {
-        max_ejection_percent: 20,
-        ..OutlierEjection::default()
-    };
+    let ejection = OutlierEjection::default().max_ejection_percent(20);
     let balancing = Balancing::new("s".into(), ejection, None);
     (instances(&[State::Up; 10]), balancing)
 }

@@ -225,10 +225,7 @@ async fn the_max_ejected_share_is_ten_percent_but_at_least_one() {
 async fn below_the_panic_threshold_picks_ignore_ejection() {
     // With no share limit, picks skip the ejected while at least half are healthy; below half
     // (panic) they pick among all, ejected or not.
-    let ejection = OutlierEjection {
-        max_ejection_percent: 100,
-        ..OutlierEjection::default()
-    };
+    let ejection = OutlierEjection::default().max_ejection_percent(100);
     for (picker, mode) in COMBOS {
         let (_etcd, users) = setup(&["a", "b", "c", "d"], ejection, mode).await;
         fail(&users, "a", 5);
@@ -260,10 +257,7 @@ async fn panic_mode_ends_when_the_ejections_end() {
     // Panic mode ends when the ejections that caused it end: back on probation, the recovered
     // instances are restored by a success, the one still failing is ejected again by its first
     // failure, and picks skip it again.
-    let ejection = OutlierEjection {
-        max_ejection_percent: 100,
-        ..OutlierEjection::default()
-    };
+    let ejection = OutlierEjection::default().max_ejection_percent(100);
     for (picker, mode) in COMBOS {
         let (_etcd, users) = setup(&["a", "b", "c", "d"], ejection, mode).await;
         for id in ["a", "b", "c"] {
@@ -290,12 +284,10 @@ async fn ejection_slots_add_up_under_concurrent_reports() {
     // Ejection slots add up under reports from many threads at once: after a storm of failures
     // and successes from 8 threads, once every ejection is over, exactly the max share (3 of 10)
     // can be ejected again, and no more.
-    let ejection = OutlierEjection {
-        consecutive_failures: 2,
-        max_ejection_percent: 30,
-        panic_threshold_percent: 0,
-        ..OutlierEjection::default()
-    };
+    let ejection = OutlierEjection::default()
+        .consecutive_failures(2)
+        .max_ejection_percent(30)
+        .panic_threshold_percent(0);
     let ten = names("i", 10);
     let ids: Vec<&str> = ten.iter().map(String::as_str).collect();
     let (_etcd, users) = setup(&ids, ejection, Mode::Live).await;

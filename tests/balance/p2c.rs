@@ -100,10 +100,7 @@ async fn a_failing_instance_costs_more() {
     let etcd = MemoryBackend::new();
     put_all(&etcd, &["good", "bad"]);
     // No ejection in this test: only the cost speaks.
-    let ejection = OutlierEjection {
-        consecutive_failures: 1000,
-        ..OutlierEjection::default()
-    };
+    let ejection = OutlierEjection::default().consecutive_failures(1000);
     let users = users(discovery(&etcd).outlier_ejection(ejection)).await;
 
     let held: Vec<_> = (0..5)

@@ -239,10 +239,7 @@ async fn a_selection_s_panic_threshold_counts_its_own_instances() {
     // ejected, the canaries are 3 of 4 healthy: the ejected canary is not picked. With three
     // canaries ejected (1 of 4 healthy) the selection panics and picks all four, while the
     // service (6 of 12 healthy) does not.
-    let ejection = OutlierEjection {
-        max_ejection_percent: 100,
-        ..OutlierEjection::default()
-    };
+    let ejection = OutlierEjection::default().max_ejection_percent(100);
     let etcd = MemoryBackend::new();
     for id in ["c0", "c1", "c2", "c3"] {
         put(&etcd, spec(id).tag("canary"));
@@ -285,11 +282,9 @@ async fn a_selection_s_panic_threshold_counts_its_own_instances() {
 /// view, with no ejection after it), 2 of 4 are healthy and the two still ejected are skipped.
 #[tokio::test(start_paused = true)]
 async fn an_ejection_s_end_takes_a_selection_out_of_panic() {
-    let ejection = OutlierEjection {
-        max_ejection_percent: 100,
-        sweep_interval: Duration::MAX,
-        ..OutlierEjection::default()
-    };
+    let ejection = OutlierEjection::default()
+        .max_ejection_percent(100)
+        .sweep_interval(Duration::MAX);
     let etcd = MemoryBackend::new();
     for id in ["c0", "c1", "c2", "c3"] {
         put(&etcd, spec(id).tag("canary"));
@@ -322,14 +317,12 @@ async fn an_ejection_s_end_takes_a_selection_out_of_panic() {
 /// panic mode exactly when fewer than half of its own instances are healthy.
 #[tokio::test(start_paused = true)]
 async fn a_selection_s_panic_follows_its_own_count_under_concurrent_reports() {
-    let ejection = OutlierEjection {
-        max_ejection_percent: 100,
-        consecutive_failures: 1,
-        base_ejection_time: secs(3),
-        max_ejection_time: secs(7),
-        sweep_interval: Duration::MAX,
-        ..OutlierEjection::default()
-    };
+    let ejection = OutlierEjection::default()
+        .max_ejection_percent(100)
+        .consecutive_failures(1)
+        .base_ejection_time(secs(3))
+        .max_ejection_time(secs(7))
+        .sweep_interval(Duration::MAX);
     let etcd = MemoryBackend::new();
     let canary_ids = names("c", 8);
     for id in &canary_ids {

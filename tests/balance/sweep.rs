@@ -26,18 +26,12 @@ async fn setup(ids: &[&str], ejection: OutlierEjection) -> (MemoryBackend, Servi
 
 /// `ejection` with the sweep timer off (see the module docs).
 fn untimed(ejection: OutlierEjection) -> OutlierEjection {
-    OutlierEjection {
-        sweep_interval: Duration::MAX,
-        ..ejection
-    }
+    ejection.sweep_interval(Duration::MAX)
 }
 
 /// No share limit (every instance may be ejected), default panic threshold (50 %).
 fn unlimited() -> OutlierEjection {
-    OutlierEjection {
-        max_ejection_percent: 100,
-        ..OutlierEjection::default()
-    }
+    OutlierEjection::default().max_ejection_percent(100)
 }
 
 /// A key that the consistent hash maps to `id` now (probed: `key-0`, `key-1`, ...).
@@ -283,10 +277,7 @@ async fn the_health_view_alone_ends_an_ejection_over() {
 /// no pick meeting `b`, two slots (50 % of 4) are free again for `c` and `d`.
 #[tokio::test(start_paused = true)]
 async fn a_sweep_sets_the_next_one_at_the_next_ejection_end() {
-    let ejection = OutlierEjection {
-        max_ejection_percent: 50,
-        ..OutlierEjection::default()
-    };
+    let ejection = OutlierEjection::default().max_ejection_percent(50);
     let (_etcd, users) = setup(&["a", "b", "c", "d"], ejection).await;
     let (kc, kd) = (key_of(&users, "c"), key_of(&users, "d"));
     fail(&users, "a", 5);
@@ -313,10 +304,7 @@ async fn a_sweep_sets_the_next_one_at_the_next_ejection_end() {
 /// at t0 + 31, with no pick meeting `b`, its slot (one of 50 % of 4) goes to `c`.
 #[tokio::test(start_paused = true)]
 async fn a_later_ejection_does_not_put_off_the_sweep_of_an_earlier_end() {
-    let ejection = OutlierEjection {
-        max_ejection_percent: 50,
-        ..OutlierEjection::default()
-    };
+    let ejection = OutlierEjection::default().max_ejection_percent(50);
     let (_etcd, users) = setup(&["a", "b", "c", "d"], ejection).await;
     let kc = key_of(&users, "c");
     fail(&users, "b", 5);
@@ -466,11 +454,9 @@ async fn a_removed_instance_with_an_ejection_over_gives_its_slot_back_once() {
 async fn the_ejected_count_stays_exact_under_concurrent_sweeps() {
     let recorder = Recorder::new();
     let _local = metrics::set_default_local_recorder(&recorder);
-    let ejection = OutlierEjection {
-        consecutive_failures: 2,
-        max_ejection_percent: 60,
-        ..OutlierEjection::default()
-    };
+    let ejection = OutlierEjection::default()
+        .consecutive_failures(2)
+        .max_ejection_percent(60);
     let ten = names("i", 10);
     let ids: Vec<&str> = ten.iter().map(String::as_str).collect();
     let (_etcd, users) = setup(&ids, ejection).await;

@@ -83,11 +83,7 @@ async fn the_timer_ends_an_idle_caller_s_ejection_within_the_sweep_interval() {
 async fn a_zero_interval_sweeps_at_the_very_end_and_the_longest_never() {
     let recorder = Recorder::new();
     let _local = metrics::set_default_local_recorder(&recorder);
-    let (_etcd, users) = setup(OutlierEjection {
-        sweep_interval: Duration::ZERO,
-        ..OutlierEjection::default()
-    })
-    .await;
+    let (_etcd, users) = setup(OutlierEjection::default().sweep_interval(Duration::ZERO)).await;
     fail(&users, "a", 5);
     advance(secs(30) - ms(1)).await;
     settle().await;
@@ -98,11 +94,7 @@ async fn a_zero_interval_sweeps_at_the_very_end_and_the_longest_never() {
 
     let recorder = Recorder::new();
     let _local = metrics::set_default_local_recorder(&recorder);
-    let (_etcd, users) = setup(OutlierEjection {
-        sweep_interval: Duration::MAX,
-        ..OutlierEjection::default()
-    })
-    .await;
+    let (_etcd, users) = setup(OutlierEjection::default().sweep_interval(Duration::MAX)).await;
     fail(&users, "a", 5);
     advance(secs(3600)).await;
     settle().await;
@@ -118,11 +110,7 @@ async fn a_zero_interval_sweeps_at_the_very_end_and_the_longest_never() {
 async fn an_earlier_end_wakes_the_timer_sooner() {
     let recorder = Recorder::new();
     let _local = metrics::set_default_local_recorder(&recorder);
-    let (_etcd, users) = setup(OutlierEjection {
-        max_ejection_percent: 100,
-        ..OutlierEjection::default()
-    })
-    .await;
+    let (_etcd, users) = setup(OutlierEjection::default().max_ejection_percent(100)).await;
     fail(&users, "a", 5);
     advance(secs(40)).await;
     until("a's first ejection swept", || {

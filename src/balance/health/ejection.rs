@@ -16,14 +16,18 @@ use std::time::Duration;
 /// use std::time::Duration;
 /// use etcd_registry::OutlierEjection;
 ///
-/// let ejection = OutlierEjection {
-///     consecutive_failures: 3,
-///     base_ejection_time: Duration::from_secs(10),
-///     ..OutlierEjection::default()
-/// };
+/// let ejection = OutlierEjection::default()
+///     .consecutive_failures(3)
+///     .base_ejection_time(Duration::from_secs(10));
 /// assert_eq!(ejection.max_ejection_time, Duration::from_secs(300));
 /// ```
+///
+/// The fields are public to read; set them with the methods of the same names (the struct is
+/// `#[non_exhaustive]`, so that a later setting is not a breaking change). Settings are checked
+/// when the [`Discovery`](crate::Discovery) is built: a bad one is
+/// [`Error::Config`](crate::Error::Config) naming it.
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
 pub struct OutlierEjection {
     /// Consecutive failures that eject an instance (default 5). At least 1.
     pub consecutive_failures: u32,
@@ -70,6 +74,54 @@ impl Default for OutlierEjection {
 }
 
 impl OutlierEjection {
+    /// Sets [`consecutive_failures`](Self::consecutive_failures): failures in a row that eject
+    /// an instance. At least 1.
+    #[must_use]
+    pub const fn consecutive_failures(mut self, failures: u32) -> Self {
+        self.consecutive_failures = failures;
+        self
+    }
+
+    /// Sets [`base_ejection_time`](Self::base_ejection_time): how long the first ejection
+    /// lasts. More than zero.
+    #[must_use]
+    pub const fn base_ejection_time(mut self, time: Duration) -> Self {
+        self.base_ejection_time = time;
+        self
+    }
+
+    /// Sets [`max_ejection_time`](Self::max_ejection_time): the longest an ejection lasts. At
+    /// least `base_ejection_time`.
+    #[must_use]
+    pub const fn max_ejection_time(mut self, time: Duration) -> Self {
+        self.max_ejection_time = time;
+        self
+    }
+
+    /// Sets [`max_ejection_percent`](Self::max_ejection_percent): the most instances ejected
+    /// at once, in percent of the instances up (one may always be). 0 to 100.
+    #[must_use]
+    pub const fn max_ejection_percent(mut self, percent: u8) -> Self {
+        self.max_ejection_percent = percent;
+        self
+    }
+
+    /// Sets [`panic_threshold_percent`](Self::panic_threshold_percent): below this share of
+    /// healthy instances, picks ignore ejection. 0 (off) to 100.
+    #[must_use]
+    pub const fn panic_threshold_percent(mut self, percent: u8) -> Self {
+        self.panic_threshold_percent = percent;
+        self
+    }
+
+    /// Sets [`sweep_interval`](Self::sweep_interval): the longest an ended ejection goes
+    /// unnoticed on a caller with no traffic. `Duration::MAX` turns the timer off.
+    #[must_use]
+    pub const fn sweep_interval(mut self, interval: Duration) -> Self {
+        self.sweep_interval = interval;
+        self
+    }
+
     /// Checks the settings; the error says which one is wrong.
     pub(crate) fn validate(&self) -> Result<(), String> {
         if self.consecutive_failures == 0 {
