@@ -618,12 +618,6 @@ async fn an_instance_ejected_through_an_older_snapshot_is_skipped_in_the_newer_o
 /// and outlives its tasks.
 #[test]
 fn an_ejection_survives_a_restart_of_the_sync_task() {
-    let runtime = || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("a runtime")
-    };
     let etcd = MemoryBackend::new();
     put_all(&etcd, &["a", "b", "c"]);
     let discovery = discovery(&etcd).build().expect("valid settings");

@@ -195,6 +195,15 @@ pub fn now() -> std::time::Instant {
     tokio::time::Instant::now().into_std()
 }
 
+/// A current-thread runtime (real time), for tests that end a cache's task by dropping its
+/// runtime.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime")
+}
+
 pub fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }

@@ -160,12 +160,6 @@ async fn a_huge_window_is_no_panic() {
 /// warms up: only the cache's own first list makes adults, not a restart's.
 #[test]
 fn an_instance_first_seen_by_a_restarted_task_warms_up() {
-    let runtime = || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("a runtime")
-    };
     let etcd = MemoryBackend::new();
     put_all(&etcd, &["a", "b"]);
     let discovery = discovery(&etcd)
