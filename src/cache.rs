@@ -12,7 +12,7 @@ use crate::balance::select::{Selection, Selector};
 use crate::balance::view::InstanceHealth;
 use crate::diff::Diffs;
 use crate::snapshot::{FreezeCause, Freshness, Snapshot};
-use crate::sync::machine::Stats;
+use crate::sync::machine::{Machine, Stats};
 
 /// Counters of what a cache's sync loop did; see [`ServiceCache::stats`].
 pub type SyncStats = Stats;
@@ -66,6 +66,10 @@ pub(crate) struct Shared {
     /// [`task_ended`](Self::task_ended) publishes the frozen snapshot and clears the flag as one
     /// step, so whoever saw that snapshot and asks again is granted the restart.
     task_running: Mutex<bool>,
+    /// The machine of a sync task that ended without being stopped, for the next task to go on
+    /// with (see [`task_ended`](Self::task_ended)): what it applied, its revision and cluster
+    /// id, its counters and backoff.
+    parked: Mutex<Option<Machine>>,
 }
 
 impl Shared {
@@ -83,6 +87,7 @@ impl Shared {
             stats: Mutex::new(Stats::default()),
             last_error: Mutex::new(None),
             task_running: Mutex::new(false),
+            parked: Mutex::new(None),
         }
     }
 
@@ -98,6 +103,15 @@ impl Shared {
         !std::mem::replace(&mut *running, true)
     }
 
+    /// The machine a task that ended left (see [`task_ended`](Self::task_ended)), if any; taken
+    /// by whoever claimed the restart.
+    pub(crate) fn take_parked(&self) -> Option<Machine> {
+        self.parked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
+
     /// Gives back a claim whose task could not be spawned (no runtime).
     pub(crate) fn release_task(&self) {
         *self
@@ -108,12 +122,17 @@ impl Shared {
 
     /// Called when the sync task ends without being stopped (from its destructor: the runtime
     /// shut down, or the task panicked). Freezes the current snapshot with
-    /// [`FreezeCause::TaskEnded`], so nobody takes it for live; the instances stay.
-    pub(crate) fn task_ended(&self) {
+    /// [`FreezeCause::TaskEnded`], so nobody takes it for live; the instances stay. `machine`,
+    /// the task's, is parked for the next task (see [`take_parked`](Self::take_parked)), so that
+    /// a restart goes on like a running task after a failure: its first list is a relist,
+    /// checked against the revision and cluster it had applied.
+    pub(crate) fn task_ended(&self, machine: Option<Machine>) {
         let mut running = self
             .task_running
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
+        // Parked before the flag is cleared: whoever is granted the restart finds it.
+        *self.parked.lock().unwrap_or_else(PoisonError::into_inner) = machine;
         let current = self.current.load_full();
         // The clock is read here, outside the sans-IO machine, like every other time input.
         let since = match current.freshness() {
@@ -543,7 +562,7 @@ mod tests {
             assert!(shared.claim_task(), "round {round}: no task ran yet");
             let ending = std::thread::spawn({
                 let shared = shared.clone();
-                move || shared.task_ended()
+                move || shared.task_ended(None)
             });
             while !says_task_ended(&shared) {
                 std::hint::spin_loop();

@@ -215,12 +215,22 @@ impl Discovery {
         Ok(handle)
     }
 
-    /// A new sync task for an existing cache. It lists afresh; until then the cache keeps the
-    /// snapshot it has, frozen, and its counters and the health of its instances (ejections
-    /// included) go on from where they were.
+    /// A new sync task for an existing cache. It goes on with the machine the ended task left:
+    /// it lists again, and that list is a relist, checked against the revision and cluster
+    /// applied before (a reset is counted, as by a running task). Until then the cache keeps
+    /// the snapshot it has, frozen, and its counters and the health of its instances
+    /// (ejections included) go on from where they were.
     fn start(&self, service: &str, handle: &Handle) -> Result<()> {
-        let mut machine = self.machine(service, &handle.balancing);
-        machine.continue_stats(handle.shared.stats());
+        // Checked before the parked machine is taken: a start that fails leaves it parked.
+        driver::runtime()?;
+        let mut machine = match handle.shared.take_parked() {
+            Some(machine) => machine,
+            None => {
+                let mut machine = self.machine(service, &handle.balancing);
+                machine.continue_stats(handle.shared.stats());
+                machine
+            }
+        };
         machine.continue_from(handle.shared.snapshot());
         self.run(machine, handle)
     }

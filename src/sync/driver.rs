@@ -109,12 +109,7 @@ pub(crate) fn spawn(
     stop: watch::Receiver<()>,
     beside: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), crate::Error> {
-    let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
-        crate::Error::Config(
-            "a cache runs a task: call Discovery::service or service_now inside a tokio runtime"
-                .into(),
-        )
-    })?;
+    let runtime = runtime()?;
     let span = tracing::info_span!("etcd_registry::cache", service = %shared.service);
     let sync = Driver {
         backend,
@@ -139,6 +134,19 @@ pub(crate) fn spawn(
     Ok(())
 }
 
+/// The runtime a cache's task is spawned on: the current one.
+///
+/// # Errors
+/// [`Error::Config`](crate::Error::Config) outside a tokio runtime.
+pub(crate) fn runtime() -> Result<tokio::runtime::Handle, crate::Error> {
+    tokio::runtime::Handle::try_current().map_err(|_| {
+        crate::Error::Config(
+            "a cache runs a task: call Discovery::service or service_now inside a tokio runtime"
+                .into(),
+        )
+    })
+}
+
 struct Driver {
     backend: Arc<dyn Backend>,
     machine: Machine,
@@ -154,7 +162,9 @@ struct Driver {
 impl Drop for Driver {
     fn drop(&mut self) {
         if !self.stopped {
-            self.shared.task_ended();
+            // The clock is read here, outside the sans-IO machine, like every other time input.
+            let machine = self.machine.take(Instant::now().into_std());
+            self.shared.task_ended(Some(machine));
         }
     }
 }

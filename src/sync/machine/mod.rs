@@ -272,7 +272,8 @@ impl Machine {
         self.revision
     }
 
-    /// The last published snapshot (an empty frozen one before the first list).
+    /// The last published snapshot: before the first list, an empty frozen one (or, for a
+    /// restarted sync task, the cache's snapshot it continued from).
     pub fn published(&self) -> &Arc<Snapshot> {
         &self.published
     }
@@ -296,12 +297,29 @@ impl Machine {
         self.stats = stats;
     }
 
+    /// Moves this machine out, leaving a new one for the same service in its place, as the
+    /// machine of a new cache would start at `now`. A sync task that ends without being stopped
+    /// parks its machine this way for the next task.
+    pub(crate) fn take(&mut self, now: Instant) -> Machine {
+        let fresh = Machine::new(
+            self.service.clone(),
+            self.codec.clone(),
+            *self.backoff.config(),
+            0,
+            now,
+        );
+        std::mem::replace(self, fresh)
+    }
+
     /// Starts from `snapshot`, the cache's current one, when a sync task is restarted: until
     /// this machine's first list succeeds, what it publishes (a new freeze cause) keeps that
     /// snapshot's instances and revision, never its own empty start, so a cache is never
     /// cleared by a restart while etcd is down. Its freeze goes on from the same `since`. If
     /// the cache had listed before (its revision is above 0), instances first seen at this
     /// machine's first list are new to the caller (they warm up with slow start on).
+    ///
+    /// For the machine of the task that ended (see [`take`](Self::take)) this only takes the
+    /// snapshot published since, frozen with `TaskEnded`: it already holds what it applied.
     pub(crate) fn continue_from(&mut self, snapshot: Arc<Snapshot>) {
         self.freshness = snapshot.freshness();
         self.first_published = snapshot.revision() > 0;
