@@ -55,7 +55,7 @@ fn no_costlier(a: (f64, f64), b: (f64, f64)) -> bool {
 /// time there (for the forced pick); the gate's fallback, when no draw found an admissible
 /// instance, does not.
 ///
-/// [`Call`]: super::Call
+/// [`Call`]: crate::Call
 pub(crate) fn pick<'t>(
     tables: &'t Tables,
     instances: &[Arc<Instance>],

@@ -1,4 +1,5 @@
-//! etcd's naming endpoints ([`KeyLayout::EtcdNaming`]): `{"Op":0,"Addr":…,"Metadata":…}`.
+//! etcd's naming endpoints ([`KeyLayout::EtcdNaming`](super::KeyLayout::EtcdNaming)):
+//! `{"Op":0,"Addr":…,"Metadata":…}`.
 
 use serde::Deserialize;
 

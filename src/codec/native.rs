@@ -1,5 +1,5 @@
-//! The native wire format ([`KeyLayout::Native`]): one JSON object per instance, read
-//! borrowing from the input where it can.
+//! The native wire format ([`KeyLayout::Native`](super::KeyLayout::Native)): one JSON object
+//! per instance, read borrowing from the input where it can.
 
 use std::borrow::Cow;
 use std::fmt;

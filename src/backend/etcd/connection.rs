@@ -76,7 +76,7 @@ impl Connection {
         }
     }
 
-    /// A client for `endpoints` (already [checked](endpoints::usable)). Nothing is dialled yet.
+    /// A client for `endpoints` (already [checked](super::endpoints::usable)). Nothing is dialled yet.
     pub(super) async fn open(endpoints: &[String], options: &EtcdOptions) -> Result<Self, Error> {
         let client = Client::connect_with_balanced_channel(
             endpoints,
