@@ -78,6 +78,20 @@ fn ci_steps(t: &mut Timings) -> Result<()> {
         cmd.env("RUSTDOCFLAGS", "-D warnings");
         run(&mut cmd)
     })?;
+    // The same for the crate's private items: the docs of its internals are how a reader
+    // finds the way around, and their links rot unseen otherwise.
+    t.step("doc_private", || {
+        let mut cmd = tools.apply(cargo([
+            "doc",
+            "--no-deps",
+            "--all-features",
+            "--locked",
+            "-p",
+            "etcd-registry",
+        ]));
+        cmd.env("RUSTDOCFLAGS", "-D warnings --document-private-items");
+        run(&mut cmd)
+    })?;
     // The core builds without any feature (no etcd-client, tower or tonic).
     t.step("check_no_default_features", || {
         let args = [
