@@ -22,9 +22,10 @@ use std::time::Duration;
 /// assert_eq!(ejection.max_ejection_time, Duration::from_secs(300));
 /// ```
 ///
-/// The fields are public to read; set them with the methods of the same names (the struct is
-/// `#[non_exhaustive]`, so that a later setting is not a breaking change). Settings are checked
-/// when the [`Discovery`](crate::Discovery) is built: a bad one is
+/// Start from [`default`](Self::default) and change settings with the methods named after the
+/// fields (the fields are public, but the struct is `#[non_exhaustive]`: no struct literal
+/// outside this crate, so a later setting is not a breaking change). Settings are checked when
+/// the [`Discovery`](crate::Discovery) is built: a bad one is
 /// [`Error::Config`](crate::Error::Config) naming it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 #[non_exhaustive]
@@ -32,8 +33,8 @@ pub struct OutlierEjection {
     /// Consecutive failures that eject an instance (default 5). At least 1.
     pub consecutive_failures: u32,
     /// How long the first ejection lasts (default 30 s); the n-th lasts n times as long, up to
-    /// [`max_ejection_time`](Self::max_ejection_time). The multiplier goes down by one for every
-    /// `base_ejection_time` an instance stays healthy between ejections.
+    /// [`max_ejection_time`](field@Self::max_ejection_time). The multiplier goes down by one
+    /// for every `base_ejection_time` an instance stays healthy between ejections.
     pub base_ejection_time: Duration,
     /// The longest an ejection lasts (default 300 s). At least `base_ejection_time`.
     pub max_ejection_time: Duration,
@@ -74,50 +75,50 @@ impl Default for OutlierEjection {
 }
 
 impl OutlierEjection {
-    /// Sets [`consecutive_failures`](Self::consecutive_failures): failures in a row that eject
-    /// an instance. At least 1.
+    /// Sets [`consecutive_failures`](field@Self::consecutive_failures): failures in a row that
+    /// eject an instance. At least 1.
     #[must_use]
-    pub const fn consecutive_failures(mut self, failures: u32) -> Self {
+    pub fn consecutive_failures(mut self, failures: u32) -> Self {
         self.consecutive_failures = failures;
         self
     }
 
-    /// Sets [`base_ejection_time`](Self::base_ejection_time): how long the first ejection
+    /// Sets [`base_ejection_time`](field@Self::base_ejection_time): how long the first ejection
     /// lasts. More than zero.
     #[must_use]
-    pub const fn base_ejection_time(mut self, time: Duration) -> Self {
+    pub fn base_ejection_time(mut self, time: Duration) -> Self {
         self.base_ejection_time = time;
         self
     }
 
-    /// Sets [`max_ejection_time`](Self::max_ejection_time): the longest an ejection lasts. At
+    /// Sets [`max_ejection_time`](field@Self::max_ejection_time): the longest an ejection lasts. At
     /// least `base_ejection_time`.
     #[must_use]
-    pub const fn max_ejection_time(mut self, time: Duration) -> Self {
+    pub fn max_ejection_time(mut self, time: Duration) -> Self {
         self.max_ejection_time = time;
         self
     }
 
-    /// Sets [`max_ejection_percent`](Self::max_ejection_percent): the most instances ejected
+    /// Sets [`max_ejection_percent`](field@Self::max_ejection_percent): the most instances ejected
     /// at once, in percent of the instances up (one may always be). 0 to 100.
     #[must_use]
-    pub const fn max_ejection_percent(mut self, percent: u8) -> Self {
+    pub fn max_ejection_percent(mut self, percent: u8) -> Self {
         self.max_ejection_percent = percent;
         self
     }
 
-    /// Sets [`panic_threshold_percent`](Self::panic_threshold_percent): below this share of
+    /// Sets [`panic_threshold_percent`](field@Self::panic_threshold_percent): below this share of
     /// healthy instances, picks ignore ejection. 0 (off) to 100.
     #[must_use]
-    pub const fn panic_threshold_percent(mut self, percent: u8) -> Self {
+    pub fn panic_threshold_percent(mut self, percent: u8) -> Self {
         self.panic_threshold_percent = percent;
         self
     }
 
-    /// Sets [`sweep_interval`](Self::sweep_interval): the longest an ended ejection goes
+    /// Sets [`sweep_interval`](field@Self::sweep_interval): the longest an ended ejection goes
     /// unnoticed on a caller with no traffic. `Duration::MAX` turns the timer off.
     #[must_use]
-    pub const fn sweep_interval(mut self, interval: Duration) -> Self {
+    pub fn sweep_interval(mut self, interval: Duration) -> Self {
         self.sweep_interval = interval;
         self
     }
