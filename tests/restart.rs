@@ -210,3 +210,110 @@ fn a_restart_while_etcd_is_unreachable_keeps_the_freeze_s_since() {
         assert_eq!(frozen.revision(), ended.revision());
     });
 }
+
+/// A metrics recorder that panics once, armed, when the driver records a publish (the
+/// `etcd_registry_instances` gauge): after the machine made the snapshot and before the cache
+/// stores it, as a user's recorder (or tracing layer) could. Installed for one thread with
+/// `metrics::with_local_recorder`, which a current-thread runtime's tasks run on; every other
+/// metric is a no-op.
+struct PanicAtPublish(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl metrics::Recorder for PanicAtPublish {
+    fn describe_counter(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_gauge(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_histogram(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn register_counter(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
+        metrics::Counter::noop()
+    }
+    fn register_gauge(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+        if key.name() == etcd_registry::metrics::INSTANCES
+            && self.0.swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            panic!("a metrics recorder panics at the publish");
+        }
+        metrics::Gauge::noop()
+    }
+    fn register_histogram(
+        &self,
+        _: &metrics::Key,
+        _: &metrics::Metadata<'_>,
+    ) -> metrics::Histogram {
+        metrics::Histogram::noop()
+    }
+}
+
+/// Issue (review): the parked machine holds what it applied, while `continue_from` puts the
+/// cache's snapshot in its `published`. When the task panicked after the machine made a
+/// snapshot and before the cache stored it (the publish goes through the user's metrics
+/// recorder and tracing subscriber first), the two disagreed: the machine had applied `b`, the
+/// cache never showed it. The restarted task's list found etcd as the machine had it, so only
+/// the freshness was republished over the cache's old instances: live without `b`, at the
+/// revision that added `b`. Now the next publish is a whole snapshot when they disagree.
+#[test]
+fn a_task_that_panicked_before_its_publish_reached_the_cache_restarts_with_what_etcd_holds() {
+    let etcd = MemoryBackend::new();
+    register(&etcd, "a", 1);
+    let discovery = Discovery::memory(etcd.clone())
+        .namespace(NS)
+        .build()
+        .expect("valid settings");
+    let armed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let first = runtime();
+    let recorder = PanicAtPublish(armed.clone());
+    let users = metrics::with_local_recorder(&recorder, || {
+        first.block_on(async {
+            let users = discovery.service("user").await.expect("first list");
+            assert_eq!(ids(&users.snapshot()), list(&["a@1"]));
+            armed.store(true, std::sync::atomic::Ordering::SeqCst);
+            let b = register(&etcd, "b", 2);
+            wait_for(&users, LONG, "the task ended", |s| {
+                matches!(
+                    s.freshness(),
+                    Freshness::Frozen {
+                        cause: FreezeCause::TaskEnded,
+                        ..
+                    }
+                )
+            })
+            .await;
+            assert!(
+                !armed.load(std::sync::atomic::Ordering::SeqCst),
+                "it panicked"
+            );
+            assert!(users.snapshot().revision() < b, "the cache never saw b");
+            users
+        })
+    });
+    drop(first);
+    assert_eq!(ids(&users.snapshot()), list(&["a@1"]));
+
+    runtime().block_on(async {
+        let again = discovery.service("user").await.expect("the service again");
+        let live = wait_for(&again, LONG, "live again", |s| s.freshness().is_live()).await;
+        assert_eq!(
+            ids(&live),
+            list(&["a@1", "b@2"]),
+            "live at revision {} (etcd at {}), without what etcd holds",
+            live.revision(),
+            etcd.revision()
+        );
+    });
+}

@@ -162,8 +162,9 @@ struct Driver {
 impl Drop for Driver {
     fn drop(&mut self) {
         if !self.stopped {
-            // The clock is read here, outside the sans-IO machine, like every other time input.
-            let machine = self.machine.take(Instant::now().into_std());
+            // Nothing before `task_ended` may panic: a destructor's panic would leave the cache
+            // marked as running, never restarted. `take` cannot.
+            let machine = self.machine.take();
             self.shared.task_ended(Some(machine));
         }
     }

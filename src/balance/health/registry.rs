@@ -89,10 +89,22 @@ pub(super) struct Metrics {
 }
 
 impl Balancing {
+    /// A registry whose clock starts now.
     pub(crate) fn new(
         service: Arc<str>,
         ejection: OutlierEjection,
         slow_start: Option<SlowStart>,
+    ) -> Arc<Self> {
+        Self::new_at(service, ejection, slow_start, crate::balance::now())
+    }
+
+    /// A registry whose clock starts at `origin` (times are kept as offsets from it); the sync
+    /// machine passes the time it was given, and reads no clock.
+    pub(crate) fn new_at(
+        service: Arc<str>,
+        ejection: OutlierEjection,
+        slow_start: Option<SlowStart>,
+        origin: std::time::Instant,
     ) -> Arc<Self> {
         let label = service.to_string();
         let picks = |outcome: &'static str| metrics::counter!(crate::metrics::PICKS, "service" => label.clone(), "outcome" => outcome);
@@ -103,7 +115,6 @@ impl Balancing {
             ejections: metrics::counter!(crate::metrics::EJECTIONS, "service" => label.clone()),
             ejected: metrics::gauge!(crate::metrics::EJECTED, "service" => label),
         };
-        let origin = crate::balance::now();
         Arc::new_cyclic(|balancing| Self {
             outliers: Arc::new(Outliers {
                 service,

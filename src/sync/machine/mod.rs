@@ -231,7 +231,7 @@ impl Machine {
             since: now,
             cause: FreezeCause::NotListed,
         };
-        let balancing = Balancing::new(service.clone(), OutlierEjection::default(), None);
+        let balancing = Balancing::new_at(service.clone(), OutlierEjection::default(), None, now);
         Self {
             published: Arc::new(Snapshot::new(
                 service.clone(),
@@ -297,18 +297,33 @@ impl Machine {
         self.stats = stats;
     }
 
-    /// Moves this machine out, leaving a new one for the same service in its place, as the
-    /// machine of a new cache would start at `now`. A sync task that ends without being stopped
-    /// parks its machine this way for the next task.
-    pub(crate) fn take(&mut self, now: Instant) -> Machine {
-        let fresh = Machine::new(
-            self.service.clone(),
-            self.codec.clone(),
-            *self.backoff.config(),
-            0,
-            now,
-        );
-        std::mem::replace(self, fresh)
+    /// Moves this machine out, leaving an inert one in its place: it has applied nothing and
+    /// shares the service, codec, balancing and last snapshot. A sync task that ends without
+    /// being stopped parks its machine this way for the next task, from its destructor, before
+    /// the cache is told: so this reads no clock, calls no user code (no metric, no log) and
+    /// cannot fail.
+    pub(crate) fn take(&mut self) -> Machine {
+        let inert = Machine {
+            service: self.service.clone(),
+            codec: self.codec.clone(),
+            backoff: Backoff::new(*self.backoff.config(), 0),
+            phase: Phase::Listing,
+            entries: BTreeMap::new(),
+            revision: 0,
+            cluster_id: None,
+            freshness: self.freshness,
+            published: self.published.clone(),
+            changed: false,
+            regressions: 0,
+            rewritten: false,
+            listed: false,
+            watched: false,
+            quarantined: HashSet::new(),
+            stats: Stats::default(),
+            balancing: self.balancing.clone(),
+            first_published: false,
+        };
+        std::mem::replace(self, inert)
     }
 
     /// Starts from `snapshot`, the cache's current one, when a sync task is restarted: until
@@ -318,9 +333,19 @@ impl Machine {
     /// the cache had listed before (its revision is above 0), instances first seen at this
     /// machine's first list are new to the caller (they warm up with slow start on).
     ///
-    /// For the machine of the task that ended (see [`take`](Self::take)) this only takes the
-    /// snapshot published since, frozen with `TaskEnded`: it already holds what it applied.
+    /// For the machine of the task that ended (see [`take`](Self::take)) this takes the
+    /// snapshot published since, frozen with `TaskEnded`; the machine holds what it applied.
+    /// If the cache never got the machine's last snapshot (the task ended between making it
+    /// and publishing it), the next publish is a whole new snapshot, never only a new freshness
+    /// on what the cache holds. The backoff starts over, as a new task's would.
     pub(crate) fn continue_from(&mut self, snapshot: Arc<Snapshot>) {
+        if self.listed
+            && (!snapshot.same_instances(&self.published)
+                || snapshot.revision() != self.published.revision())
+        {
+            self.changed = true;
+        }
+        self.backoff.reset();
         self.freshness = snapshot.freshness();
         self.first_published = snapshot.revision() > 0;
         self.published = snapshot;

@@ -1042,3 +1042,58 @@ fn a_key_rewritten_with_another_value_at_the_same_revisions_is_a_rewrite() {
     let same = h.held();
     h.expect(same, Next::Nothing);
 }
+
+/// A machine parked by a task that ended (`take`) and continued by the next (`continue_from`)
+/// starts its backoff over, as a new task's would: the first failure after the restart sleeps
+/// within the initial envelope, not the one grown by an earlier outage. The placeholder left
+/// behind has applied nothing.
+#[test]
+fn a_continued_machine_starts_its_backoff_over() {
+    let backoff = BackoffConfig::default();
+    let now = Instant::now();
+    let mut m = Machine::new(
+        "user",
+        Codec::new(KeyLayout::Native, "/svc"),
+        backoff,
+        3,
+        now,
+    );
+    m.start();
+    m.handle(now, listed(10, vec![kv("a", 1, 10)]));
+    let grown: Vec<Duration> = (0..12)
+        .filter_map(|_| {
+            let sleep = m.handle(now, Input::Failed(FreezeCause::Unavailable));
+            m.handle(now, Input::TimerFired);
+            sleep.into_iter().find_map(|a| match a {
+                Action::Sleep(d) => Some(d),
+                _ => None,
+            })
+        })
+        .collect();
+    assert!(
+        grown.iter().any(|d| *d > backoff.initial),
+        "the outage grew the backoff: {grown:?}"
+    );
+
+    let mut parked = m.take();
+    assert_eq!(m.revision(), 0, "the placeholder applied nothing");
+    assert_eq!(parked.revision(), 10);
+    let snapshot = parked.published().clone();
+    parked.continue_from(snapshot);
+    parked.start();
+    // Eight restarts, each followed by one failure: every sleep within the initial envelope
+    // (a draw from the grown one lands there about once in a hundred).
+    for _ in 0..8 {
+        let actions = parked.handle(now, Input::Failed(FreezeCause::Unavailable));
+        let sleep = actions.iter().find_map(|a| match a {
+            Action::Sleep(d) => Some(*d),
+            _ => None,
+        });
+        assert!(
+            sleep.is_some_and(|d| d <= backoff.initial),
+            "after the restart: {sleep:?}"
+        );
+        parked.handle(now, Input::TimerFired);
+        parked.continue_from(parked.published().clone());
+    }
+}
