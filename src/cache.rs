@@ -152,16 +152,19 @@ impl Shared {
                 .to_owned(),
             Some(FreezeCause::TaskEnded),
         )));
-        tracing::warn!(
-            service = %self.service,
-            revision = current.revision(),
-            "the sync task ended without being stopped; the snapshot is frozen until the service is asked for again"
-        );
         // Both under the lock: whoever sees the frozen snapshot and claims a restart waits for
         // the flag to be cleared, and a restarted task publishes after this snapshot, never
         // before it.
         self.publish(Arc::new(frozen));
         *running = false;
+        drop(running);
+        // Logged last: the application's subscriber is user code, and may panic (or find its
+        // thread's state gone, in a thread being torn down); the cache has been told by then.
+        tracing::warn!(
+            service = %self.service,
+            revision = current.revision(),
+            "the sync task ended without being stopped; the snapshot is frozen until the service is asked for again"
+        );
     }
 
     /// Makes `snapshot` the one readers see, then tells subscribers.

@@ -231,7 +231,7 @@ impl Discovery {
                 machine
             }
         };
-        machine.continue_from(handle.shared.snapshot());
+        machine.continue_from(handle.shared.snapshot(), handle.shared.stats());
         self.run(machine, handle)
     }
 

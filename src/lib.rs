@@ -84,6 +84,7 @@ pub mod codec;
 pub mod diff;
 mod discovery;
 mod error;
+mod in_span;
 pub mod instance;
 pub mod metrics;
 mod register;

@@ -146,8 +146,8 @@ fn another_cluster(revision: i64) -> etcd_registry::backend::memory::MemoryState
     other.snapshot_state()
 }
 
-/// A restart that finds etcd as it was: the list is a relist (counted), every instance keeps
-/// its allocation, and the pick tables stay (a publish that changes only the freshness).
+/// A restart that finds etcd as it was: the list is a relist (counted), and every instance
+/// keeps its allocation.
 #[test]
 fn a_restart_that_finds_etcd_unchanged_keeps_every_instance() {
     let etcd = MemoryBackend::new();

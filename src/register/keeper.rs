@@ -8,7 +8,6 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, sleep_until, timeout};
-use tracing::Instrument;
 
 use super::{Registration, RegistrationStatus};
 use crate::backend::{
@@ -18,6 +17,7 @@ use crate::backend::{
 use crate::backoff::Backoff;
 use crate::codec::{Codec, KeyLayout};
 use crate::error::{Error, Result};
+use crate::in_span::InSpan;
 use crate::instance::{Instance, InstanceBuilder};
 
 pub(super) type Change = Box<dyn FnOnce(InstanceBuilder) -> InstanceBuilder + Send>;
@@ -102,7 +102,7 @@ impl Keeper {
             id = keeper.instance.id()
         );
         keeper.stopped = false;
-        tokio::spawn(keeper.run(command_rx).instrument(span));
+        tokio::spawn(InSpan::new(keeper.run(command_rx), span));
         Ok(Registration {
             commands,
             status: status_rx,
@@ -113,11 +113,12 @@ impl Keeper {
 impl Drop for Keeper {
     fn drop(&mut self) {
         if !self.stopped {
+            // Told first, logged last: the subscriber is user code and may panic.
+            self.status.send_replace(RegistrationStatus::TaskEnded);
             tracing::warn!(
                 lease = self.lease,
                 "the registration's task ended without a deregister; the key expires within one TTL"
             );
-            self.status.send_replace(RegistrationStatus::TaskEnded);
         }
     }
 }

@@ -15,12 +15,12 @@ use futures_util::future::BoxFuture;
 use futures_util::{FutureExt, StreamExt};
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep, sleep, sleep_until, timeout};
-use tracing::Instrument;
 
 use crate::backend::{
     Backend, BackendError, BackendErrorKind, KeysAt, ListResponse, Watch, WatchMessage,
 };
 use crate::cache::Shared;
+use crate::in_span::InSpan;
 use crate::metrics;
 use crate::snapshot::FreezeCause;
 use crate::sync::machine::{Action, Input, Machine};
@@ -121,16 +121,16 @@ pub(crate) fn spawn(
         progress_support: ProgressSupport::Answered,
     }
     .run(stop);
-    runtime.spawn(
+    runtime.spawn(InSpan::new(
         async move {
             tokio::select! {
                 biased;
                 () = sync => {}
                 () = beside => {}
             }
-        }
-        .instrument(span),
-    );
+        },
+        span,
+    ));
     Ok(())
 }
 

@@ -43,7 +43,9 @@ impl Machine {
             };
             fresh.insert(kv.key.into_boxed_slice(), entry);
         }
-        if fresh != self.entries || header.revision != self.revision {
+        // Taken first: a list is the one that republishes, whatever else changed.
+        let republish = std::mem::take(&mut self.republish);
+        if republish || fresh != self.entries || header.revision != self.revision {
             self.changed = true;
             self.entries = fresh;
         }

@@ -214,6 +214,24 @@ pub struct Machine {
     balancing: Arc<Balancing>,
     /// A snapshot after the first list was published: instances seen from now on are new.
     first_published: bool,
+    /// Inside [`handle_all`](Self::handle_all). Still set on a machine parked by a task that
+    /// ended in the middle of it (a panic in a user's tracing subscriber, say): what it applied
+    /// since its last completed step may be half of a batch (see
+    /// [`continue_from`](Self::continue_from)).
+    stepping: bool,
+    /// What the last completed `handle_all` left: the history a restart is checked against
+    /// when the machine was interrupted mid-step.
+    checkpoint: Checkpoint,
+    /// The next successful list publishes a whole snapshot even if it matches what is held.
+    republish: bool,
+}
+
+/// Where a machine stood after its last completed [`Machine::handle_all`].
+#[derive(Debug, Clone, Copy, Default)]
+struct Checkpoint {
+    listed: bool,
+    watched: bool,
+    cluster_id: Option<u64>,
 }
 
 impl Machine {
@@ -258,6 +276,9 @@ impl Machine {
             watched: false,
             quarantined: HashSet::new(),
             stats: Stats::default(),
+            stepping: false,
+            checkpoint: Checkpoint::default(),
+            republish: false,
         }
     }
 
@@ -322,6 +343,9 @@ impl Machine {
             stats: Stats::default(),
             balancing: self.balancing.clone(),
             first_published: false,
+            stepping: false,
+            checkpoint: Checkpoint::default(),
+            republish: false,
         };
         std::mem::replace(self, inert)
     }
@@ -337,9 +361,31 @@ impl Machine {
     /// snapshot published since, frozen with `TaskEnded`; the machine holds what it applied.
     /// If the cache never got the machine's last snapshot (the task ended between making it
     /// and publishing it), the next publish is a whole new snapshot, never only a new freshness
-    /// on what the cache holds. The backoff starts over, as a new task's would.
-    pub(crate) fn continue_from(&mut self, snapshot: Arc<Snapshot>) {
-        if self.listed
+    /// on what the cache holds. If the task ended in the middle of
+    /// [`handle_all`](Self::handle_all), nothing applied since the cache's snapshot is trusted:
+    /// the machine keeps only the history of its last completed step (whether it had listed,
+    /// the cluster id) and the snapshot's revision to check the next list against, takes
+    /// `stats` (the cache's counters, as that step left them), and that list publishes a whole
+    /// snapshot. The backoff starts over, as a new task's would.
+    pub(crate) fn continue_from(&mut self, snapshot: Arc<Snapshot>, stats: Stats) {
+        if std::mem::take(&mut self.stepping) {
+            let Checkpoint {
+                listed,
+                watched,
+                cluster_id,
+            } = self.checkpoint;
+            self.entries.clear();
+            self.quarantined.clear();
+            self.revision = snapshot.revision();
+            self.cluster_id = cluster_id;
+            self.listed = listed;
+            self.watched = watched;
+            self.stats = stats;
+            self.changed = false;
+            self.regressions = 0;
+            self.rewritten = false;
+            self.republish = listed;
+        } else if self.listed
             && (!snapshot.same_instances(&self.published)
                 || snapshot.revision() != self.published.revision())
         {
@@ -377,6 +423,7 @@ impl Machine {
         now: Instant,
         inputs: impl IntoIterator<Item = Input>,
     ) -> Vec<Action> {
+        self.stepping = true;
         let mut next = None;
         for input in inputs {
             if let Stepped::Accepted(action) = self.step(now, input) {
@@ -388,6 +435,12 @@ impl Machine {
             actions.push(Action::Publish(snapshot));
         }
         actions.extend(next);
+        self.checkpoint = Checkpoint {
+            listed: self.listed,
+            watched: self.watched,
+            cluster_id: self.cluster_id,
+        };
+        self.stepping = false;
         actions
     }
 

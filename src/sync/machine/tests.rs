@@ -1079,7 +1079,7 @@ fn a_continued_machine_starts_its_backoff_over() {
     assert_eq!(m.revision(), 0, "the placeholder applied nothing");
     assert_eq!(parked.revision(), 10);
     let snapshot = parked.published().clone();
-    parked.continue_from(snapshot);
+    parked.continue_from(snapshot, parked.stats());
     parked.start();
     // Eight restarts, each followed by one failure: every sleep within the initial envelope
     // (a draw from the grown one lands there about once in a hundred).
@@ -1094,6 +1094,6 @@ fn a_continued_machine_starts_its_backoff_over() {
             "after the restart: {sleep:?}"
         );
         parked.handle(now, Input::TimerFired);
-        parked.continue_from(parked.published().clone());
+        parked.continue_from(parked.published().clone(), parked.stats());
     }
 }
