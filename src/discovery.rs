@@ -182,13 +182,16 @@ impl Discovery {
         if let Some(handle) = caches.get(service).and_then(Weak::upgrade) {
             if handle.shared.claim_task() {
                 // Its task died (runtime shut down, or a panic): start another one for the same
-                // cache, so every handle already out there comes back to life too.
+                // cache, so every handle already out there comes back to life too. The claim is
+                // given back if the start fails or panics (the application's subscriber or
+                // recorder is called on the way): never a claim with no task behind it.
+                let claim = Claim(&handle.shared);
+                self.start(service, &handle)?;
+                std::mem::forget(claim);
                 tracing::info!(
                     service,
-                    "restarting the sync task of a cache whose task ended"
+                    "restarted the sync task of a cache whose task ended"
                 );
-                self.start(service, &handle)
-                    .inspect_err(|_| handle.shared.release_task())?;
             }
             return Ok(ServiceCache::new(handle));
         }
@@ -403,5 +406,16 @@ impl fmt::Debug for DiscoveryBuilder {
         f.debug_struct("DiscoveryBuilder")
             .field("config", &self.config)
             .finish_non_exhaustive()
+    }
+}
+
+/// A claimed restart of a cache's sync task ([`Shared::claim_task`](crate::cache::Shared)),
+/// given back when dropped: on an error or a panic before the task is running. Forgotten once
+/// the task runs; from then on the task's own destructor gives the claim back when it ends.
+struct Claim<'a>(&'a crate::cache::Shared);
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        self.0.release_task();
     }
 }

@@ -110,7 +110,7 @@ pub(crate) fn spawn(
     beside: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), crate::Error> {
     let runtime = runtime()?;
-    let span = tracing::info_span!("etcd_registry::cache", service = %shared.service);
+    let service = shared.service.clone();
     let sync = Driver {
         backend,
         machine,
@@ -119,8 +119,12 @@ pub(crate) fn spawn(
         shared,
         stopped: false,
         progress_support: ProgressSupport::Answered,
+        op: Op::Idle,
     }
     .run(stop);
+    // Made after the driver, whose destructor then tells the cache should the application's
+    // subscriber panic here.
+    let span = tracing::info_span!("etcd_registry::cache", service = %service);
     runtime.spawn(InSpan::new(
         async move {
             tokio::select! {
@@ -150,6 +154,11 @@ pub(crate) fn runtime() -> Result<tokio::runtime::Handle, crate::Error> {
 struct Driver {
     backend: Arc<dyn Backend>,
     machine: Machine,
+    /// The request or wait under way. A field, not a local of `run`: a task dropped mid-await
+    /// drops `run`'s locals before the driver, and dropping a request or a watch stream runs
+    /// backend code (and the application's subscriber, through the transport's logs) that must
+    /// come after the cache is told (see the `Drop` below), never before.
+    op: Op,
     prefix: Arc<[u8]>,
     config: DriverConfig,
     shared: Arc<Shared>,
@@ -173,18 +182,17 @@ impl Drop for Driver {
 impl Driver {
     async fn run(mut self, mut stop: watch::Receiver<()>) {
         tracing::debug!("sync loop started");
-        let mut op = Op::Idle;
         let mut error = None;
         let mut actions = self.machine.start();
         loop {
             for action in actions.drain(..) {
-                self.act(action, &mut op);
+                self.act(action);
             }
             let outcome = tokio::select! {
                 biased;
                 // Nothing is ever sent: this resolves when the last handle drops the sender.
                 _ = stop.changed() => break,
-                outcome = wait(&mut op, &self.config, &mut error, Probe {
+                outcome = wait(&mut self.op, &self.config, &mut error, Probe {
                     backend: &self.backend,
                     prefix: &self.prefix,
                     support: &mut self.progress_support,
@@ -206,7 +214,7 @@ impl Driver {
                 Outcome::Inputs(inputs) => self.machine.handle_all(now, inputs),
                 Outcome::Established(watch) => {
                     let header = watch.header;
-                    op = Op::Stream(Box::new(Streaming {
+                    self.op = Op::Stream(Box::new(Streaming {
                         watch,
                         last_heard: Instant::now(),
                         asked: Asked::Nothing,
@@ -225,7 +233,7 @@ impl Driver {
         tracing::debug!("sync loop stopped: the last cache handle was dropped");
     }
 
-    fn act(&mut self, action: Action, op: &mut Op) {
+    fn act(&mut self, action: Action) {
         let deadline = || Box::pin(sleep(self.config.request_timeout));
         match action {
             Action::Publish(snapshot) => {
@@ -245,7 +253,7 @@ impl Driver {
             Action::List => {
                 let backend = self.backend.clone();
                 let prefix = self.prefix.clone();
-                *op = Op::List(
+                self.op = Op::List(
                     async move { backend.list(&prefix).await }.boxed(),
                     deadline(),
                 );
@@ -256,11 +264,11 @@ impl Driver {
             } => {
                 let backend = self.backend.clone();
                 let prefix = self.prefix.clone();
-                let watch = match std::mem::replace(op, Op::Idle) {
+                let watch = match std::mem::replace(&mut self.op, Op::Idle) {
                     Op::Stream(streaming) => Some(streaming),
                     _ => None,
                 };
-                *op = Op::Verify(
+                self.op = Op::Verify(
                     async move { backend.keys_at(&prefix, revision, with_values).await }.boxed(),
                     deadline(),
                     watch,
@@ -269,12 +277,12 @@ impl Driver {
             Action::Watch { from_revision } => {
                 let backend = self.backend.clone();
                 let prefix = self.prefix.clone();
-                *op = Op::Connect(
+                self.op = Op::Connect(
                     async move { backend.watch(&prefix, from_revision).await }.boxed(),
                     deadline(),
                 );
             }
-            Action::Sleep(delay) => *op = Op::Sleep(Box::pin(sleep(delay))),
+            Action::Sleep(delay) => self.op = Op::Sleep(Box::pin(sleep(delay))),
         }
     }
 }

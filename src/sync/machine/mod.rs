@@ -349,6 +349,7 @@ impl Machine {
             listed: self.listed,
             watched: self.watched,
             cluster_id: self.cluster_id,
+            rewritten: self.rewritten,
         };
         self.stepping = false;
         actions

@@ -15,6 +15,9 @@ pub(super) struct Checkpoint {
     pub(super) listed: bool,
     pub(super) watched: bool,
     pub(super) cluster_id: Option<u64>,
+    /// A verification found etcd's history rewritten and the relist that counts it as a reset
+    /// had not completed.
+    pub(super) rewritten: bool,
 }
 
 impl Machine {
@@ -79,6 +82,7 @@ impl Machine {
                 listed,
                 watched,
                 cluster_id,
+                rewritten,
             } = self.checkpoint;
             self.entries.clear();
             self.quarantined.clear();
@@ -89,7 +93,7 @@ impl Machine {
             self.stats = stats;
             self.changed = false;
             self.regressions = 0;
-            self.rewritten = false;
+            self.rewritten = rewritten;
             self.republish = listed;
         } else if self.listed
             && (!snapshot.same_instances(&self.published)
