@@ -9,7 +9,7 @@ use std::task::{Context, Poll};
 /// future, which calls the application's subscriber (user code, which may panic, or find its
 /// thread's state gone when a runtime is dropped with its thread's locals) before the future's
 /// own destructors run. Our tasks' destructors are what tell a cache or a registration that
-/// the task ended, so nothing may come before them.
+/// the task ended, so the span must not come before them.
 pub(crate) struct InSpan<F> {
     // Dropped before the span: fields drop in declaration order.
     future: Pin<Box<F>>,

@@ -157,7 +157,8 @@ struct Driver {
     /// The request or wait under way. A field, not a local of `run`: a task dropped mid-await
     /// drops `run`'s locals before the driver, and dropping a request or a watch stream runs
     /// backend code (and the application's subscriber, through the transport's logs) that must
-    /// come after the cache is told (see the `Drop` below), never before.
+    /// come after the cache is told (see the `Drop` below). Not yet so for an idle watch's
+    /// progress request and liveness probe, awaited inside `follow` (`tests/drop_order.rs`).
     op: Op,
     prefix: Arc<[u8]>,
     config: DriverConfig,
