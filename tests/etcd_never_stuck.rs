@@ -17,8 +17,7 @@ use etcd_registry::backend::{
     BackendError, KeysAt, ListResponse, PutCondition, PutOutcome, Watch, WatchMessage,
 };
 use etcd_registry::{
-    Backend, Discovery, EtcdBackend, EtcdOptions, FreezeCause, Freshness, Registration,
-    RegistrationStatus, ServiceCache,
+    Backend, Discovery, EtcdBackend, EtcdOptions, Registration, RegistrationStatus, ServiceCache,
 };
 use support::etcd::EtcdCluster;
 use support::wait::*;
@@ -32,16 +31,6 @@ fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .expect("a tokio runtime")
-}
-
-fn task_ended(freshness: Freshness) -> bool {
-    matches!(
-        freshness,
-        Freshness::Frozen {
-            cause: FreezeCause::TaskEnded,
-            ..
-        }
-    )
 }
 
 /// A user's backend with a bug: once armed, the next watch message it delivers panics the task

@@ -15,13 +15,6 @@ use support::*;
 
 const LONG: Duration = Duration::from_secs(20);
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a runtime")
-}
-
 fn discovery(etcd: &MemoryBackend) -> Discovery {
     Discovery::memory(etcd.clone())
         .namespace(NS)
@@ -36,17 +29,7 @@ fn cache_whose_task_ended(discovery: &Discovery) -> ServiceCache {
         .block_on(discovery.service("user"))
         .expect("first list");
     drop(first);
-    assert!(
-        matches!(
-            users.freshness(),
-            Freshness::Frozen {
-                cause: FreezeCause::TaskEnded,
-                ..
-            }
-        ),
-        "{:?}",
-        users.freshness()
-    );
+    assert!(task_ended(users.freshness()), "{:?}", users.freshness());
     users
 }
 

@@ -13,13 +13,6 @@ use support::*;
 
 const LONG: Duration = Duration::from_secs(10);
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a runtime")
-}
-
 thread_local! {
     /// A runtime kept by its thread, dropped when the thread's locals are destroyed.
     static KEPT: RefCell<Option<tokio::runtime::Runtime>> = const { RefCell::new(None) };

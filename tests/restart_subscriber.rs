@@ -89,28 +89,11 @@ fn setup() -> std::sync::MutexGuard<'static, ()> {
     guard
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a runtime")
-}
-
 fn discovery(etcd: &MemoryBackend) -> Discovery {
     Discovery::memory(etcd.clone())
         .namespace(NS)
         .build()
         .expect("valid settings")
-}
-
-fn task_ended(freshness: Freshness) -> bool {
-    matches!(
-        freshness,
-        Freshness::Frozen {
-            cause: FreezeCause::TaskEnded,
-            ..
-        }
-    )
 }
 
 /// Whether asking for the service again (on a new runtime) brings the cache back live with

@@ -5,7 +5,10 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use etcd_registry::{Codec, Discovery, Instance, KeyLayout, MemoryBackend, ServiceCache, Snapshot};
+use etcd_registry::{
+    Codec, Discovery, FreezeCause, Freshness, Instance, KeyLayout, MemoryBackend, ServiceCache,
+    Snapshot,
+};
 
 pub const NS: &str = "/svc";
 
@@ -127,4 +130,24 @@ pub async fn users(etcd: &MemoryBackend) -> ServiceCache {
         .service("user")
         .await
         .expect("first list")
+}
+
+/// A current-thread runtime on real time, for tests that end a cache's task by dropping the
+/// runtime it runs on.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime")
+}
+
+/// Whether `freshness` says the cache's sync task ended (`FreezeCause::TaskEnded`).
+pub fn task_ended(freshness: Freshness) -> bool {
+    matches!(
+        freshness,
+        Freshness::Frozen {
+            cause: FreezeCause::TaskEnded,
+            ..
+        }
+    )
 }
