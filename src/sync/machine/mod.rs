@@ -245,20 +245,40 @@ impl Machine {
             cause: FreezeCause::NotListed,
         };
         let balancing = Balancing::new_at(service.clone(), OutlierEjection::default(), None, now);
+        let published = Arc::new(Snapshot::new(
+            service.clone(),
+            0,
+            freshness,
+            Arc::default(),
+            Arc::default(),
+            balancing.clone(),
+        ));
+        Self::unapplied(
+            service,
+            codec,
+            Backoff::new(backoff, seed),
+            freshness,
+            published,
+            balancing,
+        )
+    }
+
+    /// A machine that has applied nothing, about to list, with the given parts.
+    fn unapplied(
+        service: Arc<str>,
+        codec: Codec,
+        backoff: Backoff,
+        freshness: Freshness,
+        published: Arc<Snapshot>,
+        balancing: Arc<Balancing>,
+    ) -> Self {
         Self {
-            published: Arc::new(Snapshot::new(
-                service.clone(),
-                0,
-                freshness,
-                Arc::default(),
-                Arc::default(),
-                balancing.clone(),
-            )),
+            published,
             balancing,
             first_published: false,
             service,
             codec,
-            backoff: Backoff::new(backoff, seed),
+            backoff,
             phase: Phase::Listing,
             entries: BTreeMap::new(),
             revision: 0,

@@ -2,10 +2,9 @@
 //! by the ended task's destructor ([`Machine::take`]), continued by the restarted task
 //! ([`Machine::continue_from`]), so that a restart goes on like a running task after a failure.
 
-use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
-use super::{Machine, Phase, Stats};
+use super::{Machine, Stats};
 use crate::backoff::Backoff;
 use crate::snapshot::Snapshot;
 
@@ -33,29 +32,14 @@ impl Machine {
     /// the cache is told: so this reads no clock, calls no user code (no metric, no log) and
     /// cannot fail.
     pub(crate) fn take(&mut self) -> Machine {
-        let inert = Machine {
-            service: self.service.clone(),
-            codec: self.codec.clone(),
-            backoff: Backoff::new(*self.backoff.config(), 0),
-            phase: Phase::Listing,
-            entries: BTreeMap::new(),
-            revision: 0,
-            cluster_id: None,
-            freshness: self.freshness,
-            published: self.published.clone(),
-            changed: false,
-            regressions: 0,
-            rewritten: false,
-            listed: false,
-            watched: false,
-            quarantined: HashSet::new(),
-            stats: Stats::default(),
-            balancing: self.balancing.clone(),
-            first_published: false,
-            stepping: false,
-            checkpoint: Checkpoint::default(),
-            republish: false,
-        };
+        let inert = Machine::unapplied(
+            self.service.clone(),
+            self.codec.clone(),
+            Backoff::new(*self.backoff.config(), 0),
+            self.freshness,
+            self.published.clone(),
+            self.balancing.clone(),
+        );
         std::mem::replace(self, inert)
     }
 
