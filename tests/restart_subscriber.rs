@@ -8,7 +8,6 @@
 
 mod support;
 
-use std::cell::RefCell;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Mutex, Once, PoisonError};
 use std::time::Duration;
@@ -96,22 +95,6 @@ fn discovery(etcd: &MemoryBackend) -> Discovery {
         .expect("valid settings")
 }
 
-/// Whether asking for the service again (on a new runtime) brings the cache back live with
-/// `b` registered meanwhile.
-fn restarts(discovery: &Discovery, etcd: &MemoryBackend) -> bool {
-    runtime().block_on(async {
-        let again = discovery.service("user").await.expect("the service again");
-        register(etcd, "b", 2);
-        let mut changes = again.changes();
-        tokio::time::timeout(
-            LONG,
-            changes.wait_for(|s| s.freshness().is_live() && ids(s) == list(&["a@1", "b@2"])),
-        )
-        .await
-        .is_ok_and(|found| found.is_ok())
-    })
-}
-
 /// Issue (review): `Shared::task_ended` logged its `warn!` through the application's tracing
 /// subscriber before it published `TaskEnded` and cleared the running flag. A subscriber that
 /// panics there (here, armed for that one message; a runtime shut down normally) left the
@@ -140,11 +123,6 @@ fn task_ended_tells_the_cache_before_calling_the_subscriber() {
     );
 }
 
-thread_local! {
-    /// A runtime kept by its thread, dropped when the thread's locals are destroyed.
-    static KEPT: RefCell<Option<tokio::runtime::Runtime>> = const { RefCell::new(None) };
-}
-
 /// Issue (review): the scenario of tests/restart_destructor.rs (a current-thread runtime
 /// dropped with its thread's locals), with nothing but an ordinary `tracing_subscriber::fmt`
 /// subscriber and no paused clock. Before the driver's destructor ran, the task's
@@ -157,24 +135,7 @@ fn a_task_dropped_with_its_thread_s_locals_under_a_fmt_subscriber_still_restarts
     let etcd = MemoryBackend::new();
     register(&etcd, "a", 1);
     let discovery = discovery(&etcd);
-    let users = std::thread::spawn({
-        let discovery = discovery.clone();
-        let etcd = etcd.clone();
-        move || {
-            // Registered before tokio's and the subscriber's thread locals: destroyed after.
-            KEPT.with(|_| {});
-            let rt = runtime();
-            let users = rt.block_on(discovery.service("user")).expect("first list");
-            etcd.set_reachable(false);
-            rt.block_on(wait_for(&users, LONG, "frozen", |s| {
-                !s.freshness().is_live()
-            }));
-            KEPT.with(|kept| *kept.borrow_mut() = Some(rt));
-            users
-        }
-    })
-    .join()
-    .expect("the thread");
+    let users = cache_on_a_runtime_dropped_with_its_thread(&discovery, &etcd);
     let said = users.freshness();
     etcd.set_reachable(true);
     let restarted = restarts(&discovery, &etcd);

@@ -151,3 +151,55 @@ pub fn task_ended(freshness: Freshness) -> bool {
         }
     )
 }
+
+thread_local! {
+    /// A runtime kept by its thread, dropped when the thread's locals are destroyed.
+    static KEPT: std::cell::RefCell<Option<tokio::runtime::Runtime>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// The cache of `user` made on a current-thread runtime that a thread keeps in a thread-local
+/// and that is dropped with the thread's locals when the thread ends (tokio supports that;
+/// tokio's own thread-local context is gone by then). `etcd` is made unreachable first, so no
+/// watch stream is open when the runtime goes (the memory backend's stream reads tokio's clock
+/// in its destructor): the task is backing off.
+pub fn cache_on_a_runtime_dropped_with_its_thread(
+    discovery: &Discovery,
+    etcd: &MemoryBackend,
+) -> ServiceCache {
+    std::thread::spawn({
+        let discovery = discovery.clone();
+        let etcd = etcd.clone();
+        move || {
+            // Registered before tokio's (and a subscriber's) thread locals: destroyed after.
+            KEPT.with(|_| {});
+            let rt = runtime();
+            let users = rt.block_on(discovery.service("user")).expect("first list");
+            assert!(users.freshness().is_live());
+            etcd.set_reachable(false);
+            rt.block_on(wait_for(&users, Duration::from_secs(10), "frozen", |s| {
+                !s.freshness().is_live()
+            }));
+            KEPT.with(|kept| *kept.borrow_mut() = Some(rt));
+            users
+        }
+    })
+    .join()
+    .expect("the thread")
+}
+
+/// Whether asking for `user` again (on a new runtime) brings the cache back live with `a@1`
+/// and `b@2`, `b` registered meanwhile.
+pub fn restarts(discovery: &Discovery, etcd: &MemoryBackend) -> bool {
+    runtime().block_on(async {
+        let again = discovery.service("user").await.expect("the service again");
+        register(etcd, "b", 2);
+        let mut changes = again.changes();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            changes.wait_for(|s| s.freshness().is_live() && ids(s) == list(&["a@1", "b@2"])),
+        )
+        .await
+        .is_ok_and(|found| found.is_ok())
+    })
+}
